@@ -1,0 +1,78 @@
+//! The CPU backend: `Backend` over host `Vec<f32>` buffers, calling the rayon/SIMD ops in
+//! `ops.rs`. Weights are shared by reference (`Tensor` data is an `Arc`), never copied.
+//! `naive.rs` holds the reference ops the tests compare against.
+
+pub mod naive;
+pub mod ops;
+
+use super::{AttnShape, Backend, RopeShape};
+use crate::model::weights::Tensor;
+
+/// Runs the forward pass on the host CPU with rayon's global thread pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Weight = Tensor;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, t: &Tensor) -> Tensor {
+        t.clone()
+    }
+
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn copy(&self, dst: &mut Vec<f32>, dst_off: usize, src: &Vec<f32>, src_off: usize, len: usize) {
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+    }
+
+    fn read(&self, buf: &Vec<f32>, len: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&buf[..len]);
+    }
+
+    fn embed(&self, out: &mut Vec<f32>, table: &Tensor, ids: &[u32]) {
+        let dim = table.cols();
+        for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
+            let r = id as usize;
+            o.copy_from_slice(&table.data[r * dim..(r + 1) * dim]);
+        }
+    }
+
+    fn rmsnorm(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Tensor, n: usize, eps: f32) {
+        ops::rmsnorm(out, x, &w.data, n, eps);
+    }
+
+    fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Tensor, n: usize) {
+        ops::matmul(out, x, &w.data, n, w.cols(), w.rows());
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, b: &Tensor, n: usize) {
+        let m = b.data.len();
+        for row in x[..n * m].chunks_exact_mut(m) {
+            ops::add(row, &b.data);
+        }
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, cos: &Tensor, sin: &Tensor, s: RopeShape) {
+        ops::rope_half(x, &cos.data, &sin.data, s);
+    }
+
+    fn attention(&self, out: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: AttnShape) {
+        ops::attention(out, q, k, v, s);
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+        ops::silu_mul(&mut gate[..len], &up[..len]);
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        ops::add(&mut x[..len], &y[..len]);
+    }
+}

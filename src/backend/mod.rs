@@ -1,0 +1,80 @@
+//! The `Backend` trait: the handful of ops the forward pass is written against, over device
+//! buffers the backend owns. `cpu` implements it with rayon; a CUDA backend implements the
+//! same trait, so `engine::forward` is written once for both.
+
+pub mod cpu;
+
+use crate::model::weights::Tensor;
+
+/// Shape of one attention call: `n_tokens` queries at positions `pos0..pos0 + n_tokens`,
+/// each attending causally to cache positions `0..=pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Query tokens in this call.
+    pub n_tokens: usize,
+    /// Position of the first query token.
+    pub pos0: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (query head `h` reads kv head `h / (n_heads / n_kv_heads)`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// Shape of one RoPE call: `n_tokens` rows of `n_heads` heads starting at position `pos0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeShape {
+    /// Rows (tokens).
+    pub n_tokens: usize,
+    /// Heads per row.
+    pub n_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Position of the first row.
+    pub pos0: usize,
+}
+
+/// The compute ops of the forward pass. Buffers are row-major f32; every op states its
+/// shapes; none allocates.
+pub trait Backend: Send + Sync {
+    /// An activation buffer on the device.
+    type Buf: Send;
+    /// A read-only weight (matrix or vector) on the device, shared between workers.
+    type Weight: Send + Sync;
+
+    /// A human-readable device name for logs.
+    fn name(&self) -> String;
+    /// Places a host tensor on the device.
+    fn upload(&self, t: &Tensor) -> Self::Weight;
+    /// A zeroed buffer of `len` floats.
+    fn alloc(&self, len: usize) -> Self::Buf;
+    /// Copies `len` floats from `src[src_off..]` to `dst[dst_off..]`.
+    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize);
+    /// Reads `len` floats from the start of a buffer back to the host.
+    fn read(&self, buf: &Self::Buf, len: usize, out: &mut Vec<f32>);
+
+    /// out (ids.len(), dim) = rows `ids` of table (vocab, dim).
+    fn embed(&self, out: &mut Self::Buf, table: &Self::Weight, ids: &[u32]);
+    /// out (n, dim) = x / rms(x) * w, row-wise.
+    fn rmsnorm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, n: usize, eps: f32);
+    /// out (n, m) = x (n, k) @ w (m, k)^T.
+    fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, n: usize);
+    /// x (n, m) += b (m), row-wise.
+    fn add_bias(&self, x: &mut Self::Buf, b: &Self::Weight, n: usize);
+    /// Rotates pairs (i, i + head_dim/2) of each head by the angles of its position;
+    /// `cos`/`sin` are (max_pos, head_dim/2) tables.
+    fn rope(&self, x: &mut Self::Buf, cos: &Self::Weight, sin: &Self::Weight, s: RopeShape);
+    /// out (n_tokens, n_heads * head_dim) = causal softmax(q k^T / sqrt(d)) v over the cache
+    /// k, v (positions, n_kv_heads * head_dim).
+    fn attention(&self, out: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, s: AttnShape);
+    /// gate (len) = silu(gate) * up.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
+    /// x (len) += y.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
+}
+
+/// CUDA kernel sources embedded by `build.rs` from `kernels/*.cu`.
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}

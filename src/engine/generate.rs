@@ -1,0 +1,206 @@
+//! The generation loop: `Engine` (a model on a backend, shared by workers) and `Generator`
+//! (one worker's buffers and KV cache). A request's prompt is prefilled in chunks, then
+//! tokens are sampled and decoded one at a time, streamed as text through a callback that
+//! can cancel, until an end-of-turn token, a stop string, `max_new_tokens` or a full cache.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::model::Model;
+
+use super::detok::Detokenizer;
+use super::error::InferenceError;
+use super::forward::{Logits, RunState, Transformer};
+use super::kv_cache::KvCache;
+use super::sampler::{Sampler, SamplingParams};
+use super::stop::StopStrings;
+
+/// Prompt tokens per forward call during prefill (long prompts are chunked).
+pub const PREFILL_CHUNK: usize = 256;
+
+/// A model loaded on a backend; read-only and shared by every worker.
+pub struct Engine<B: Backend> {
+    /// Tokenizer, template, config and stop ids.
+    pub model: Model,
+    /// The weights on the backend.
+    pub transformer: Transformer<B>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Puts `model` on `backend`.
+    pub fn new(model: Model, backend: B) -> Engine<B> {
+        let transformer = Transformer::new(backend, &model.config, &model.weights);
+        Engine { model, transformer }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt, already tokenized.
+    pub prompt_ids: Vec<u32>,
+    /// Most new tokens to produce.
+    pub max_new_tokens: usize,
+    /// How to choose each token.
+    pub sampling: SamplingParams,
+    /// Strings that end the answer (not included in it).
+    pub stop: Vec<String>,
+    /// Keep going past end-of-turn tokens.
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_new_tokens` or the context length was reached.
+    Length,
+    /// The text callback asked to stop (the client went away).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI-style name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOutput {
+    /// New token ids (an end-of-turn token that ended generation is the last entry).
+    pub token_ids: Vec<u32>,
+    /// The text sent through the callback, concatenated.
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt tokens per second (prefill, including the first logits).
+    pub prefill_tokens_per_s: f64,
+    /// New tokens per second after the first.
+    pub decode_tokens_per_s: f64,
+}
+
+/// One worker's generation state: activation buffers, KV cache and scratch, all allocated
+/// once and reused by every request.
+pub struct Generator<B: Backend> {
+    engine: Arc<Engine<B>>,
+    state: RunState<B>,
+    kv: KvCache<B>,
+    logits: Vec<f32>,
+    context: Vec<u32>,
+}
+
+impl<B: Backend> Generator<B> {
+    /// A generator whose cache holds up to `context_len` tokens (capped by the model).
+    pub fn new(engine: Arc<Engine<B>>, context_len: usize) -> Generator<B> {
+        let t = &engine.transformer;
+        let capacity = context_len.clamp(1, t.max_positions());
+        let state = RunState::new(t, PREFILL_CHUNK, 1);
+        let kv = KvCache::new(&t.backend, &t.cfg, capacity);
+        let vocab = t.cfg.vocab_size;
+        Generator { state, kv, logits: Vec::with_capacity(vocab), context: Vec::with_capacity(capacity), engine }
+    }
+
+    /// The engine this generator runs.
+    pub fn engine(&self) -> &Arc<Engine<B>> {
+        &self.engine
+    }
+
+    /// Tokens the cache can hold.
+    pub fn context_len(&self) -> usize {
+        self.kv.capacity()
+    }
+
+    /// Generates an answer to `req`, passing each final piece of text to `on_text`; when it
+    /// returns `false` generation stops with `FinishReason::Cancelled`.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput, InferenceError> {
+        req.sampling.validate()?;
+        let engine = Arc::clone(&self.engine);
+        let (model, t) = (&engine.model, &engine.transformer);
+        let prompt_len = req.prompt_ids.len();
+        if prompt_len == 0 {
+            return Err(InferenceError::EmptyPrompt);
+        }
+        if prompt_len >= self.kv.capacity() {
+            return Err(InferenceError::ContextOverflow { len: prompt_len + 1, max: self.kv.capacity() });
+        }
+        let mut sampler = Sampler::new(req.sampling, t.cfg.vocab_size);
+        let mut detok = Detokenizer::new(&model.tokenizer, true);
+        let mut stops = StopStrings::new(&req.stop);
+        let mut text = String::new();
+        let mut emit = |piece: &str, text: &mut String| {
+            text.push_str(piece);
+            piece.is_empty() || on_text(piece)
+        };
+        self.context.clear();
+        self.context.extend_from_slice(&req.prompt_ids);
+        self.kv.truncate(0);
+
+        let t0 = Instant::now();
+        t.prefill(&mut self.state, &mut self.kv, &req.prompt_ids)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut finish = FinishReason::Length;
+        let mut stopped_by_string = false;
+        let mut new_ids = Vec::new();
+        for step in 0..req.max_new_tokens {
+            t.backend.read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
+            let id = sampler.sample(&mut self.logits, &self.context, step)?;
+            new_ids.push(id);
+            self.context.push(id);
+            if !req.ignore_eos && model.stop_token_ids.contains(&id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if let Some(piece) = detok.push(id)? {
+                let check = stops.push(&piece);
+                if !emit(&check.emit, &mut text) {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+                if check.stopped {
+                    finish = FinishReason::Stop;
+                    stopped_by_string = true;
+                    break;
+                }
+            }
+            if step + 1 == req.max_new_tokens || self.kv.len() == self.kv.capacity() {
+                break;
+            }
+            t.forward(&mut self.state, &mut self.kv, &[id], Logits::Last, None)?;
+        }
+        if finish != FinishReason::Cancelled && !stopped_by_string {
+            // Text held back for a split character or a possible stop string is final now.
+            let check = stops.push(&detok.flush()?.unwrap_or_default());
+            let tail = if check.stopped {
+                finish = FinishReason::Stop;
+                check.emit
+            } else {
+                check.emit + &stops.flush()
+            };
+            if !emit(&tail, &mut text) {
+                finish = FinishReason::Cancelled;
+            }
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let decoded = new_ids.len().saturating_sub(1);
+        Ok(GenerateOutput {
+            token_ids: new_ids,
+            text,
+            finish_reason: finish,
+            prefill_tokens_per_s: prompt_len as f64 / prefill_s.max(1e-9),
+            decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s.max(1e-9) } else { 0.0 },
+        })
+    }
+}

@@ -1,0 +1,217 @@
+//! `SamplingParams` (validated) and the `Sampler` that turns one step's logits into a token:
+//! repetition penalty (Hugging Face's multiplicative rule), then greedy argmax at temperature
+//! 0, or temperature, top-k, top-p (the token that crosses p is kept) and min-p, and a draw
+//! from a per-request seeded generator (same seed, same tokens). Scratch space is allocated
+//! once per sampler, not per step.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::InferenceError;
+
+/// How to pick each next token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy. Range [0, 100].
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p; 1 disables.
+    /// Range (0, 1].
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 disables. Range [0, 1].
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of tokens already in the sequence; 1
+    /// disables. Range (0, 10].
+    pub repetition_penalty: f32,
+    /// Seed for the random draw; `None` picks one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field's range; the message names the field, the range and the value.
+    pub fn validate(&self) -> Result<(), InferenceError> {
+        let check = |ok: bool, what: &str, range: &str, v: f32| {
+            if ok {
+                Ok(())
+            } else {
+                Err(InferenceError::BadParams(format!("{what} must be in {range}, got {v}")))
+            }
+        };
+        let t = self.temperature;
+        check(t.is_finite() && (0.0..=100.0).contains(&t), "temperature", "[0, 100]", t)?;
+        let p = self.top_p;
+        check(p.is_finite() && p > 0.0 && p <= 1.0, "top_p", "(0, 1]", p)?;
+        let m = self.min_p;
+        check(m.is_finite() && (0.0..=1.0).contains(&m), "min_p", "[0, 1]", m)?;
+        let r = self.repetition_penalty;
+        check(r.is_finite() && r > 0.0 && r <= 10.0, "repetition_penalty", "(0, 10]", r)
+    }
+}
+
+/// SplitMix64: tiny, fast, and stable across releases so a seed always means the same tokens.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn os_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+/// Picks tokens for one sequence.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    cand: Vec<(f32, u32)>,
+    seen: Vec<u32>,
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    /// A sampler for `params`, which must already be valid.
+    pub fn new(params: SamplingParams, vocab_size: usize) -> Sampler {
+        Sampler {
+            rng: Rng(params.seed.unwrap_or_else(os_seed)),
+            params,
+            cand: Vec::with_capacity(vocab_size),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The parameters in force.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (modified in place by the penalty), given every
+    /// token of the sequence so far in `context`. NaN or infinite logits are an error.
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], step: usize) -> Result<u32, InferenceError> {
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(InferenceError::NonFiniteLogits { step });
+        }
+        let p = self.params;
+        if p.repetition_penalty != 1.0 {
+            self.seen.clear();
+            self.seen.extend(context.iter().copied().filter(|&t| (t as usize) < logits.len()));
+            self.seen.sort_unstable();
+            self.seen.dedup();
+            for &t in &self.seen {
+                let l = &mut logits[t as usize];
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+        if p.temperature == 0.0 {
+            return Ok(argmax(logits));
+        }
+        self.cand.clear();
+        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l / p.temperature, i as u32)));
+        let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, desc);
+            self.cand.truncate(p.top_k);
+        }
+        self.cand.sort_unstable_by(desc);
+        // Probabilities in place of the logits (sorted, so the maximum is first).
+        let max = self.cand[0].0;
+        let mut sum = 0f64;
+        for c in self.cand.iter_mut() {
+            c.0 = (c.0 - max).exp();
+            sum += c.0 as f64;
+        }
+        if p.top_p < 1.0 {
+            let mut cum = 0f64;
+            let keep = self
+                .cand
+                .iter()
+                .position(|c| {
+                    cum += c.0 as f64 / sum;
+                    cum >= p.top_p as f64
+                })
+                .map_or(self.cand.len(), |i| i + 1);
+            self.cand.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let threshold = p.min_p * self.cand[0].0;
+            let keep = self.cand.iter().position(|c| c.0 < threshold).unwrap_or(self.cand.len());
+            self.cand.truncate(keep.max(1));
+        }
+        let total: f64 = self.cand.iter().map(|c| c.0 as f64).sum();
+        let mut u = self.rng.next_f64() * total;
+        for c in &self.cand {
+            u -= c.0 as f64;
+            if u < 0.0 {
+                return Ok(c.1);
+            }
+        }
+        Ok(self.cand[self.cand.len() - 1].1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }, 3);
+        let mut logits = [4.0, -1.0, 3.0];
+        // token 0 penalised to 2.0, token 1 to -2.0; token 2 (3.0) wins
+        assert_eq!(s.sample(&mut logits, &[0, 1, 0], 0).unwrap(), 2);
+        assert_eq!(logits, [2.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn nan_is_an_error_not_a_token() {
+        let mut s = Sampler::new(SamplingParams::default(), 2);
+        assert_eq!(s.sample(&mut [0.0, f32::NAN], &[], 3), Err(InferenceError::NonFiniteLogits { step: 3 }));
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let params = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = |mut s: Sampler| (0..20).map(|i| s.sample(&mut logits.clone(), &[], i).unwrap()).collect::<Vec<_>>();
+        assert_eq!(draw(Sampler::new(params, 100)), draw(Sampler::new(params, 100)));
+    }
+
+    #[test]
+    fn validation_names_the_field_and_range() {
+        let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("top_p must be in (0, 1], got 0"), "{e}");
+        assert!(SamplingParams { temperature: 100.0, top_p: 1.0, min_p: 1.0, repetition_penalty: 10.0, ..Default::default() }
+            .validate()
+            .is_ok());
+    }
+}

@@ -1,0 +1,145 @@
+//! GGML storage types and their dequantization to f32: F32, F16, BF16 and the block formats
+//! Q8_0, Q4_0 and Q4_1 (32 values per block, one f16 scale, and for Q4_1 an f16 minimum).
+//! Also the F16/BF16 conversions used for safetensors. Pure functions over byte slices.
+
+use half::{bf16, f16};
+
+/// Values per quantization block.
+pub const QK: usize = 32;
+
+/// A tensor storage type this engine can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 32 x i8 with one f16 scale (34 bytes).
+    Q8_0,
+    /// 32 x 4-bit with one f16 scale, offset 8 (18 bytes).
+    Q4_0,
+    /// 32 x 4-bit with an f16 scale and an f16 minimum (20 bytes).
+    Q4_1,
+}
+
+impl GgmlType {
+    /// From the GGML type id; `None` for types not supported here.
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks.
+    pub fn byte_len(self, n: usize) -> Option<usize> {
+        let block = |bytes: usize| (n % QK == 0).then_some(n / QK * bytes);
+        match self {
+            GgmlType::F32 => Some(n * 4),
+            GgmlType::F16 | GgmlType::BF16 => Some(n * 2),
+            GgmlType::Q8_0 => block(34),
+            GgmlType::Q4_0 => block(18),
+            GgmlType::Q4_1 => block(20),
+        }
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes `src` (exactly `ty.byte_len(out.len())` bytes) into `out`.
+pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(Some(src.len()), ty.byte_len(out.len()));
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for (x, &q) in o.iter_mut().zip(&b[2..]) {
+                    *x = (q as i8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                for (j, &q) in b[2..].iter().enumerate() {
+                    o[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
+                    o[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(20)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                for (j, &q) in b[4..].iter().enumerate() {
+                    o[j] = (q & 0x0f) as f32 * d + m;
+                    o[j + QK / 2] = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(x: f32) -> [u8; 2] {
+        f16::from_f32(x).to_le_bytes()
+    }
+
+    #[test]
+    fn q8_0_block() {
+        let mut b = h(0.5).to_vec();
+        b.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let mut out = [0f32; 32];
+        dequantize(GgmlType::Q8_0, &b, &mut out);
+        assert_eq!(out[0], -8.0);
+        assert_eq!(out[31], 7.5);
+    }
+
+    #[test]
+    fn q4_0_and_q4_1_nibble_order() {
+        let qs: Vec<u8> = (0..16).map(|j| (j as u8) | ((15 - j as u8) << 4)).collect();
+        let mut b = h(2.0).to_vec();
+        b.extend(&qs);
+        let mut out = [0f32; 32];
+        dequantize(GgmlType::Q4_0, &b, &mut out);
+        assert_eq!((out[0], out[15], out[16], out[31]), (-16.0, 14.0, 14.0, -16.0));
+        let mut b = h(1.0).to_vec();
+        b.extend(h(-3.0));
+        b.extend(&qs);
+        dequantize(GgmlType::Q4_1, &b, &mut out);
+        assert_eq!((out[0], out[15], out[16], out[31]), (-3.0, 12.0, 12.0, -3.0));
+    }
+
+    #[test]
+    fn byte_len_needs_whole_blocks() {
+        assert_eq!(GgmlType::Q4_1.byte_len(64), Some(40));
+        assert_eq!(GgmlType::Q8_0.byte_len(33), None);
+        assert_eq!(GgmlType::BF16.byte_len(3), Some(6));
+    }
+}
