@@ -1,0 +1,159 @@
+//! Loading errors name the problem: a missing tensor, a wrong shape, a wrong dtype, a
+//! truncated safetensors or GGUF file, an unsupported architecture, a missing file. Each is
+//! an error value (never a panic) whose message names the tensor, file or field.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use chatstream::Model;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+/// A temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// A fresh copy of the tiny-llama folder in a temporary directory.
+fn tiny_copy(tag: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("chatstream-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(common::fixtures().join("tiny-llama")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    TempDir(dir)
+}
+
+fn load_err(path: &Path) -> String {
+    match Model::load(path) {
+        Ok(_) => panic!("{} loaded, expected an error", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites model.safetensors through `edit(name, dtype, shape, bytes)`; `None` drops it.
+fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, &[u8]) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, v)| edit(&name, v.dtype(), v.shape().to_vec(), v.data()).map(|(d, s, b)| (name, d, s, b)))
+        .collect();
+    let views: Vec<(String, TensorView)> =
+        kept.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(&path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+}
+
+const VICTIM: &str = "model.layers.1.mlp.up_proj.weight";
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tiny_copy("missing");
+    rewrite(&dir, |n, d, s, b| (n != VICTIM).then(|| (d, s, b.to_vec())));
+    let e = load_err(&dir);
+    assert!(e.contains("missing tensor") && e.contains(VICTIM), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let dir = tiny_copy("shape");
+    rewrite(&dir, |n, d, mut s, b| {
+        if n == VICTIM {
+            s[0] -= 1;
+            return Some((d, s, b[..b.len() - 64 * 4].to_vec()));
+        }
+        Some((d, s, b.to_vec()))
+    });
+    let e = load_err(&dir);
+    assert!(e.contains(VICTIM) && e.contains("[175, 64]") && e.contains("[176, 64]"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let dir = tiny_copy("dtype");
+    rewrite(&dir, |n, d, s, b| {
+        if n == VICTIM {
+            return Some((Dtype::I32, s, b.to_vec()));
+        }
+        Some((d, s, b.to_vec()))
+    });
+    let e = load_err(&dir);
+    assert!(e.contains(VICTIM) && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn half_precision_safetensors_load() {
+    let dir = tiny_copy("f16");
+    rewrite(&dir, |_, _, s, b| {
+        let half: Vec<u8> = b
+            .chunks_exact(4)
+            .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+            .collect();
+        Some((Dtype::BF16, s, half))
+    });
+    let model = Model::load(&dir).unwrap();
+    let w = &model.weights.layers[0].wq.data;
+    assert!(w.iter().all(|x| x.is_finite()) && w.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn truncated_safetensors_is_an_error() {
+    let dir = tiny_copy("trunc");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_is_refused_by_name() {
+    let dir = tiny_copy("arch");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("unsupported architecture 'gpt_neox'"), "{e}");
+}
+
+#[test]
+fn missing_files_are_named() {
+    let dir = tiny_copy("nofile");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    let e = load_err(&dir.join("no-such-model.gguf"));
+    assert!(e.contains("no-such-model.gguf"), "{e}");
+}
+
+#[test]
+fn truncated_or_corrupt_gguf_is_an_error() {
+    let bytes = std::fs::read(common::default_model()).unwrap();
+    let dir = tiny_copy("gguf");
+    let path = dir.join("cut.gguf");
+    // Cut inside the tensor data: the directory parses, a tensor lies past the end.
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&path);
+    assert!(e.contains("cut.gguf") && e.contains("past the end"), "{e}");
+    // Cut inside the metadata, and a file that is not GGUF at all.
+    std::fs::write(&path, &bytes[..100_000]).unwrap();
+    let e = load_err(&path);
+    assert!(e.contains("corrupt") && e.contains("truncated"), "{e}");
+    std::fs::write(&path, b"not a model").unwrap();
+    assert!(load_err(&path).contains("bad magic"));
+}

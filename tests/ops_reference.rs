@@ -1,0 +1,96 @@
+//! Each fast CPU op against its naive reference op on random inputs of realistic sizes
+//! (SmolLM2's shapes), reporting the max abs error and where it occurred.
+
+mod common;
+
+use chatstream::backend::cpu::{naive, ops};
+use chatstream::backend::{AttnShape, RopeShape};
+use common::assert_close;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn dot_matches_portable_and_naive() {
+    for n in [0, 1, 7, 8, 31, 32, 33, 576, 1536] {
+        let (a, b) = (rand_vec(n, 1), rand_vec(n, 2));
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        assert_close(&format!("dot n={n}"), &[ops::dot(&a, &b)], &[want as f32], 1e-4);
+        assert_close(&format!("dot_portable n={n}"), &[ops::dot_portable(&a, &b)], &[want as f32], 1e-4);
+    }
+}
+
+#[test]
+fn matmul_matches_naive_for_decode_and_prefill_shapes() {
+    for (n, k, m) in [(1, 576, 192), (1, 1536, 576), (3, 64, 176), (17, 576, 1536), (64, 576, 576)] {
+        let (x, w) = (rand_vec(n * k, 3), rand_vec(m * k, 4));
+        let (mut fast, mut slow) = (vec![0.0; n * m], vec![0.0; n * m]);
+        ops::matmul(&mut fast, &x, &w, n, k, m);
+        naive::matmul(&mut slow, &x, &w, n, k, m);
+        assert_close(&format!("matmul {n}x{k}x{m}"), &fast, &slow, 1e-4);
+    }
+}
+
+#[test]
+fn rmsnorm_matches_naive() {
+    let (n, dim) = (5, 576);
+    let (x, w) = (rand_vec(n * dim, 5), rand_vec(dim, 6));
+    let (mut fast, mut slow) = (vec![0.0; n * dim], vec![0.0; n * dim]);
+    ops::rmsnorm(&mut fast, &x, &w, n, 1e-5);
+    naive::rmsnorm(&mut slow, &x, &w, n, 1e-5);
+    assert_close("rmsnorm", &fast, &slow, 1e-5);
+}
+
+#[test]
+fn rope_table_matches_rope_slow() {
+    let (head_dim, n_heads, n_tokens, pos0) = (64, 9, 4, 1000);
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half).map(|i| (1.0 / 100000f64.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..pos0 + n_tokens {
+        for &f in &inv {
+            let a = p as f64 * f as f64;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let s = RopeShape { n_tokens, n_heads, head_dim, pos0 };
+    let x = rand_vec(n_tokens * n_heads * head_dim, 7);
+    let (mut fast, mut slow) = (x.clone(), x);
+    ops::rope_half(&mut fast, &cos, &sin, s);
+    naive::rope_slow(&mut slow, &inv, s);
+    assert_close("rope", &fast, &slow, 1e-5);
+}
+
+#[test]
+fn attention_matches_naive_for_prefill_and_decode() {
+    let (n_heads, n_kv_heads, head_dim) = (9, 3, 64);
+    for (n_tokens, pos0) in [(1, 0), (1, 300), (12, 0), (7, 40)] {
+        let s = AttnShape { n_tokens, pos0, n_heads, n_kv_heads, head_dim };
+        let positions = pos0 + n_tokens;
+        let q = rand_vec(n_tokens * n_heads * head_dim, 8);
+        let k: Vec<f32> = rand_vec(positions * n_kv_heads * head_dim, 9).iter().map(|x| x * 4.0).collect();
+        let v = rand_vec(positions * n_kv_heads * head_dim, 10);
+        let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+        ops::attention(&mut fast, &q, &k, &v, s);
+        naive::attention(&mut slow, &q, &k, &v, s);
+        assert_close(&format!("attention n={n_tokens} pos0={pos0}"), &fast, &slow, 1e-5);
+    }
+}
+
+#[test]
+fn softmax_matches_naive() {
+    let x: Vec<f32> = rand_vec(49152, 11).iter().map(|v| v * 30.0).collect();
+    let (mut fast, mut slow) = (x.clone(), x);
+    ops::softmax(&mut fast);
+    naive::softmax(&mut slow);
+    assert_close("softmax", &fast, &slow, 1e-6);
+}
