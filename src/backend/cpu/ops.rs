@@ -11,22 +11,69 @@ use crate::backend::{AttnShape, RopeShape};
 use crate::model::config::MAX_HEAD_DIM;
 
 type DotFn = fn(&[f32], &[f32]) -> f32;
+type AxpyFn = fn(&mut [f32], f32, &[f32]);
+
+/// The SIMD kernels chosen once for this CPU.
+struct Kernels {
+    dot: DotFn,
+    axpy: AxpyFn,
+}
+
+fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Kernels { dot: dot_avx2_entry, axpy: axpy_avx2_entry };
+            }
+        }
+        Kernels { dot: dot_portable, axpy: axpy_portable }
+    })
+}
 
 /// The dot product of two equal-length slices, with the best SIMD the CPU has.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    static DOT: OnceLock<DotFn> = OnceLock::new();
-    (DOT.get_or_init(select_dot))(a, b)
+    (kernels().dot)(a, b)
 }
 
-fn select_dot() -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return dot_avx2_entry;
-        }
+/// y += a * x, with the best SIMD the CPU has.
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    (kernels().axpy)(y, a, x)
+}
+
+/// Portable axpy (plain multiply-add: `mul_add` without hardware FMA is a slow libm call).
+pub fn axpy_portable(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
     }
-    dot_portable
+}
+
+#[cfg(target_arch = "x86_64")]
+fn axpy_avx2_entry(y: &mut [f32], a: f32, x: &[f32]) {
+    // SAFETY: selected only when AVX2 and FMA were detected at run time.
+    unsafe { axpy_avx2(y, a, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = y.len().min(x.len());
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+        _mm256_storeu_ps(py.add(i), r);
+        i += 8;
+    }
+    while i < n {
+        *py.add(i) += a * *px.add(i);
+        i += 1;
+    }
 }
 
 /// Eight independent accumulators so the compiler can vectorise and pipeline.
@@ -38,7 +85,7 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
@@ -163,8 +210,13 @@ pub fn rope_half(x: &mut [f32], cos: &[f32], sin: &[f32], s: RopeShape) {
     }
 }
 
-/// Causal attention, one (token, head) pair per task, with a single-pass (online) softmax
-/// so no score buffer is needed: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos.
+/// Keys scored per tile of the attention loop.
+const KEY_TILE: usize = 128;
+
+/// Causal attention, one (token, head) pair per task: out = softmax(q k^T / sqrt(d)) v over
+/// positions 0..=pos. Keys are taken in tiles: a tile's scores are computed first, then the
+/// running maximum, sum and output are rescaled once per tile (online softmax), so no score
+/// buffer beyond one tile on the stack is needed and nothing is allocated.
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let d = s.head_dim;
     let kv_dim = s.n_kv_heads * d;
@@ -172,32 +224,38 @@ pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape)
     let scale = 1.0 / (d as f32).sqrt();
     out[..s.n_tokens * s.n_heads * d].par_chunks_mut(d).enumerate().for_each(|(i, o)| {
         let (t, h) = (i / s.n_heads, i % s.n_heads);
-        let pos = s.pos0 + t;
+        let positions = s.pos0 + t + 1;
         let qh = &q[i * d..(i + 1) * d];
         let off = (h / group) * d;
         let mut acc = [0f32; MAX_HEAD_DIM];
         let acc = &mut acc[..d];
+        let mut scores = [0f32; KEY_TILE];
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for j in 0..=pos {
-            let score = dot(qh, &k[j * kv_dim + off..j * kv_dim + off + d]) * scale;
-            let vj = &v[j * kv_dim + off..j * kv_dim + off + d];
-            if score > max {
-                // Rescale what was accumulated under the old maximum.
-                let r = (max - score).exp();
-                sum *= r;
-                for a in acc.iter_mut() {
-                    *a *= r;
-                }
-                max = score;
+        for j0 in (0..positions).step_by(KEY_TILE) {
+            let tile = &mut scores[..KEY_TILE.min(positions - j0)];
+            let mut tile_max = f32::NEG_INFINITY;
+            for (jj, sc) in tile.iter_mut().enumerate() {
+                let row = (j0 + jj) * kv_dim + off;
+                *sc = dot(qh, &k[row..row + d]) * scale;
+                tile_max = tile_max.max(*sc);
             }
-            let p = (score - max).exp();
-            sum += p;
-            for (a, &vv) in acc.iter_mut().zip(vj) {
-                *a = p.mul_add(vv, *a);
+            if tile_max > max {
+                // Rescale what was accumulated under the old maximum.
+                let r = (max - tile_max).exp();
+                sum *= r;
+                acc.iter_mut().for_each(|a| *a *= r);
+                max = tile_max;
+            }
+            for (jj, &sc) in tile.iter().enumerate() {
+                let p = (sc - max).exp();
+                sum += p;
+                let row = (j0 + jj) * kv_dim + off;
+                axpy(acc, p, &v[row..row + d]);
             }
         }
+        let inv = 1.0 / sum;
         for (o, a) in o.iter_mut().zip(acc.iter()) {
-            *o = a / sum;
+            *o = a * inv;
         }
     });
 }
