@@ -16,11 +16,15 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 fn model_path() -> PathBuf {
     std::env::var_os("CHATSTREAM_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 fn prompt(t: &Transformer<Cpu>, n: usize) -> Vec<u32> {
-    (0..n).map(|i| (100 + i * 37) as u32 % t.cfg.vocab_size as u32).collect()
+    (0..n)
+        .map(|i| (100 + i * 37) as u32 % t.cfg.vocab_size as u32)
+        .collect()
 }
 
 fn forward(c: &mut Criterion) {
@@ -29,7 +33,9 @@ fn forward(c: &mut Criterion) {
     let mut st = RunState::new(&t, PREFILL_CHUNK, 1);
     let mut kv = KvCache::new(&Cpu, &t.cfg, 1024);
     let mut g = c.benchmark_group("forward");
-    g.sample_size(10).measurement_time(Duration::from_secs(20)).warm_up_time(Duration::from_secs(2));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .warm_up_time(Duration::from_secs(2));
 
     let long = prompt(&t, 512);
     g.throughput(Throughput::Elements(long.len() as u64));
@@ -49,10 +55,12 @@ fn forward(c: &mut Criterion) {
             for _ in 0..iters {
                 kv.truncate(0);
                 t.prefill(&mut st, &mut kv, &short).unwrap();
-                t.forward(&mut st, &mut kv, &[42], Logits::Last, None).unwrap();
+                t.forward(&mut st, &mut kv, &[42], Logits::Last, None)
+                    .unwrap();
                 let start = Instant::now();
                 for i in 0..DECODE {
-                    t.forward(&mut st, &mut kv, &[(i * 13 + 7) as u32], Logits::Last, None).unwrap();
+                    t.forward(&mut st, &mut kv, &[(i * 13 + 7) as u32], Logits::Last, None)
+                        .unwrap();
                 }
                 total += start.elapsed();
             }

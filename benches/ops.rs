@@ -9,7 +9,9 @@ use chatstream::backend::AttnShape;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn vals(n: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
+    (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
 }
 
 fn bench_ops(c: &mut Criterion) {
@@ -18,21 +20,40 @@ fn bench_ops(c: &mut Criterion) {
     for (k, m) in [(576, 1536), (1536, 576), (576, 49152)] {
         let (x, w, mut out) = (vals(k), vals(k * m), vec![0f32; m]);
         g.throughput(Throughput::Bytes((k * m * 4) as u64));
-        g.bench_function(format!("matvec_{k}x{m}"), |b| b.iter(|| ops::matmul(&mut out, &x, &w, 1, k, m)));
+        g.bench_function(format!("matvec_{k}x{m}"), |b| {
+            b.iter(|| ops::matmul(&mut out, &x, &w, 1, k, m))
+        });
     }
     let (n, k, m) = (256, 576, 1536);
     let (x, w, mut out) = (vals(n * k), vals(k * m), vec![0f32; n * m]);
     g.throughput(Throughput::Elements((2 * n * k * m) as u64));
-    g.bench_function("gemm_256x576x1536_flops", |b| b.iter(|| ops::matmul(&mut out, &x, &w, n, k, m)));
+    g.bench_function("gemm_256x576x1536_flops", |b| {
+        b.iter(|| ops::matmul(&mut out, &x, &w, n, k, m))
+    });
 
-    let s = AttnShape { n_tokens: 1, pos0: 1023, n_heads: 9, n_kv_heads: 3, head_dim: 64 };
-    let (q, kc, vc, mut o) = (vals(9 * 64), vals(1024 * 192), vals(1024 * 192), vec![0f32; 9 * 64]);
+    let s = AttnShape {
+        n_tokens: 1,
+        pos0: 1023,
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let (q, kc, vc, mut o) = (
+        vals(9 * 64),
+        vals(1024 * 192),
+        vals(1024 * 192),
+        vec![0f32; 9 * 64],
+    );
     g.throughput(Throughput::Bytes((2 * 1024 * 192 * 4) as u64));
-    g.bench_function("attention_decode_pos1023", |b| b.iter(|| ops::attention(&mut o, &q, &kc, &vc, s)));
+    g.bench_function("attention_decode_pos1023", |b| {
+        b.iter(|| ops::attention(&mut o, &q, &kc, &vc, s))
+    });
 
     let (x, w, mut out) = (vals(576), vals(576), vec![0f32; 576]);
     g.throughput(Throughput::Elements(576));
-    g.bench_function("rmsnorm_576", |b| b.iter(|| ops::rmsnorm(&mut out, &x, &w, 1, 1e-5)));
+    g.bench_function("rmsnorm_576", |b| {
+        b.iter(|| ops::rmsnorm(&mut out, &x, &w, 1, 1e-5))
+    });
     g.finish();
 }
 

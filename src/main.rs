@@ -17,7 +17,11 @@ use chatstream::{ChatMessage, Model, SamplingParams};
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
-#[command(name = "chatstream", version, about = "Streaming chat for Llama-family models")]
+#[command(
+    name = "chatstream",
+    version,
+    about = "Streaming chat for Llama-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -95,7 +99,11 @@ struct GenerateArgs {
     #[command(flatten)]
     sampling: SamplingArgs,
     /// The user's message.
-    #[arg(long, conflicts_with = "messages", required_unless_present = "messages")]
+    #[arg(
+        long,
+        conflicts_with = "messages",
+        required_unless_present = "messages"
+    )]
     prompt: Option<String>,
     /// A JSON file with an array of {"role","content"} messages.
     #[arg(long)]
@@ -124,9 +132,13 @@ struct ChatArgs {
 
 fn load(args: &ModelArgs) -> Result<Generator<Cpu>> {
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up threads")?;
     }
-    let model = Model::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let model =
+        Model::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let engine = Arc::new(Engine::new(model, Cpu));
     Ok(Generator::new(engine, args.context_len))
 }
@@ -136,7 +148,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let model = &gen.engine().model;
     let prompt_ids = if a.raw {
         let text = a.prompt.as_deref().unwrap_or_default();
-        model.tokenizer.encode(text, true).map_err(anyhow::Error::msg)?
+        model
+            .tokenizer
+            .encode(text, true)
+            .map_err(anyhow::Error::msg)?
     } else {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -145,9 +160,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         match (&a.prompt, &a.messages) {
             (Some(p), _) => messages.push(ChatMessage::new("user", p)),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                let m: Vec<ChatMessage> =
-                    serde_json::from_str(&text).with_context(|| format!("{}: expected [{{\"role\",\"content\"}}]", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let m: Vec<ChatMessage> = serde_json::from_str(&text).with_context(|| {
+                    format!("{}: expected [{{\"role\",\"content\"}}]", path.display())
+                })?;
                 messages.extend(m);
             }
             (None, None) => bail!("give --prompt or --messages"),
@@ -169,7 +186,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         let mut lock = stdout.lock();
         // A closed stdout (e.g. piped into `head`) ends generation quietly.
-        lock.write_all(piece.as_bytes()).and_then(|_| lock.flush()).is_ok()
+        lock.write_all(piece.as_bytes())
+            .and_then(|_| lock.flush())
+            .is_ok()
     })?;
     if json {
         let v = serde_json::json!({
@@ -193,7 +212,10 @@ fn chat(a: ChatArgs) -> Result<()> {
     if let Some(s) = &a.system {
         history.push(ChatMessage::new("system", s));
     }
-    eprintln!("chatstream: {} loaded. Type a message; an empty line or Ctrl-D quits, /clear forgets.", gen.engine().model.name);
+    eprintln!(
+        "chatstream: {} loaded. Type a message; an empty line or Ctrl-D quits, /clear forgets.",
+        gen.engine().model.name
+    );
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     loop {
@@ -218,7 +240,9 @@ fn chat(a: ChatArgs) -> Result<()> {
         };
         let out = gen.generate(&req, &mut |piece| {
             let mut lock = stdout.lock();
-            lock.write_all(piece.as_bytes()).and_then(|_| lock.flush()).is_ok()
+            lock.write_all(piece.as_bytes())
+                .and_then(|_| lock.flush())
+                .is_ok()
         });
         println!();
         match out {

@@ -20,12 +20,19 @@ fn smollm2_gguf_matches_transformers() {
     let golden = read_json(fixtures().join("smollm2/golden.json"));
     let engine = engine(default_model());
     let (model, t) = (&engine.model, &engine.transformer);
-    assert_eq!(model.template.source, golden["model_config"]["chat_template"].as_str().unwrap());
+    assert_eq!(
+        model.template.source,
+        golden["model_config"]["chat_template"].as_str().unwrap()
+    );
     let mut gen = Generator::new(engine.clone(), 1024);
     for conv in golden["conversations"].as_array().unwrap() {
         let name = conv["name"].as_str().unwrap();
         let messages: Vec<ChatMessage> = serde_json::from_value(conv["messages"].clone()).unwrap();
-        assert_eq!(model.template.render(&messages, true).unwrap(), conv["prompt_text"].as_str().unwrap(), "{name}: prompt text");
+        assert_eq!(
+            model.template.render(&messages, true).unwrap(),
+            conv["prompt_text"].as_str().unwrap(),
+            "{name}: prompt text"
+        );
         let prompt = model.encode_chat(&messages).unwrap();
         assert_eq!(prompt, ids(&conv["prompt_token_ids"]), "{name}: prompt ids");
 
@@ -38,17 +45,31 @@ fn smollm2_gguf_matches_transformers() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["id"].as_u64().unwrap() as u32, e["logit"].as_f64().unwrap() as f32))
+            .map(|e| {
+                (
+                    e["id"].as_u64().unwrap() as u32,
+                    e["logit"].as_f64().unwrap() as f32,
+                )
+            })
             .collect();
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         for (rank, &(id, want)) in top.iter().enumerate() {
-            assert_close(&format!("{name}: logit of top-{rank} id {id}"), &logits[id as usize..id as usize + 1], &[want], TOL);
+            assert_close(
+                &format!("{name}: logit of top-{rank} id {id}"),
+                &logits[id as usize..id as usize + 1],
+                &[want],
+                TOL,
+            );
             // Same order wherever the golden gap to the next is clearly above the tolerance.
             if rank + 1 < top.len() && top[rank].1 - top[rank + 1].1 > 2.0 * TOL {
                 let ours = order.iter().position(|&x| x == id).unwrap();
                 let next = order.iter().position(|&x| x == top[rank + 1].0).unwrap();
-                assert!(ours < next, "{name}: id {id} should rank above id {}", top[rank + 1].0);
+                assert!(
+                    ours < next,
+                    "{name}: id {id} should rank above id {}",
+                    top[rank + 1].0
+                );
             }
         }
         assert_eq!(order[0], top[0].0, "{name}: argmax");
@@ -67,10 +88,18 @@ fn smollm2_gguf_matches_transformers() {
             true
         });
         let out = out.unwrap();
-        assert_eq!(out.token_ids, ids(&g["new_token_ids"]), "{name}: greedy ids");
+        assert_eq!(
+            out.token_ids,
+            ids(&g["new_token_ids"]),
+            "{name}: greedy ids"
+        );
         assert_eq!(out.text, g["text"].as_str().unwrap(), "{name}: greedy text");
         assert_eq!(streamed, out.text);
-        let want_reason = if g["stopped_at_eos"].as_bool().unwrap() { FinishReason::Stop } else { FinishReason::Length };
+        let want_reason = if g["stopped_at_eos"].as_bool().unwrap() {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
         assert_eq!(out.finish_reason, want_reason, "{name}");
     }
 }

@@ -46,17 +46,24 @@ fn load_err(path: &Path) -> String {
 }
 
 /// Rewrites model.safetensors through `edit(name, dtype, shape, bytes)`; `None` drops it.
-fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, &[u8]) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
+fn rewrite(
+    dir: &Path,
+    edit: impl Fn(&str, Dtype, Vec<usize>, &[u8]) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
         .tensors()
         .into_iter()
-        .filter_map(|(name, v)| edit(&name, v.dtype(), v.shape().to_vec(), v.data()).map(|(d, s, b)| (name, d, s, b)))
+        .filter_map(|(name, v)| {
+            edit(&name, v.dtype(), v.shape().to_vec(), v.data()).map(|(d, s, b)| (name, d, s, b))
+        })
         .collect();
-    let views: Vec<(String, TensorView)> =
-        kept.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = kept
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     std::fs::write(&path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -81,7 +88,10 @@ fn wrong_shape_is_named_with_both_shapes() {
         Some((d, s, b.to_vec()))
     });
     let e = load_err(&dir);
-    assert!(e.contains(VICTIM) && e.contains("[175, 64]") && e.contains("[176, 64]"), "{e}");
+    assert!(
+        e.contains(VICTIM) && e.contains("[175, 64]") && e.contains("[176, 64]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -103,7 +113,9 @@ fn half_precision_safetensors_load() {
     rewrite(&dir, |_, _, s, b| {
         let half: Vec<u8> = b
             .chunks_exact(4)
-            .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+            .flat_map(|c| {
+                half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+            })
             .collect();
         Some((Dtype::BF16, s, half))
     });
@@ -125,7 +137,9 @@ fn truncated_safetensors_is_an_error() {
 #[test]
 fn unsupported_architecture_is_refused_by_name() {
     let dir = tiny_copy("arch");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let e = load_err(&dir);
     assert!(e.contains("unsupported architecture 'gpt_neox'"), "{e}");
@@ -136,7 +150,10 @@ fn missing_files_are_named() {
     let dir = tiny_copy("nofile");
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not found"),
+        "{e}"
+    );
     let e = load_err(&dir.join("no-such-model.gguf"));
     assert!(e.contains("no-such-model.gguf"), "{e}");
 }

@@ -9,10 +9,14 @@ use common::assert_close;
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -23,14 +27,30 @@ fn dot_matches_portable_and_naive() {
     for n in [0, 1, 7, 8, 31, 32, 33, 576, 1536] {
         let (a, b) = (rand_vec(n, 1), rand_vec(n, 2));
         let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-        assert_close(&format!("dot n={n}"), &[ops::dot(&a, &b)], &[want as f32], 1e-4);
-        assert_close(&format!("dot_portable n={n}"), &[ops::dot_portable(&a, &b)], &[want as f32], 1e-4);
+        assert_close(
+            &format!("dot n={n}"),
+            &[ops::dot(&a, &b)],
+            &[want as f32],
+            1e-4,
+        );
+        assert_close(
+            &format!("dot_portable n={n}"),
+            &[ops::dot_portable(&a, &b)],
+            &[want as f32],
+            1e-4,
+        );
     }
 }
 
 #[test]
 fn matmul_matches_naive_for_decode_and_prefill_shapes() {
-    for (n, k, m) in [(1, 576, 192), (1, 1536, 576), (3, 64, 176), (17, 576, 1536), (64, 576, 576)] {
+    for (n, k, m) in [
+        (1, 576, 192),
+        (1, 1536, 576),
+        (3, 64, 176),
+        (17, 576, 1536),
+        (64, 576, 576),
+    ] {
         let (x, w) = (rand_vec(n * k, 3), rand_vec(m * k, 4));
         let (mut fast, mut slow) = (vec![0.0; n * m], vec![0.0; n * m]);
         ops::matmul(&mut fast, &x, &w, n, k, m);
@@ -53,7 +73,9 @@ fn rmsnorm_matches_naive() {
 fn rope_table_matches_rope_slow() {
     let (head_dim, n_heads, n_tokens, pos0) = (64, 9, 4, 1000);
     let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half).map(|i| (1.0 / 100000f64.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / 100000f64.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
     for p in 0..pos0 + n_tokens {
         for &f in &inv {
@@ -62,7 +84,12 @@ fn rope_table_matches_rope_slow() {
             sin.push(a.sin() as f32);
         }
     }
-    let s = RopeShape { n_tokens, n_heads, head_dim, pos0 };
+    let s = RopeShape {
+        n_tokens,
+        n_heads,
+        head_dim,
+        pos0,
+    };
     let x = rand_vec(n_tokens * n_heads * head_dim, 7);
     let (mut fast, mut slow) = (x.clone(), x);
     ops::rope_half(&mut fast, &cos, &sin, s);
@@ -74,15 +101,29 @@ fn rope_table_matches_rope_slow() {
 fn attention_matches_naive_for_prefill_and_decode() {
     let (n_heads, n_kv_heads, head_dim) = (9, 3, 64);
     for (n_tokens, pos0) in [(1, 0), (1, 300), (12, 0), (7, 40)] {
-        let s = AttnShape { n_tokens, pos0, n_heads, n_kv_heads, head_dim };
+        let s = AttnShape {
+            n_tokens,
+            pos0,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
         let positions = pos0 + n_tokens;
         let q = rand_vec(n_tokens * n_heads * head_dim, 8);
-        let k: Vec<f32> = rand_vec(positions * n_kv_heads * head_dim, 9).iter().map(|x| x * 4.0).collect();
+        let k: Vec<f32> = rand_vec(positions * n_kv_heads * head_dim, 9)
+            .iter()
+            .map(|x| x * 4.0)
+            .collect();
         let v = rand_vec(positions * n_kv_heads * head_dim, 10);
         let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
         ops::attention(&mut fast, &q, &k, &v, s);
         naive::attention(&mut slow, &q, &k, &v, s);
-        assert_close(&format!("attention n={n_tokens} pos0={pos0}"), &fast, &slow, 1e-5);
+        assert_close(
+            &format!("attention n={n_tokens} pos0={pos0}"),
+            &fast,
+            &slow,
+            1e-5,
+        );
     }
 }
 

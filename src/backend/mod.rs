@@ -50,7 +50,14 @@ pub trait Backend: Send + Sync {
     /// A zeroed buffer of `len` floats.
     fn alloc(&self, len: usize) -> Self::Buf;
     /// Copies `len` floats from `src[src_off..]` to `dst[dst_off..]`.
-    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize);
+    fn copy(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        len: usize,
+    );
     /// Reads `len` floats from the start of a buffer back to the host.
     fn read(&self, buf: &Self::Buf, len: usize, out: &mut Vec<f32>);
 
@@ -67,7 +74,14 @@ pub trait Backend: Send + Sync {
     fn rope(&self, x: &mut Self::Buf, cos: &Self::Weight, sin: &Self::Weight, s: RopeShape);
     /// out (n_tokens, n_heads * head_dim) = causal softmax(q k^T / sqrt(d)) v over the cache
     /// k, v (positions, n_kv_heads * head_dim).
-    fn attention(&self, out: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, s: AttnShape);
+    fn attention(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: AttnShape,
+    );
     /// gate (len) = silu(gate) * up.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
     /// x (len) += y.

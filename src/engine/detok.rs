@@ -21,11 +21,19 @@ pub struct Detokenizer<'a> {
 impl<'a> Detokenizer<'a> {
     /// A detokenizer; `skip_special` drops special tokens from the text.
     pub fn new(tok: &'a Tokenizer, skip_special: bool) -> Detokenizer<'a> {
-        Detokenizer { tok, ids: Vec::new(), prev: 0, cur: 0, skip_special }
+        Detokenizer {
+            tok,
+            ids: Vec::new(),
+            prev: 0,
+            cur: 0,
+            skip_special,
+        }
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, InferenceError> {
-        self.tok.decode(ids, self.skip_special).map_err(InferenceError::Decode)
+        self.tok
+            .decode(ids, self.skip_special)
+            .map_err(InferenceError::Decode)
     }
 
     /// Adds a token; returns the text that became final, if any.
@@ -50,7 +58,10 @@ impl<'a> Detokenizer<'a> {
         let text = self.decode(&self.ids[self.prev..])?;
         self.prev = self.cur;
         self.cur = self.ids.len();
-        Ok(text.get(prev_text.len()..).filter(|s| !s.is_empty()).map(str::to_string))
+        Ok(text
+            .get(prev_text.len()..)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string))
     }
 
     /// Every token pushed so far.

@@ -33,12 +33,12 @@ pub struct Transformer<B: Backend> {
     pub backend: B,
     /// The model's shape.
     pub cfg: ModelConfig,
-    embed: B::Weight,     // (vocab, dim)
+    embed: B::Weight, // (vocab, dim)
     layers: Vec<Layer<B>>,
-    norm: B::Weight,      // (dim)
-    output: B::Weight,    // (vocab, dim)
-    rope_cos: B::Weight,  // (max_pos, head_dim / 2)
-    rope_sin: B::Weight,  // (max_pos, head_dim / 2)
+    norm: B::Weight,     // (dim)
+    output: B::Weight,   // (vocab, dim)
+    rope_cos: B::Weight, // (max_pos, head_dim / 2)
+    rope_sin: B::Weight, // (max_pos, head_dim / 2)
     max_pos: usize,
 }
 
@@ -160,13 +160,23 @@ impl<B: Backend> Transformer<B> {
         if n == 0 {
             return Err(InferenceError::EmptyPrompt);
         }
-        assert!(n <= st.max_tokens, "forward: {n} tokens exceed the RunState's {}", st.max_tokens);
+        assert!(
+            n <= st.max_tokens,
+            "forward: {n} tokens exceed the RunState's {}",
+            st.max_tokens
+        );
         let end = pos0 + n;
         if end > kv.capacity() || end > self.max_pos {
-            return Err(InferenceError::ContextOverflow { len: end, max: kv.capacity().min(self.max_pos) });
+            return Err(InferenceError::ContextOverflow {
+                len: end,
+                max: kv.capacity().min(self.max_pos),
+            });
         }
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(InferenceError::BadToken { id, vocab: c.vocab_size });
+            return Err(InferenceError::BadToken {
+                id,
+                vocab: c.vocab_size,
+            });
         }
         let (dim, kv_dim, hidden) = (c.hidden_size, c.kv_dim(), c.intermediate_size);
         let mut record = |buf: &B::Buf| {
@@ -180,9 +190,23 @@ impl<B: Backend> Transformer<B> {
         // embed: x = embed_tokens[tokens]
         b.embed(&mut st.x, &self.embed, tokens);
         record(&st.x);
-        let rope_q = RopeShape { n_tokens: n, n_heads: c.n_heads, head_dim: c.head_dim, pos0 };
-        let rope_k = RopeShape { n_heads: c.n_kv_heads, ..rope_q };
-        let attn = AttnShape { n_tokens: n, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let rope_q = RopeShape {
+            n_tokens: n,
+            n_heads: c.n_heads,
+            head_dim: c.head_dim,
+            pos0,
+        };
+        let rope_k = RopeShape {
+            n_heads: c.n_kv_heads,
+            ..rope_q
+        };
+        let attn = AttnShape {
+            n_tokens: n,
+            pos0,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
         for (l, w) in self.layers.iter().enumerate() {
             // attention block: xb = rmsnorm(x); q, k, v = xb @ wq, wk, wv (+ bias)
             b.rmsnorm(&mut st.xb, &st.x, &w.attn_norm, n, c.rms_norm_eps);
@@ -219,7 +243,11 @@ impl<B: Backend> Transformer<B> {
             Logits::Last => 1,
             Logits::All => n,
         };
-        assert!(rows <= st.logit_rows, "forward: {rows} logit rows exceed the RunState's {}", st.logit_rows);
+        assert!(
+            rows <= st.logit_rows,
+            "forward: {rows} logit rows exceed the RunState's {}",
+            st.logit_rows
+        );
         b.copy(&mut st.last, 0, &st.x, (n - rows) * dim, rows * dim);
         b.rmsnorm(&mut st.xb, &st.last, &self.norm, rows, c.rms_norm_eps);
         b.matmul(&mut st.logits, &st.xb, &self.output, rows);
@@ -228,7 +256,12 @@ impl<B: Backend> Transformer<B> {
 
     /// Runs a prompt of any length through the model in chunks of the RunState's size,
     /// leaving the last token's logits in `st`.
-    pub fn prefill(&self, st: &mut RunState<B>, kv: &mut KvCache<B>, tokens: &[u32]) -> Result<(), InferenceError> {
+    pub fn prefill(
+        &self,
+        st: &mut RunState<B>,
+        kv: &mut KvCache<B>,
+        tokens: &[u32],
+    ) -> Result<(), InferenceError> {
         if tokens.is_empty() {
             return Err(InferenceError::EmptyPrompt);
         }
@@ -253,5 +286,8 @@ fn rope_tables(cfg: &ModelConfig, max_pos: usize) -> (Tensor, Tensor) {
             sin.push(angle.sin() as f32);
         }
     }
-    (Tensor::new(vec![max_pos, half], cos), Tensor::new(vec![max_pos, half], sin))
+    (
+        Tensor::new(vec![max_pos, half], cos),
+        Tensor::new(vec![max_pos, half], sin),
+    )
 }

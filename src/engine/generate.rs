@@ -105,7 +105,13 @@ impl<B: Backend> Generator<B> {
         let state = RunState::new(t, PREFILL_CHUNK, 1);
         let kv = KvCache::new(&t.backend, &t.cfg, capacity);
         let vocab = t.cfg.vocab_size;
-        Generator { state, kv, logits: Vec::with_capacity(vocab), context: Vec::with_capacity(capacity), engine }
+        Generator {
+            state,
+            kv,
+            logits: Vec::with_capacity(vocab),
+            context: Vec::with_capacity(capacity),
+            engine,
+        }
     }
 
     /// The engine this generator runs.
@@ -133,7 +139,10 @@ impl<B: Backend> Generator<B> {
             return Err(InferenceError::EmptyPrompt);
         }
         if prompt_len >= self.kv.capacity() {
-            return Err(InferenceError::ContextOverflow { len: prompt_len + 1, max: self.kv.capacity() });
+            return Err(InferenceError::ContextOverflow {
+                len: prompt_len + 1,
+                max: self.kv.capacity(),
+            });
         }
         let mut sampler = Sampler::new(req.sampling, t.cfg.vocab_size);
         let mut detok = Detokenizer::new(&model.tokenizer, true);
@@ -155,7 +164,8 @@ impl<B: Backend> Generator<B> {
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
         for step in 0..req.max_new_tokens {
-            t.backend.read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
+            t.backend
+                .read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
             let id = sampler.sample(&mut self.logits, &self.context, step)?;
             new_ids.push(id);
             self.context.push(id);
@@ -200,7 +210,11 @@ impl<B: Backend> Generator<B> {
             text,
             finish_reason: finish,
             prefill_tokens_per_s: prompt_len as f64 / prefill_s.max(1e-9),
-            decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s.max(1e-9) } else { 0.0 },
+            decode_tokens_per_s: if decoded > 0 {
+                decoded as f64 / decode_s.max(1e-9)
+            } else {
+                0.0
+            },
         })
     }
 }

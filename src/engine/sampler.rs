@@ -30,7 +30,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -41,17 +48,34 @@ impl SamplingParams {
             if ok {
                 Ok(())
             } else {
-                Err(InferenceError::BadParams(format!("{what} must be in {range}, got {v}")))
+                Err(InferenceError::BadParams(format!(
+                    "{what} must be in {range}, got {v}"
+                )))
             }
         };
         let t = self.temperature;
-        check(t.is_finite() && (0.0..=100.0).contains(&t), "temperature", "[0, 100]", t)?;
+        check(
+            t.is_finite() && (0.0..=100.0).contains(&t),
+            "temperature",
+            "[0, 100]",
+            t,
+        )?;
         let p = self.top_p;
         check(p.is_finite() && p > 0.0 && p <= 1.0, "top_p", "(0, 1]", p)?;
         let m = self.min_p;
-        check(m.is_finite() && (0.0..=1.0).contains(&m), "min_p", "[0, 1]", m)?;
+        check(
+            m.is_finite() && (0.0..=1.0).contains(&m),
+            "min_p",
+            "[0, 1]",
+            m,
+        )?;
         let r = self.repetition_penalty;
-        check(r.is_finite() && r > 0.0 && r <= 10.0, "repetition_penalty", "(0, 10]", r)
+        check(
+            r.is_finite() && r > 0.0 && r <= 10.0,
+            "repetition_penalty",
+            "(0, 10]",
+            r,
+        )
     }
 }
 
@@ -76,7 +100,11 @@ impl Rng {
 fn os_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 
@@ -117,26 +145,45 @@ impl Sampler {
 
     /// Picks the next token from `logits` (modified in place by the penalty), given every
     /// token of the sequence so far in `context`. NaN or infinite logits are an error.
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], step: usize) -> Result<u32, InferenceError> {
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        context: &[u32],
+        step: usize,
+    ) -> Result<u32, InferenceError> {
         if logits.iter().any(|v| !v.is_finite()) {
             return Err(InferenceError::NonFiniteLogits { step });
         }
         let p = self.params;
         if p.repetition_penalty != 1.0 {
             self.seen.clear();
-            self.seen.extend(context.iter().copied().filter(|&t| (t as usize) < logits.len()));
+            self.seen.extend(
+                context
+                    .iter()
+                    .copied()
+                    .filter(|&t| (t as usize) < logits.len()),
+            );
             self.seen.sort_unstable();
             self.seen.dedup();
             for &t in &self.seen {
                 let l = &mut logits[t as usize];
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
         if p.temperature == 0.0 {
             return Ok(argmax(logits));
         }
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l / p.temperature, i as u32)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l / p.temperature, i as u32)),
+        );
         let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, desc);
@@ -164,7 +211,11 @@ impl Sampler {
         }
         if p.min_p > 0.0 {
             let threshold = p.min_p * self.cand[0].0;
-            let keep = self.cand.iter().position(|c| c.0 < threshold).unwrap_or(self.cand.len());
+            let keep = self
+                .cand
+                .iter()
+                .position(|c| c.0 < threshold)
+                .unwrap_or(self.cand.len());
             self.cand.truncate(keep.max(1));
         }
         let total: f64 = self.cand.iter().map(|c| c.0 as f64).sum();
@@ -185,7 +236,13 @@ mod tests {
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            3,
+        );
         let mut logits = [4.0, -1.0, 3.0];
         // token 0 penalised to 2.0, token 1 to -2.0; token 2 (3.0) wins
         assert_eq!(s.sample(&mut logits, &[0, 1, 0], 0).unwrap(), 2);
@@ -195,23 +252,51 @@ mod tests {
     #[test]
     fn nan_is_an_error_not_a_token() {
         let mut s = Sampler::new(SamplingParams::default(), 2);
-        assert_eq!(s.sample(&mut [0.0, f32::NAN], &[], 3), Err(InferenceError::NonFiniteLogits { step: 3 }));
+        assert_eq!(
+            s.sample(&mut [0.0, f32::NAN], &[], 3),
+            Err(InferenceError::NonFiniteLogits { step: 3 })
+        );
     }
 
     #[test]
     fn same_seed_same_tokens() {
-        let params = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
         let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
-        let draw = |mut s: Sampler| (0..20).map(|i| s.sample(&mut logits.clone(), &[], i).unwrap()).collect::<Vec<_>>();
-        assert_eq!(draw(Sampler::new(params, 100)), draw(Sampler::new(params, 100)));
+        let draw = |mut s: Sampler| {
+            (0..20)
+                .map(|i| s.sample(&mut logits.clone(), &[], i).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            draw(Sampler::new(params, 100)),
+            draw(Sampler::new(params, 100))
+        );
     }
 
     #[test]
     fn validation_names_the_field_and_range() {
-        let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
-        assert!(e.to_string().contains("top_p must be in (0, 1], got 0"), "{e}");
-        assert!(SamplingParams { temperature: 100.0, top_p: 1.0, min_p: 1.0, repetition_penalty: 10.0, ..Default::default() }
-            .validate()
-            .is_ok());
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("top_p must be in (0, 1], got 0"),
+            "{e}"
+        );
+        assert!(SamplingParams {
+            temperature: 100.0,
+            top_p: 1.0,
+            min_p: 1.0,
+            repetition_penalty: 10.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
     }
 }

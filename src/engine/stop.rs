@@ -20,23 +20,37 @@ pub struct StopCheck {
 impl StopStrings {
     /// Matches any of `stops` (empty strings are ignored).
     pub fn new(stops: &[String]) -> StopStrings {
-        StopStrings { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        StopStrings {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     /// Adds generated text.
     pub fn push(&mut self, text: &str) -> StopCheck {
         self.pending.push_str(text);
         // The earliest stop string wins; text before it is final.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let emit = self.pending[..at].to_string();
             self.pending.clear();
-            return StopCheck { emit, stopped: true };
+            return StopCheck {
+                emit,
+                stopped: true,
+            };
         }
         let hold = self.held_suffix_len();
         let cut = self.pending.len() - hold;
         let emit = self.pending[..cut].to_string();
         self.pending.drain(..cut);
-        StopCheck { emit, stopped: false }
+        StopCheck {
+            emit,
+            stopped: false,
+        }
     }
 
     /// The longest suffix of the pending text that is a proper prefix of a stop string.
@@ -84,13 +98,25 @@ mod tests {
         let stops = vec!["User:".to_string()];
         let mut s = StopStrings::new(&stops);
         assert_eq!(s.push("Hello Us").emit, "Hello ");
-        assert_eq!(s.push("er: hi"), StopCheck { emit: String::new(), stopped: true });
+        assert_eq!(
+            s.push("er: hi"),
+            StopCheck {
+                emit: String::new(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
     fn held_text_that_does_not_match_is_released() {
-        assert_eq!(run(&["User:"], &["a U", "sb", "c"]), ("a Usbc".to_string(), false));
+        assert_eq!(
+            run(&["User:"], &["a U", "sb", "c"]),
+            ("a Usbc".to_string(), false)
+        );
         assert_eq!(run(&["ab", "b"], &["xab"]), ("x".to_string(), true));
-        assert_eq!(run(&["日本"], &["こんに日", "本"]), ("こんに".to_string(), true));
+        assert_eq!(
+            run(&["日本"], &["こんに日", "本"]),
+            ("こんに".to_string(), true)
+        );
     }
 }

@@ -143,7 +143,9 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             attention_bias: arch == Arch::Qwen2
-                || v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+                || v.get("attention_bias")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             rope_freq_factors: None,
         };
         cfg.validate()?;
@@ -160,9 +162,10 @@ impl ModelConfig {
         let arch = Arch::from_name(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let int = |k: &str| {
-            f.get(&key(k)).and_then(MetaValue::as_u64).map(|x| x as usize).ok_or_else(|| {
-                LoadError::Config(format!("GGUF: missing or invalid '{}'", key(k)))
-            })
+            f.get(&key(k))
+                .and_then(MetaValue::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| LoadError::Config(format!("GGUF: missing or invalid '{}'", key(k))))
         };
         let float = |k: &str| f.get(&key(k)).and_then(MetaValue::as_f64);
         let hidden_size = int("embedding_length")?;
@@ -177,10 +180,12 @@ impl ModelConfig {
         };
         let head_dim = int("rope.dimension_count")
             .or_else(|_| int("attention.key_length"))
-            .unwrap_or(if n_heads > 0 { hidden_size / n_heads } else { 0 });
+            .unwrap_or(hidden_size.checked_div(n_heads).unwrap_or(0));
         if let Some(kind) = f.get(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
             if kind != "none" {
-                return Err(LoadError::Config(format!("GGUF: unsupported rope scaling '{kind}'")));
+                return Err(LoadError::Config(format!(
+                    "GGUF: unsupported rope scaling '{kind}'"
+                )));
             }
         }
         let cfg = ModelConfig {
@@ -266,7 +271,8 @@ fn parse_rope_scaling(s: &Value) -> Result<Option<Llama3RopeScaling>, LoadError>
         "default" => Ok(None),
         "llama3" => {
             let f = |k: &str| {
-                get_f64(s, k).ok_or_else(|| LoadError::Config(format!("rope scaling: missing '{k}'")))
+                get_f64(s, k)
+                    .ok_or_else(|| LoadError::Config(format!("rope scaling: missing '{k}'")))
             };
             Ok(Some(Llama3RopeScaling {
                 factor: f("factor")?,

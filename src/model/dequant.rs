@@ -128,12 +128,18 @@ mod tests {
         b.extend(&qs);
         let mut out = [0f32; 32];
         dequantize(GgmlType::Q4_0, &b, &mut out);
-        assert_eq!((out[0], out[15], out[16], out[31]), (-16.0, 14.0, 14.0, -16.0));
+        assert_eq!(
+            (out[0], out[15], out[16], out[31]),
+            (-16.0, 14.0, 14.0, -16.0)
+        );
         let mut b = h(1.0).to_vec();
         b.extend(h(-3.0));
         b.extend(&qs);
         dequantize(GgmlType::Q4_1, &b, &mut out);
-        assert_eq!((out[0], out[15], out[16], out[31]), (-3.0, 12.0, 12.0, -3.0));
+        assert_eq!(
+            (out[0], out[15], out[16], out[31]),
+            (-3.0, 12.0, 12.0, -3.0)
+        );
     }
 
     #[test]

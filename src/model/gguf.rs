@@ -124,7 +124,10 @@ impl<'a> Reader<'a> {
         let n = self.u64()?;
         let left = (self.buf.len() - self.pos) as u64;
         if n.saturating_mul(min_size.max(1) as u64) > left {
-            return Err(format!("count {n} at byte {} exceeds the file", self.pos - 8));
+            return Err(format!(
+                "count {n} at byte {} exceeds the file",
+                self.pos - 8
+            ));
         }
         Ok(n as usize)
     }
@@ -166,7 +169,10 @@ impl<'a> Reader<'a> {
 impl GgufFile {
     /// Maps and parses `path`.
     pub fn open(path: &Path) -> Result<GgufFile, LoadError> {
-        let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+        let io = |source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and the file is not modified while we hold it; a
         // concurrent truncation by another process is outside what we can defend against.
@@ -175,7 +181,12 @@ impl GgufFile {
             path: path.to_path_buf(),
             what,
         })?;
-        Ok(GgufFile { path: path.to_path_buf(), mmap, meta, tensors })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            meta,
+            tensors,
+        })
     }
 
     /// The file's path.
@@ -211,7 +222,9 @@ fn parse(buf: &[u8]) -> R<Parsed> {
     for _ in 0..n_kv {
         let key = r.string()?;
         let ty = r.u32()?;
-        let v = r.value(ty, 0).map_err(|e| format!("metadata '{key}': {e}"))?;
+        let v = r
+            .value(ty, 0)
+            .map_err(|e| format!("metadata '{key}': {e}"))?;
         meta.insert(key, v);
     }
     let mut dir = Vec::with_capacity(n_tensors);
@@ -230,7 +243,10 @@ fn parse(buf: &[u8]) -> R<Parsed> {
         let offset = r.u64()? as usize;
         dir.push((name, shape, raw_type, offset));
     }
-    let align = meta.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(32) as usize;
+    let align = meta
+        .get("general.alignment")
+        .and_then(MetaValue::as_u64)
+        .unwrap_or(32) as usize;
     if align == 0 || !align.is_power_of_two() {
         return Err(format!("bad general.alignment {align}"));
     }
@@ -251,7 +267,16 @@ fn parse(buf: &[u8]) -> R<Parsed> {
             .filter(|s| s.checked_add(len).is_some_and(|e| e <= buf.len()))
             .ok_or_else(|| format!("tensor '{name}' lies past the end of the file (truncated?)"))?;
         let dtype = dtype.unwrap_or(GgmlType::F32);
-        tensors.insert(name, TensorInfo { shape, dtype, raw_type, start, len });
+        tensors.insert(
+            name,
+            TensorInfo {
+                shape,
+                dtype,
+                raw_type,
+                start,
+                len,
+            },
+        );
     }
     Ok((meta, tensors))
 }

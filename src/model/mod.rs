@@ -24,7 +24,13 @@ use gguf::{GgufFile, MetaValue};
 use weights::{load_weights, GgufSource, SafetensorsSource};
 
 /// Special tokens that end an assistant turn in common chat templates.
-const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>"];
+const END_OF_TURN_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|end_of_turn|>",
+];
 
 /// A loaded model, ready for the engine.
 pub struct Model {
@@ -46,9 +52,15 @@ fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|source| LoadError::Json { path: path.to_path_buf(), source }),
+            .map_err(|source| LoadError::Json {
+                path: path.to_path_buf(),
+                source,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(LoadError::Io { path: path.to_path_buf(), source }),
+        Err(source) => Err(LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -65,7 +77,11 @@ fn special_token(v: Option<&Value>) -> Option<String> {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|i| i as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|i| i as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -90,20 +106,31 @@ impl Model {
         let gen_config = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let bos = special_token(tok_config.get("bos_token"));
         let eos = special_token(tok_config.get("eos_token"));
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), bos.clone(), eos.clone())?;
+        let tokenizer =
+            Tokenizer::from_file(&dir.join("tokenizer.json"), bos.clone(), eos.clone())?;
         // transformers prefers chat_template.jinja over the tokenizer_config.json key.
         let jinja = dir.join("chat_template.jinja");
         let source = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|source| LoadError::Io { path: jinja, source })?)
+            Some(
+                std::fs::read_to_string(&jinja).map_err(|source| LoadError::Io {
+                    path: jinja,
+                    source,
+                })?,
+            )
         } else {
-            tok_config.get("chat_template").and_then(Value::as_str).map(str::to_string)
+            tok_config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string)
         };
         let template = ChatTemplate::new(source, bos, eos)?;
         let src = SafetensorsSource::open(dir)?;
         let weights = load_weights(&src, &config)?;
         let mut eos_ids = ids(gen_config.get("eos_token_id"));
         eos_ids.extend(ids(config_json.get("eos_token_id")));
-        Ok(Self::assemble(dir, config, weights, tokenizer, template, eos_ids))
+        Ok(Self::assemble(
+            dir, config, weights, tokenizer, template, eos_ids,
+        ))
     }
 
     fn load_gguf(path: &Path) -> Result<Model, LoadError> {
@@ -116,14 +143,23 @@ impl Model {
         }
         let weights = load_weights(&src, &config)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let source = file.get("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string);
-        let template = ChatTemplate::new(source, tokenizer.bos_token.clone(), tokenizer.eos_token.clone())?;
+        let source = file
+            .get("tokenizer.chat_template")
+            .and_then(MetaValue::as_str)
+            .map(str::to_string);
+        let template = ChatTemplate::new(
+            source,
+            tokenizer.bos_token.clone(),
+            tokenizer.eos_token.clone(),
+        )?;
         let eos_ids = file
             .get("tokenizer.ggml.eos_token_id")
             .and_then(MetaValue::as_u64)
             .map(|i| vec![i as u32])
             .unwrap_or_default();
-        Ok(Self::assemble(path, config, weights, tokenizer, template, eos_ids))
+        Ok(Self::assemble(
+            path, config, weights, tokenizer, template, eos_ids,
+        ))
     }
 
     fn assemble(
@@ -134,7 +170,11 @@ impl Model {
         template: ChatTemplate,
         mut stop_token_ids: Vec<u32>,
     ) -> Model {
-        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if let Some(id) = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
             stop_token_ids.push(id);
         }
         for t in END_OF_TURN_TOKENS {
@@ -147,7 +187,14 @@ impl Model {
         let name = PathBuf::from(path.file_name().unwrap_or(path.as_os_str()))
             .to_string_lossy()
             .into_owned();
-        Model { name, config, weights, tokenizer, template, stop_token_ids }
+        Model {
+            name,
+            config,
+            weights,
+            tokenizer,
+            template,
+            stop_token_ids,
+        }
     }
 
     /// Renders a conversation with the chat template (generation prompt appended) and

@@ -20,7 +20,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.to_string(), content: content.to_string() }
+        ChatMessage {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -75,7 +78,10 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let tmpl = self.env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -93,15 +99,24 @@ mod tests {
     #[test]
     fn fallback_is_plain_text() {
         let t = ChatTemplate::new(None, None, None).unwrap();
-        let m = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
-        assert_eq!(t.render(&m, true).unwrap(), "System: Be brief.\n\nUser: Hi\n\nAssistant:");
+        let m = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
+        assert_eq!(
+            t.render(&m, true).unwrap(),
+            "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+        );
     }
 
     #[test]
     fn raise_exception_is_an_error_with_its_message() {
-        let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}";
+        let src =
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}";
         let t = ChatTemplate::new(Some(src.into()), None, None).unwrap();
-        let e = t.render(&[ChatMessage::new("assistant", "x")], false).unwrap_err();
+        let e = t
+            .render(&[ChatMessage::new("assistant", "x")], false)
+            .unwrap_err();
         assert!(e.0.contains("user first"), "{e}");
     }
 
@@ -109,6 +124,10 @@ mod tests {
     fn python_string_methods_and_trim_blocks() {
         let src = "{% for m in messages %}\n  {{ m['content'].strip() }}|\n{% endfor %}";
         let t = ChatTemplate::new(Some(src.into()), None, None).unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  a  ")], false).unwrap(), "a|\n");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  a  ")], false)
+                .unwrap(),
+            "a|\n"
+        );
     }
 }

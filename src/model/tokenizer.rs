@@ -35,7 +35,11 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| LoadError::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer { inner, bos_token, eos_token })
+        Ok(Tokenizer {
+            inner,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Builds the tokenizer a GGUF file describes.
@@ -43,7 +47,11 @@ impl Tokenizer {
         let spec = gguf_tokenizer_json(f)?;
         let bytes = serde_json::to_vec(&spec.json).map_err(tok_err)?;
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(tok_err)?;
-        Ok(Tokenizer { inner, bos_token: spec.bos, eos_token: spec.eos })
+        Ok(Tokenizer {
+            inner,
+            bos_token: spec.bos,
+            eos_token: spec.eos,
+        })
     }
 
     /// Encodes `text`; `add_special_tokens` runs the post-processor (e.g. prepends bos).
@@ -57,7 +65,9 @@ impl Tokenizer {
 
     /// Decodes `ids` to text (invalid UTF-8 becomes U+FFFD); unknown ids are an error.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| e.to_string())
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| e.to_string())
     }
 
     /// The token strings (byte-level form) of `ids`.
@@ -106,15 +116,24 @@ fn strings(f: &GgufFile, key: &str) -> Result<Vec<String>, LoadError> {
 }
 
 fn gguf_tokenizer_json(f: &GgufFile) -> Result<GgufTokenizerSpec, LoadError> {
-    let model = f.get("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or("");
+    let model = f
+        .get("tokenizer.ggml.model")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("");
     if model != "gpt2" {
         return Err(LoadError::Tokenizer(format!(
             "GGUF tokenizer model '{model}' is not supported (supported: gpt2-style byte-level BPE)"
         )));
     }
-    let pre = f.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
+    let pre = f
+        .get("tokenizer.ggml.pre")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("default");
     let (normalizer, pre_tokenizer) = if GPT2_STYLE.contains(&pre) {
-        (Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}))
+        (
+            Value::Null,
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+        )
     } else if pre == "qwen2" {
         (json!({"type": "NFC"}), regex_then_byte_level(QWEN2_REGEX))
     } else if matches!(pre, "llama-bpe" | "llama3" | "llama-v3") {
@@ -126,8 +145,14 @@ fn gguf_tokenizer_json(f: &GgufFile) -> Result<GgufTokenizerSpec, LoadError> {
     };
     let tokens = strings(f, "tokenizer.ggml.tokens")?;
     let merges = strings(f, "tokenizer.ggml.merges")?;
-    let types: Vec<i64> = match f.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
-        Some(a) => a.iter().map(|v| if let MetaValue::Int(i) = v { *i } else { 1 }).collect(),
+    let types: Vec<i64> = match f
+        .get("tokenizer.ggml.token_type")
+        .and_then(MetaValue::as_array)
+    {
+        Some(a) => a
+            .iter()
+            .map(|v| if let MetaValue::Int(i) = v { *i } else { 1 })
+            .collect(),
         None => vec![1; tokens.len()],
     };
     let id = |key: &str| f.get(key).and_then(MetaValue::as_u64).map(|i| i as usize);
@@ -143,8 +168,10 @@ fn gguf_tokenizer_json(f: &GgufFile) -> Result<GgufTokenizerSpec, LoadError> {
         // added tokens; only control tokens are "special" (skipped when decoding).
         let ty = types.get(i).copied().unwrap_or(1);
         if ty == 3 || ty == 4 {
-            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty == 3}));
+            added.push(
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty == 3}),
+            );
         }
     }
     let flag = |key: &str| f.get(key).and_then(MetaValue::as_bool).unwrap_or(false);

@@ -30,7 +30,10 @@ impl Tensor {
     /// A tensor from its shape and values.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Tensor { shape, data: data.into() }
+        Tensor {
+            shape,
+            data: data.into(),
+        }
     }
 
     /// Rows of a matrix (the first dimension).
@@ -141,10 +144,16 @@ fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<(), Lo
 
 /// Loads and checks every tensor the config calls for.
 pub fn load_weights(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<Weights, LoadError> {
-    let (d, h, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+    let (d, h, q, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+    );
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
-        let t = |suffix: &str, shape: &[usize]| src.load(&format!("model.layers.{i}.{suffix}"), shape);
+        let t =
+            |suffix: &str, shape: &[usize]| src.load(&format!("model.layers.{i}.{suffix}"), shape);
         let bqkv = if cfg.attention_bias {
             Some([
                 t("self_attn.q_proj.bias", &[q])?,
@@ -176,7 +185,12 @@ pub fn load_weights(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<Weights
     } else {
         None
     };
-    Ok(Weights { embed, layers, norm: src.load("model.norm.weight", &[d])?, lm_head })
+    Ok(Weights {
+        embed,
+        layers,
+        norm: src.load("model.norm.weight", &[d])?,
+        lm_head,
+    })
 }
 
 /// Safetensors files of a Hugging Face folder (one file, or shards with an index).
@@ -194,13 +208,22 @@ impl SafetensorsSource {
         let paths: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| LoadError::Io { path: index_path.clone(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|source| LoadError::Json { path: index_path.clone(), source })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                LoadError::Corrupt { path: index_path.clone(), what: "no weight_map".into() }
+            let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
+                path: index_path.clone(),
+                source,
             })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| LoadError::Json {
+                    path: index_path.clone(),
+                    source,
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LoadError::Corrupt {
+                    path: index_path.clone(),
+                    what: "no weight_map".into(),
+                })?;
             let mut shards: Vec<PathBuf> = map
                 .values()
                 .filter_map(|f| f.as_str())
@@ -215,12 +238,17 @@ impl SafetensorsSource {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         for path in paths {
-            let io = |source| LoadError::Io { path: path.clone(), source };
+            let io = |source| LoadError::Io {
+                path: path.clone(),
+                source,
+            };
             let file = File::open(&path).map_err(io)?;
             // SAFETY: read-only map of a file we do not modify while it is mapped.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| LoadError::Corrupt { path: path.clone(), what: e.to_string() })?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Corrupt {
+                path: path.clone(),
+                what: e.to_string(),
+            })?;
             for name in st.names() {
                 index.insert(name.to_string(), files.len());
             }
@@ -236,18 +264,28 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
-        let &i = self.index.get(name).ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
         let (path, mmap) = &self.files[i];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| LoadError::Corrupt { path: path.clone(), what: e.to_string() })?;
-        let view = st.tensor(name).map_err(|_| LoadError::MissingTensor(name.into()))?;
+        let st = SafeTensors::deserialize(mmap).map_err(|e| LoadError::Corrupt {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| LoadError::MissingTensor(name.into()))?;
         check_shape(name, view.shape(), shape)?;
         let ty = match view.dtype() {
             Dtype::F32 => GgmlType::F32,
             Dtype::F16 => GgmlType::F16,
             Dtype::BF16 => GgmlType::BF16,
             other => {
-                return Err(LoadError::BadDtype { name: name.into(), dtype: format!("{other:?}") })
+                return Err(LoadError::BadDtype {
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                })
             }
         };
         let mut data = vec![0f32; shape.iter().product()];
@@ -266,7 +304,11 @@ pub struct GgufSource<'a> {
 impl<'a> GgufSource<'a> {
     /// Wraps a parsed file; head counts are needed to undo the Q/K row permutation.
     pub fn new(file: &'a GgufFile, cfg: &ModelConfig) -> GgufSource<'a> {
-        GgufSource { file, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads }
+        GgufSource {
+            file,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+        }
     }
 }
 
@@ -287,7 +329,10 @@ impl GgufSource<'_> {
         if GgmlType::from_id(info.raw_type).is_none() {
             return Err(LoadError::BadDtype {
                 name: gname.to_string(),
-                dtype: format!("GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", info.raw_type),
+                dtype: format!(
+                    "GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                    info.raw_type
+                ),
             });
         }
         let mut data = vec![0f32; shape.iter().product()];
@@ -318,7 +363,10 @@ impl TensorSource for GgufSource<'_> {
             None
         };
         match heads {
-            Some(n_head) => Ok(Tensor::new(t.shape, unpermute_rows(&t.data, shape[0], n_head))),
+            Some(n_head) => Ok(Tensor::new(
+                t.shape,
+                unpermute_rows(&t.data, shape[0], n_head),
+            )),
             None => Ok(t),
         }
     }
@@ -336,7 +384,8 @@ pub fn unpermute_rows(data: &[f32], rows: usize, n_head: usize) -> Vec<f32> {
             for j in 0..2 {
                 let src = h * head_dim + 2 * i + j;
                 let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -349,9 +398,18 @@ mod tests {
 
     #[test]
     fn name_table_covers_a_layer() {
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(), "blk.12.ffn_down.weight");
-        assert_eq!(gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
-        assert_eq!(gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq"), None);
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").unwrap(),
+            "token_embd.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+            None
+        );
     }
 
     #[test]
@@ -366,7 +424,8 @@ mod tests {
                 for i in 0..head_dim / 2 {
                     let src = h * head_dim + j * head_dim / 2 + i;
                     let dst = h * head_dim + 2 * i + j;
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

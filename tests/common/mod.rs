@@ -21,8 +21,14 @@ pub fn fixtures() -> PathBuf {
 pub fn default_model() -> PathBuf {
     let p = std::env::var_os("CHATSTREAM_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -32,11 +38,19 @@ pub fn read_json(path: PathBuf) -> Value {
 }
 
 pub fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// Asserts `got` matches `want` within `tol` (max abs), naming the first bad index.
@@ -49,7 +63,12 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
             (worst, at) = (d, i);
         }
     }
-    assert!(worst <= tol, "{what}: max abs error {worst} > {tol} at index {at} (got {}, want {})", got[at], want[at]);
+    assert!(
+        worst <= tol,
+        "{what}: max abs error {worst} > {tol} at index {at} (got {}, want {})",
+        got[at],
+        want[at]
+    );
 }
 
 pub fn engine(path: PathBuf) -> Arc<Engine<Cpu>> {

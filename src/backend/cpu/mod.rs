@@ -64,7 +64,14 @@ impl Backend for Cpu {
         ops::rope_half(x, &cos.data, &sin.data, s);
     }
 
-    fn attention(&self, out: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: AttnShape) {
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: AttnShape,
+    ) {
         ops::attention(out, q, k, v, s);
     }
 

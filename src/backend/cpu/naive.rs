@@ -8,7 +8,9 @@ use crate::backend::{AttnShape, RopeShape};
 pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
     for i in 0..n {
         for j in 0..m {
-            let s: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+            let s: f64 = (0..k)
+                .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                .sum();
             out[i * m + j] = s as f32;
         }
     }
@@ -56,7 +58,9 @@ pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape)
             let ko = (h / group) * d;
             let scores: Vec<f64> = (0..=pos)
                 .map(|j| {
-                    (0..d).map(|i| q[qo + i] as f64 * k[j * kv_dim + ko + i] as f64).sum::<f64>()
+                    (0..d)
+                        .map(|i| q[qo + i] as f64 * k[j * kv_dim + ko + i] as f64)
+                        .sum::<f64>()
                         / (d as f64).sqrt()
                 })
                 .collect();
@@ -64,7 +68,9 @@ pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape)
             let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = e.iter().sum();
             for i in 0..d {
-                let acc: f64 = (0..=pos).map(|j| e[j] * v[j * kv_dim + ko + i] as f64).sum();
+                let acc: f64 = (0..=pos)
+                    .map(|j| e[j] * v[j * kv_dim + ko + i] as f64)
+                    .sum();
                 out[qo + i] = (acc / sum) as f32;
             }
         }
@@ -73,7 +79,10 @@ pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape)
 
 /// Softmax in f64.
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
+    let max = x
+        .iter()
+        .map(|&v| v as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
     let sum: f64 = e.iter().sum();
     for (o, e) in x.iter_mut().zip(e) {

@@ -25,10 +25,16 @@ fn kernels() -> &'static Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Kernels { dot: dot_avx2_entry, axpy: axpy_avx2_entry };
+                return Kernels {
+                    dot: dot_avx2_entry,
+                    axpy: axpy_avx2_entry,
+                };
             }
         }
-        Kernels { dot: dot_portable, axpy: axpy_portable }
+        Kernels {
+            dot: dot_portable,
+            axpy: axpy_portable,
+        }
     })
 }
 
@@ -118,7 +124,11 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 32;
     }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
         i += 8;
     }
     let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -145,20 +155,28 @@ unsafe impl Sync for SendPtr {}
 /// memory-bound; every thread streams its own rows of `w`). More rows: blocked SGEMM, the
 /// output columns split between threads so each reads only its share of `w`.
 pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    assert!(out.len() >= n * m && x.len() >= n * k && w.len() >= m * k, "matmul: buffer too small");
+    assert!(
+        out.len() >= n * m && x.len() >= n * k && w.len() >= m * k,
+        "matmul: buffer too small"
+    );
     if n == 1 {
         let x = &x[..k];
         let rows_per_task = (m / (rayon::current_num_threads() * 8)).clamp(16, 512);
-        out[..m].par_chunks_mut(rows_per_task).enumerate().for_each(|(c, o)| {
-            let r0 = c * rows_per_task;
-            for (j, o) in o.iter_mut().enumerate() {
-                let r = r0 + j;
-                *o = dot(x, &w[r * k..(r + 1) * k]);
-            }
-        });
+        out[..m]
+            .par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let r0 = c * rows_per_task;
+                for (j, o) in o.iter_mut().enumerate() {
+                    let r = r0 + j;
+                    *o = dot(x, &w[r * k..(r + 1) * k]);
+                }
+            });
         return;
     }
-    let blocks = (rayon::current_num_threads() * 2).min(m.div_ceil(64)).max(1);
+    let blocks = (rayon::current_num_threads() * 2)
+        .min(m.div_ceil(64))
+        .max(1);
     let per = m.div_ceil(blocks).next_multiple_of(16).min(m);
     let outp = SendPtr(out.as_mut_ptr());
     (0..m.div_ceil(per)).into_par_iter().for_each(|b| {
@@ -170,11 +188,20 @@ pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usiz
         // checked above, and each task writes only its own columns.
         unsafe {
             matrixmultiply::sgemm(
-                n, k, mb, 1.0,
-                x.as_ptr(), k as isize, 1,
-                w.as_ptr().add(j0 * k), 1, k as isize,
+                n,
+                k,
+                mb,
+                1.0,
+                x.as_ptr(),
+                k as isize,
+                1,
+                w.as_ptr().add(j0 * k),
+                1,
+                k as isize,
                 0.0,
-                c.0.add(j0), m as isize, 1,
+                c.0.add(j0),
+                m as isize,
+                1,
             );
         }
     });
@@ -183,7 +210,10 @@ pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usiz
 /// out (n, dim) = x / sqrt(mean(x^2) + eps) * w, row by row (Hugging Face's LlamaRMSNorm).
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], n: usize, eps: f32) {
     let dim = w.len();
-    for (o, x) in out[..n * dim].chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+    for (o, x) in out[..n * dim]
+        .chunks_exact_mut(dim)
+        .zip(x.chunks_exact(dim))
+    {
         let scale = 1.0 / (dot(x, x) / dim as f32 + eps).sqrt();
         for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
             *o = w * (x * scale);
@@ -222,42 +252,45 @@ pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape)
     let kv_dim = s.n_kv_heads * d;
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    out[..s.n_tokens * s.n_heads * d].par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        let (t, h) = (i / s.n_heads, i % s.n_heads);
-        let positions = s.pos0 + t + 1;
-        let qh = &q[i * d..(i + 1) * d];
-        let off = (h / group) * d;
-        let mut acc = [0f32; MAX_HEAD_DIM];
-        let acc = &mut acc[..d];
-        let mut scores = [0f32; KEY_TILE];
-        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for j0 in (0..positions).step_by(KEY_TILE) {
-            let tile = &mut scores[..KEY_TILE.min(positions - j0)];
-            let mut tile_max = f32::NEG_INFINITY;
-            for (jj, sc) in tile.iter_mut().enumerate() {
-                let row = (j0 + jj) * kv_dim + off;
-                *sc = dot(qh, &k[row..row + d]) * scale;
-                tile_max = tile_max.max(*sc);
+    out[..s.n_tokens * s.n_heads * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(i, o)| {
+            let (t, h) = (i / s.n_heads, i % s.n_heads);
+            let positions = s.pos0 + t + 1;
+            let qh = &q[i * d..(i + 1) * d];
+            let off = (h / group) * d;
+            let mut acc = [0f32; MAX_HEAD_DIM];
+            let acc = &mut acc[..d];
+            let mut scores = [0f32; KEY_TILE];
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            for j0 in (0..positions).step_by(KEY_TILE) {
+                let tile = &mut scores[..KEY_TILE.min(positions - j0)];
+                let mut tile_max = f32::NEG_INFINITY;
+                for (jj, sc) in tile.iter_mut().enumerate() {
+                    let row = (j0 + jj) * kv_dim + off;
+                    *sc = dot(qh, &k[row..row + d]) * scale;
+                    tile_max = tile_max.max(*sc);
+                }
+                if tile_max > max {
+                    // Rescale what was accumulated under the old maximum.
+                    let r = (max - tile_max).exp();
+                    sum *= r;
+                    acc.iter_mut().for_each(|a| *a *= r);
+                    max = tile_max;
+                }
+                for (jj, &sc) in tile.iter().enumerate() {
+                    let p = (sc - max).exp();
+                    sum += p;
+                    let row = (j0 + jj) * kv_dim + off;
+                    axpy(acc, p, &v[row..row + d]);
+                }
             }
-            if tile_max > max {
-                // Rescale what was accumulated under the old maximum.
-                let r = (max - tile_max).exp();
-                sum *= r;
-                acc.iter_mut().for_each(|a| *a *= r);
-                max = tile_max;
+            let inv = 1.0 / sum;
+            for (o, a) in o.iter_mut().zip(acc.iter()) {
+                *o = a * inv;
             }
-            for (jj, &sc) in tile.iter().enumerate() {
-                let p = (sc - max).exp();
-                sum += p;
-                let row = (j0 + jj) * kv_dim + off;
-                axpy(acc, p, &v[row..row + d]);
-            }
-        }
-        let inv = 1.0 / sum;
-        for (o, a) in o.iter_mut().zip(acc.iter()) {
-            *o = a * inv;
-        }
-    });
+        });
 }
 
 /// gate = silu(gate) * up, where silu(x) = x / (1 + e^-x).

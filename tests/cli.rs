@@ -1,0 +1,118 @@
+//! The `chatstream` binary: `generate --json` on the default model gives the golden answer,
+//! `--messages`, `--raw` and `--stop` work, and errors print one line and exit non-zero.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn chatstream(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chatstream"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json_out(args: &[&str]) -> Value {
+    let out = chatstream(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn generate_json_gives_the_golden_answer() {
+    let golden = common::read_json(common::fixtures().join("smollm2/golden.json"));
+    let conv = &golden["conversations"][0];
+    let model = common::default_model();
+    let prompt = conv["messages"][0]["content"].as_str().unwrap();
+    let v = json_out(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--json",
+    ]);
+    assert_eq!(v["prompt_token_ids"], conv["prompt_token_ids"]);
+    assert_eq!(v["token_ids"], conv["greedy"]["new_token_ids"]);
+    assert_eq!(v["text"], conv["greedy"]["text"]);
+    assert_eq!(v["finish_reason"], "stop");
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    // The same conversation from a --messages file, and cut by a stop string.
+    let path = std::env::temp_dir().join(format!("chatstream-cli-{}.json", std::process::id()));
+    std::fs::write(&path, conv["messages"].to_string()).unwrap();
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--messages",
+        path.to_str().unwrap(),
+        "--json",
+    ];
+    let mut with_stop = args.to_vec();
+    with_stop.extend(["--stop", " Paris"]);
+    let v = json_out(&args);
+    let cut = json_out(&with_stop);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(v["token_ids"], conv["greedy"]["new_token_ids"]);
+    assert_eq!(cut["text"], "The capital of France is");
+    assert_eq!(cut["finish_reason"], "stop");
+}
+
+#[test]
+fn raw_prompt_streams_plain_text() {
+    let model = common::default_model();
+    let out = chatstream(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--raw",
+        "--prompt",
+        "1, 2, 3, 4,",
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with(" 5"), "{text:?}");
+}
+
+#[test]
+fn errors_print_one_line_and_exit_non_zero() {
+    let out = chatstream(&[
+        "generate",
+        "--model",
+        "/no/such/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("/no/such/model.gguf"), "{err}");
+
+    let tiny = common::fixtures().join("tiny-llama");
+    let out = chatstream(&[
+        "generate",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--top-p",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("top_p must be in (0, 1], got 2"), "{err}");
+}

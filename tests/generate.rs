@@ -1,0 +1,128 @@
+//! The generation loop on the tiny model: max_new_tokens, cancellation from the text
+//! callback, seeded sampling, context overflow, and stop strings.
+
+mod common;
+
+use chatstream::engine::generate::{FinishReason, GenerateRequest, Generator};
+use chatstream::engine::InferenceError;
+use chatstream::SamplingParams;
+
+fn req(prompt: Vec<u32>, n: usize, sampling: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids: prompt,
+        max_new_tokens: n,
+        sampling,
+        stop: vec![],
+        ignore_eos: true,
+    }
+}
+
+fn tiny() -> Generator<chatstream::backend::cpu::Cpu> {
+    Generator::new(common::engine(common::fixtures().join("tiny-llama")), 64)
+}
+
+#[test]
+fn stops_at_max_new_tokens() {
+    let mut g = tiny();
+    let out = g
+        .generate(
+            &req(vec![0, 304, 503], 5, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(
+        (out.token_ids.len(), out.finish_reason),
+        (5, FinishReason::Length)
+    );
+}
+
+#[test]
+fn a_false_callback_cancels_within_one_token() {
+    let mut g = tiny();
+    let mut pieces = 0;
+    let out = g
+        .generate(
+            &req(vec![0, 304, 503], 50, SamplingParams::default()),
+            &mut |_| {
+                pieces += 1;
+                false
+            },
+        )
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert_eq!(pieces, 1);
+    assert!(out.token_ids.len() < 50);
+}
+
+#[test]
+fn same_seed_same_tokens_and_different_seed_differs() {
+    let mut g = tiny();
+    let p = |seed| SamplingParams {
+        temperature: 1.5,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let a = g
+        .generate(&req(vec![0, 304], 30, p(1)), &mut |_| true)
+        .unwrap()
+        .token_ids;
+    let b = g
+        .generate(&req(vec![0, 304], 30, p(1)), &mut |_| true)
+        .unwrap()
+        .token_ids;
+    let c = g
+        .generate(&req(vec![0, 304], 30, p(2)), &mut |_| true)
+        .unwrap()
+        .token_ids;
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error() {
+    let mut g = tiny();
+    let e = g
+        .generate(&req(vec![5; 64], 4, SamplingParams::default()), &mut |_| {
+            true
+        })
+        .unwrap_err();
+    assert_eq!(e, InferenceError::ContextOverflow { len: 65, max: 64 });
+    // A full cache ends the answer with "length", not an error.
+    let out = g
+        .generate(
+            &req(vec![5; 60], 10, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    assert_eq!(
+        out.token_ids.len(),
+        5,
+        "4 cached steps, then the last token is sampled"
+    );
+}
+
+#[test]
+fn stop_string_cuts_the_text_and_is_never_sent() {
+    let mut g = tiny();
+    let full = g
+        .generate(
+            &req(vec![0, 304, 503], 20, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    // Stop on a piece of the greedy text that begins after its first character.
+    let cut = full.text.char_indices().nth(3).unwrap().0;
+    let stop: String = full.text[cut..].chars().take(2).collect();
+    let mut r = req(vec![0, 304, 503], 20, SamplingParams::default());
+    r.stop = vec![stop.clone()];
+    let mut streamed = String::new();
+    let out = g.generate(&r, &mut |p| {
+        streamed.push_str(p);
+        true
+    });
+    let out = out.unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.text, full.text[..full.text.find(&stop).unwrap()]);
+    assert_eq!(streamed, out.text);
+}
