@@ -116,3 +116,38 @@ fn errors_print_one_line_and_exit_non_zero() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("top_p must be in (0, 1], got 2"), "{err}");
 }
+
+#[test]
+fn chat_keeps_the_conversation() {
+    use std::io::Write;
+    let model = common::default_model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "24",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is the capital of France? Answer in one sentence.\nAnd of Italy?\n\n")
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let answers: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(answers[0], "The capital of France is Paris.");
+    // The second answer only makes sense with the first turn in the history.
+    assert!(answers[1..].concat().contains("Rome"), "{text:?}");
+}

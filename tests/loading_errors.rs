@@ -174,3 +174,48 @@ fn truncated_or_corrupt_gguf_is_an_error() {
     std::fs::write(&path, b"not a model").unwrap();
     assert!(load_err(&path).contains("bad magic"));
 }
+
+#[test]
+fn sharded_folder_loads_like_the_single_file() {
+    let dir = tiny_copy("shards");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut shards: [Vec<(String, TensorView)>; 2] = [Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, view)) in st.tensors().into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(name.clone(), file.into());
+        shards[i % 2].push((name, view));
+    }
+    for (i, shard) in shards.into_iter().enumerate() {
+        let out = dir.join(format!("model-0000{}-of-00002.safetensors", i + 1));
+        std::fs::write(out, safetensors::tensor::serialize(shard, None).unwrap()).unwrap();
+    }
+    std::fs::remove_file(&path).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = Model::load(&dir).unwrap();
+    let single = Model::load(&common::fixtures().join("tiny-llama")).unwrap();
+    assert_eq!(
+        sharded.weights.layers[1].w_up.data,
+        single.weights.layers[1].w_up.data
+    );
+    assert_eq!(sharded.weights.output().data, single.weights.output().data);
+}
+
+#[test]
+fn chat_template_jinja_is_preferred_over_tokenizer_config() {
+    let dir = tiny_copy("jinja");
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let model = Model::load(&dir).unwrap();
+    let text = model
+        .template
+        .render(&[chatstream::ChatMessage::new("user", "hi")], true)
+        .unwrap();
+    assert_eq!(text, "[user]hi");
+}
