@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod engine;
 pub mod model;
+pub mod server;
 
 pub use engine::generate::{FinishReason, GenerateOutput, GenerateRequest, Generator};
 pub use engine::sampler::SamplingParams;

@@ -1,16 +1,19 @@
-//! The `chatstream` command line: `generate` (one answer, streamed to stdout or as JSON)
-//! and `chat` (a console conversation). Errors print one line and exit non-zero.
+//! The `chatstream` command line: `serve` (ChatStream's HTTP API), `generate` (one answer,
+//! streamed to stdout or as JSON) and `chat` (a console conversation). Errors print one line and exit non-zero.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use chatstream::backend::cpu::Cpu;
 use chatstream::engine::generate::{Engine, GenerateRequest, Generator};
+use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
+use chatstream::server::{ChatStream, ServerConfig};
 use chatstream::{ChatMessage, Model, SamplingParams};
 
 /// Where `scripts/fetch-model.sh` puts the default model.
@@ -33,6 +36,123 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Chat with the model in the console, keeping the conversation.
     Chat(ChatArgs),
+    /// Serve ChatStream's HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Serve without a model: ChatStream's mock responses (round, echo or long).
+    #[arg(long, env = "CHATSTREAM_MOCK", num_args = 0..=1, default_missing_value = "round", value_enum)]
+    mock: Option<MockMode>,
+    /// Delay per mock word, in milliseconds.
+    #[arg(long, env = "CHATSTREAM_MOCK_TOKEN_DELAY_MS", default_value_t = 50)]
+    mock_token_delay_ms: u64,
+    /// Address to listen on.
+    #[arg(long, env = "CHATSTREAM_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "CHATSTREAM_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Answers generated at once (worker threads).
+    #[arg(long, env = "CHATSTREAM_CONCURRENCY", default_value_t = 2)]
+    concurrency: usize,
+    /// Requests that may wait for a worker (0: no waiting room).
+    #[arg(long, env = "CHATSTREAM_MAX_QUEUE", default_value_t = 5)]
+    max_queue: usize,
+    /// Status of the too-many-requests answer: 200 (as ChatStream) or 429.
+    #[arg(long, env = "CHATSTREAM_TOO_MANY_REQUESTS_STATUS", default_value_t = 200, value_parser = parse_refusal_status)]
+    too_many_requests_status: u16,
+    /// Default most new tokens per answer.
+    #[arg(long, env = "CHATSTREAM_MAX_NEW_TOKENS", default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Default temperature (0 = greedy).
+    #[arg(long, env = "CHATSTREAM_TEMPERATURE", default_value_t = 0.0)]
+    temperature: f32,
+    /// Default top-k (0 = off).
+    #[arg(long, env = "CHATSTREAM_TOP_K", default_value_t = 0)]
+    top_k: usize,
+    /// Default top-p (1 = off).
+    #[arg(long, env = "CHATSTREAM_TOP_P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Default min-p (0 = off).
+    #[arg(long, env = "CHATSTREAM_MIN_P", default_value_t = 0.0)]
+    min_p: f32,
+    /// Default repetition penalty (1 = off).
+    #[arg(long, env = "CHATSTREAM_REPETITION_PENALTY", default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Node name shown by get_load.
+    #[arg(long, env = "CHATSTREAM_NAME", default_value = "node:0")]
+    name: String,
+    /// Seconds a session may stay idle before it is forgotten.
+    #[arg(long, env = "CHATSTREAM_SESSION_IDLE_TTL", default_value_t = 3600)]
+    session_idle_ttl: u64,
+    /// Most sessions held (the least recently used is evicted).
+    #[arg(long, env = "CHATSTREAM_MAX_SESSIONS", default_value_t = 10_000)]
+    max_sessions: usize,
+    /// Mark the session cookie Secure (behind HTTPS).
+    #[arg(long, env = "CHATSTREAM_SECURE_COOKIES")]
+    secure_cookies: bool,
+}
+
+fn parse_refusal_status(s: &str) -> Result<u16, String> {
+    match s {
+        "200" => Ok(200),
+        "429" => Ok(429),
+        _ => Err(format!("must be 200 or 429, got {s}")),
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: None,
+    };
+    sampling.validate()?;
+    let cfg = ServerConfig {
+        concurrency: a.concurrency.max(1),
+        max_queue: a.max_queue,
+        too_many_requests_status: a.too_many_requests_status,
+        context_len: a.model.context_len,
+        default_params: GenParams {
+            sampling,
+            max_new_tokens: a.max_new_tokens,
+        },
+        name: a.name.clone(),
+        session_idle_ttl: Duration::from_secs(a.session_idle_ttl),
+        max_sessions: a.max_sessions,
+        secure_cookies: a.secure_cookies,
+        ..ServerConfig::default()
+    };
+    let model: Arc<dyn ChatModel> = match a.mock {
+        Some(mode) => Arc::new(MockChat::new(
+            mode,
+            Duration::from_millis(a.mock_token_delay_ms),
+        )),
+        None => {
+            let gen = load(&a.model)?;
+            Arc::new(ModelChat::new(
+                Arc::clone(gen.engine()),
+                a.model.context_len,
+            ))
+        }
+    };
+    let (name, device) = (model.name(), model.device());
+    let cs = ChatStream::new(cfg, model);
+    let handle = chatstream::server::serve(cs, &format!("{}:{}", a.host, a.port))
+        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+    eprintln!(
+        "chatstream: ready on http://{} model={name} device={device} concurrency={} max_queue={} context_len={} name={}",
+        handle.addr, a.concurrency.max(1), a.max_queue, a.model.context_len, a.name
+    );
+    handle.join();
+    Ok(())
 }
 
 #[derive(Args)]
@@ -260,6 +380,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Chat(a) => chat(a),
+        Cmd::Serve(a) => serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,338 @@
+//! `/chat_stream`: validate the body, resolve the session and lock it for one turn, fit the
+//! history into the context, admit into the pool (or refuse at once), then, on a worker,
+//! stream the answer as ChatStream does (each chunk the whole answer so far + `<::EOS::>`,
+//! or only the new text with `"stream": "delta"`), save the turn, and report exactly one
+//! `FinishOutcome` to the log and the caller's callback.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tiny_http::Request;
+
+use crate::engine::generate::FinishReason;
+use crate::model::ChatMessage;
+
+use super::http::{self, header, BodyError, ChunkedStream};
+use super::model::{ChatWorker, GenParams};
+use super::session::{new_session_id, Session, SessionStore, Turn};
+use super::ChatStream;
+
+/// ChatStream's end-of-chunk marker.
+pub const EOS_MARK: &str = "<::EOS::>";
+
+/// How an admitted request ended (reported exactly once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// The whole answer was written to the client.
+    Success,
+    /// A write failed after streaming began.
+    ClientDisconnectedWhileStreaming,
+    /// The client was gone before the first chunk.
+    ClientDisconnectedBeforeStreaming,
+    /// Anything else (the detail is logged).
+    UnknownErrorOccurred,
+}
+
+impl FinishOutcome {
+    /// ChatStream's name for the outcome.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishOutcome::Success => "success",
+            FinishOutcome::ClientDisconnectedWhileStreaming => {
+                "client_disconnected_while_streaming"
+            }
+            FinishOutcome::ClientDisconnectedBeforeStreaming => {
+                "client_disconnected_before_streaming"
+            }
+            FinishOutcome::UnknownErrorOccurred => "unknown_error_occurred",
+        }
+    }
+}
+
+/// Called once per admitted request with its outcome.
+pub type FinishCallback = Box<dyn FnOnce(FinishOutcome) + Send>;
+
+/// A validated `/chat_stream` body.
+struct ChatBody {
+    user_input: Option<String>,
+    regenerate: bool,
+    delta: bool,
+}
+
+fn parse_body(body: &[u8]) -> Result<ChatBody, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("body must be a JSON object")?;
+    let user_input = match obj.get("user_input") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err("user_input must be a string".into()),
+    };
+    let regenerate = match obj.get("regenerate") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("regenerate must be a boolean".into()),
+    };
+    let delta = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) if s == "delta" => true,
+        Some(Value::String(s)) if s == "full" => false,
+        Some(_) => return Err("stream must be \"full\" or \"delta\"".into()),
+    };
+    if !regenerate && user_input.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        return Err("user_input must be a non-empty string".into());
+    }
+    Ok(ChatBody {
+        user_input,
+        regenerate,
+        delta,
+    })
+}
+
+/// Everything a worker needs to run one turn.
+struct TurnJob {
+    cs: Arc<ChatStream>,
+    sid: String,
+    new_cookie: bool,
+    session: Session,
+    user: String,
+    prompt: String,
+    message_id: String,
+    delta: bool,
+}
+
+/// Unlocks the session and reports the outcome when dropped, so a panic still does both.
+struct TurnGuard {
+    sessions: Arc<dyn SessionStore>,
+    sid: String,
+    outcome: FinishOutcome,
+    callback: Option<FinishCallback>,
+    started: Instant,
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        self.sessions.unlock(&self.sid);
+        eprintln!(
+            "chatstream: finished outcome={} duration_ms={}",
+            self.outcome.as_str(),
+            self.started.elapsed().as_millis()
+        );
+        if let Some(cb) = self.callback.take() {
+            let outcome = self.outcome;
+            if catch_unwind(AssertUnwindSafe(|| cb(outcome))).is_err() {
+                eprintln!(
+                    "chatstream: the finish callback panicked (outcome={})",
+                    outcome.as_str()
+                );
+            }
+        }
+    }
+}
+
+impl ChatStream {
+    /// The library entry for `/chat_stream`: `body` is a body the caller already read (or
+    /// `None` to read it here); `callback` is called exactly once if the request is admitted.
+    pub fn handle_chat_stream_request(
+        self: &Arc<Self>,
+        mut req: Request,
+        body: Option<Vec<u8>>,
+        callback: Option<FinishCallback>,
+    ) {
+        let body = match body {
+            Some(b) => b,
+            None => match http::read_body(&mut req, self.cfg.max_body_bytes) {
+                Ok(b) => b,
+                Err(BodyError::TooLarge) => {
+                    let msg = format!("request body exceeds {} bytes", self.cfg.max_body_bytes);
+                    return http::respond_error(req, 413, "payload_too_large", &msg);
+                }
+                Err(BodyError::Io) => return,
+            },
+        };
+        let body = match parse_body(&body) {
+            Ok(b) => b,
+            Err(msg) => return http::respond_error(req, 400, "bad_request", &msg),
+        };
+        let existing = http::cookie(&req, "sid").filter(|sid| self.sessions.load(sid).is_some());
+        let new_cookie = existing.is_none();
+        let sid = existing.unwrap_or_else(|| self.sessions.create(self.cfg.default_params.clone()));
+        if !self.sessions.try_lock(&sid) {
+            let msg = "a generation is already running in this session; wait for it to finish";
+            return http::respond_error(req, 409, "conflict", msg);
+        }
+        let job = match self.prepare_turn(&sid, new_cookie, body) {
+            Ok(job) => job,
+            Err((status, code, msg)) => {
+                self.sessions.unlock(&sid);
+                return http::respond_error(req, status, code, &msg);
+            }
+        };
+        let Some(admission) = self.pool.try_admit() else {
+            self.sessions.unlock(&sid);
+            let load = self.pool.load();
+            let retry = (1 + load.waiting / self.pool.concurrency().max(1)).to_string();
+            let status = self.cfg.too_many_requests_status;
+            return http::respond_json(
+                req,
+                status,
+                &json!({"error": "too_many_requests"}),
+                vec![header("Retry-After", &retry)],
+            );
+        };
+        let guard = TurnGuard {
+            sessions: Arc::clone(&self.sessions),
+            sid: sid.clone(),
+            outcome: FinishOutcome::UnknownErrorOccurred,
+            callback,
+            started: Instant::now(),
+        };
+        admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
+            run_turn(worker, req, job, guard)
+        }));
+    }
+
+    /// Builds the prompt for this turn: the session's history (oldest turns dropped until
+    /// it fits `context_len - max_new_tokens`) plus the new message.
+    fn prepare_turn(
+        self: &Arc<Self>,
+        sid: &str,
+        new_cookie: bool,
+        body: ChatBody,
+    ) -> Result<TurnJob, (u16, &'static str, String)> {
+        let mut session = self.sessions.load(sid).ok_or((
+            500,
+            "session_lost",
+            "the session expired".to_string(),
+        ))?;
+        let user = if body.regenerate {
+            let last = session.turns.pop().ok_or((
+                400,
+                "bad_request",
+                "nothing to regenerate: the history is empty".to_string(),
+            ))?;
+            last.user
+        } else {
+            body.user_input.unwrap_or_default()
+        };
+        let budget = self
+            .cfg
+            .context_len
+            .saturating_sub(session.params.max_new_tokens);
+        let mut skip = 0;
+        let prompt = loop {
+            let messages = to_messages(&session.turns[skip..], &user);
+            let prompt = self
+                .model
+                .render(&messages)
+                .map_err(|e| (400, "bad_request", e))?;
+            let n = self
+                .model
+                .count_tokens(&prompt)
+                .map_err(|e| (500, "tokenizer", e))?;
+            if n <= budget {
+                break prompt;
+            }
+            if skip == session.turns.len() {
+                let msg = format!(
+                    "the message takes {n} tokens with the chat template, but at most {budget} fit \
+                     (context {} minus max_new_tokens {})",
+                    self.cfg.context_len, session.params.max_new_tokens
+                );
+                return Err((400, "prompt_too_long", msg));
+            }
+            skip += 1;
+        };
+        Ok(TurnJob {
+            cs: Arc::clone(self),
+            sid: sid.to_string(),
+            new_cookie,
+            session,
+            user,
+            prompt,
+            message_id: new_session_id(),
+            delta: body.delta,
+        })
+    }
+}
+
+fn to_messages(turns: &[Turn], user: &str) -> Vec<ChatMessage> {
+    let mut m: Vec<ChatMessage> = turns
+        .iter()
+        .flat_map(|t| {
+            [
+                ChatMessage::new("user", &t.user),
+                ChatMessage::new("assistant", &t.assistant),
+            ]
+        })
+        .collect();
+    m.push(ChatMessage::new("user", user));
+    m
+}
+
+/// On a worker: stream the answer, save the turn, set the outcome (the guard reports it).
+fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: TurnGuard) {
+    let mut headers = vec![
+        ("Content-Type", "text/plain; charset=utf-8".to_string()),
+        (
+            "X-ChatStream-Last-Generated-Message-Id",
+            job.message_id.clone(),
+        ),
+    ];
+    if job.new_cookie {
+        let secure = if job.cs.cfg.secure_cookies {
+            "; Secure"
+        } else {
+            ""
+        };
+        headers.push((
+            "Set-Cookie",
+            format!("sid={}; Path=/; HttpOnly; SameSite=Lax{secure}", job.sid),
+        ));
+    }
+    let Ok(mut stream) = ChunkedStream::start(req, 200, &headers) else {
+        guard.outcome = FinishOutcome::ClientDisconnectedBeforeStreaming;
+        return;
+    };
+    let (mut answer, mut chunks, mut gone) = (String::new(), 0usize, false);
+    let params: &GenParams = &job.session.params;
+    let result = worker.generate(&job.prompt, params, &mut |piece| {
+        answer.push_str(piece);
+        let body = if job.delta { piece } else { answer.as_str() };
+        if stream
+            .chunk(format!("{body}{EOS_MARK}").as_bytes())
+            .is_err()
+        {
+            gone = true;
+            answer.truncate(answer.len() - piece.len());
+            return false;
+        }
+        chunks += 1;
+        true
+    });
+    if let Err(e) = &result {
+        eprintln!("chatstream: generation failed: {e}");
+        gone = gone
+            || stream
+                .chunk(format!("{answer}\n\n[error: {e}]{EOS_MARK}").as_bytes())
+                .is_err();
+    }
+    let delivered = !gone && stream.finish().is_ok();
+    guard.outcome = match result {
+        _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
+        _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
+        Ok(FinishReason::Stop | FinishReason::Length) => FinishOutcome::Success,
+        Ok(FinishReason::Cancelled) | Err(_) => FinishOutcome::UnknownErrorOccurred,
+    };
+    if chunks > 0 {
+        let mut session = job.session;
+        session.turns.push(Turn {
+            user: job.user,
+            assistant: answer,
+            message_id: job.message_id,
+        });
+        job.cs.sessions.save(&job.sid, session);
+    }
+}

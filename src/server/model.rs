@@ -1,0 +1,214 @@
+//! What the server generates with: `ChatModel` (shared: renders prompts, counts tokens,
+//! makes workers) and `ChatWorker` (one per pool thread: generates). Implemented by a real
+//! model on a backend and by ChatStream's mock mode (no model, words with a delay).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::engine::generate::{Engine, FinishReason, GenerateRequest, Generator};
+use crate::model::{ChatMessage, ChatTemplate};
+use crate::SamplingParams;
+
+/// Generation settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+}
+
+/// A model the server can chat with.
+pub trait ChatModel: Send + Sync {
+    /// A name for logs and `/v1/models`.
+    fn name(&self) -> String;
+    /// The device it runs on.
+    fn device(&self) -> String;
+    /// Renders the conversation with the generation prompt.
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, String>;
+    /// Tokens the rendered prompt takes.
+    fn count_tokens(&self, prompt: &str) -> Result<usize, String>;
+    /// A generator for one worker thread.
+    fn new_worker(&self) -> Box<dyn ChatWorker>;
+}
+
+/// One worker's generator.
+pub trait ChatWorker: Send {
+    /// Generates an answer to `prompt`, passing text pieces to `on_text` (false = stop).
+    fn generate(
+        &mut self,
+        prompt: &str,
+        params: &GenParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<FinishReason, String>;
+}
+
+/// A real model on a backend.
+pub struct ModelChat<B: Backend> {
+    engine: Arc<Engine<B>>,
+    context_len: usize,
+}
+
+impl<B: Backend + 'static> ModelChat<B> {
+    /// Wraps an engine; each worker's KV cache holds `context_len` tokens.
+    pub fn new(engine: Arc<Engine<B>>, context_len: usize) -> ModelChat<B> {
+        ModelChat {
+            engine,
+            context_len,
+        }
+    }
+}
+
+impl<B: Backend + 'static> ChatModel for ModelChat<B> {
+    fn name(&self) -> String {
+        self.engine.model.name.clone()
+    }
+    fn device(&self) -> String {
+        self.engine.transformer.backend.name()
+    }
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        self.engine
+            .model
+            .template
+            .render(messages, true)
+            .map_err(|e| e.to_string())
+    }
+    fn count_tokens(&self, prompt: &str) -> Result<usize, String> {
+        self.engine
+            .model
+            .tokenizer
+            .encode(prompt, false)
+            .map(|ids| ids.len())
+    }
+    fn new_worker(&self) -> Box<dyn ChatWorker> {
+        Box::new(Generator::new(Arc::clone(&self.engine), self.context_len))
+    }
+}
+
+impl<B: Backend> ChatWorker for Generator<B> {
+    fn generate(
+        &mut self,
+        prompt: &str,
+        params: &GenParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<FinishReason, String> {
+        let prompt_ids = self.engine().model.tokenizer.encode(prompt, false)?;
+        let req = GenerateRequest {
+            prompt_ids,
+            max_new_tokens: params.max_new_tokens,
+            sampling: params.sampling,
+            stop: vec![],
+            ignore_eos: false,
+        };
+        Generator::generate(self, &req, on_text)
+            .map(|o| o.finish_reason)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// ChatStream's mock response modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MockMode {
+    /// Cycles through a few canned answers, one per turn of the conversation.
+    Round,
+    /// Repeats the user's last message.
+    Echo,
+    /// A long answer (for load tests).
+    Long,
+}
+
+/// No model: answers word by word after a fixed delay per word.
+pub struct MockChat {
+    mode: MockMode,
+    delay: Duration,
+    template: ChatTemplate,
+}
+
+impl MockChat {
+    /// A mock with `delay` per word.
+    pub fn new(mode: MockMode, delay: Duration) -> MockChat {
+        MockChat {
+            mode,
+            delay,
+            template: ChatTemplate::new(None, None, None).expect("fallback template compiles"),
+        }
+    }
+}
+
+const ROUND_ANSWERS: &[&str] = &[
+    "Hello! I am a mock model. こんにちは 🌊",
+    "This answer streams one word at a time.",
+    "Mock mode needs no model and starts at once.",
+];
+
+struct MockWorker {
+    mode: MockMode,
+    delay: Duration,
+}
+
+impl ChatModel for MockChat {
+    fn name(&self) -> String {
+        format!("mock-{:?}", self.mode).to_lowercase()
+    }
+    fn device(&self) -> String {
+        "none (mock)".into()
+    }
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        self.template
+            .render(messages, true)
+            .map_err(|e| e.to_string())
+    }
+    fn count_tokens(&self, prompt: &str) -> Result<usize, String> {
+        Ok(prompt.split_whitespace().count())
+    }
+    fn new_worker(&self) -> Box<dyn ChatWorker> {
+        Box::new(MockWorker {
+            mode: self.mode,
+            delay: self.delay,
+        })
+    }
+}
+
+impl ChatWorker for MockWorker {
+    fn generate(
+        &mut self,
+        prompt: &str,
+        params: &GenParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<FinishReason, String> {
+        let answer = match self.mode {
+            // The n-th user message of a conversation gets the n-th canned answer.
+            MockMode::Round => {
+                let turn = prompt.matches("User: ").count().saturating_sub(1);
+                ROUND_ANSWERS[turn % ROUND_ANSWERS.len()].to_string()
+            }
+            MockMode::Echo => last_user_message(prompt).to_string(),
+            MockMode::Long => "The quick brown fox jumps over the lazy dog. ".repeat(200),
+        };
+        let mut words = answer.split_inclusive(' ');
+        for i in 0..params.max_new_tokens {
+            let Some(word) = words.next() else {
+                return Ok(FinishReason::Stop);
+            };
+            if i > 0 || !self.delay.is_zero() {
+                std::thread::sleep(self.delay);
+            }
+            if !on_text(word) {
+                return Ok(FinishReason::Cancelled);
+            }
+        }
+        Ok(if words.next().is_some() {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        })
+    }
+}
+
+/// The text of the last `User:` message in a prompt rendered with the fallback template.
+fn last_user_message(prompt: &str) -> &str {
+    let start = prompt.rfind("User: ").map_or(0, |i| i + "User: ".len());
+    let rest = &prompt[start..];
+    rest.find("\n\n").map_or(rest, |end| &rest[..end])
+}
