@@ -106,15 +106,26 @@ struct TurnJob {
 /// Unlocks the session and reports the outcome when dropped, so a panic still does both.
 struct TurnGuard {
     sessions: Arc<dyn SessionStore>,
-    sid: String,
+    /// The locked session; taken when unlocked, so it is unlocked exactly once.
+    sid: Option<String>,
     outcome: FinishOutcome,
     callback: Option<FinishCallback>,
     started: Instant,
 }
 
+impl TurnGuard {
+    /// Ends the session's turn (before the last byte goes out, so that a client that reads
+    /// the end and sends its next turn at once finds the session free and up to date).
+    fn unlock(&mut self) {
+        if let Some(sid) = self.sid.take() {
+            self.sessions.unlock(&sid);
+        }
+    }
+}
+
 impl Drop for TurnGuard {
     fn drop(&mut self) {
-        self.sessions.unlock(&self.sid);
+        self.unlock();
         eprintln!(
             "chatstream: finished outcome={} duration_ms={}",
             self.outcome.as_str(),
@@ -184,7 +195,7 @@ impl ChatStream {
         };
         let guard = TurnGuard {
             sessions: Arc::clone(&self.sessions),
-            sid: sid.clone(),
+            sid: Some(sid.clone()),
             outcome: FinishOutcome::UnknownErrorOccurred,
             callback,
             started: Instant::now(),
@@ -319,13 +330,6 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
                 .chunk(format!("{answer}\n\n[error: {e}]{EOS_MARK}").as_bytes())
                 .is_err();
     }
-    let delivered = !gone && stream.finish().is_ok();
-    guard.outcome = match result {
-        _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
-        _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
-        Ok(FinishReason::Stop | FinishReason::Length) => FinishOutcome::Success,
-        Ok(FinishReason::Cancelled) | Err(_) => FinishOutcome::UnknownErrorOccurred,
-    };
     if chunks > 0 {
         let mut session = job.session;
         session.turns.push(Turn {
@@ -335,4 +339,12 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
         });
         job.cs.sessions.save(&job.sid, session);
     }
+    guard.unlock();
+    let delivered = !gone && stream.finish().is_ok();
+    guard.outcome = match result {
+        _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
+        _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
+        Ok(FinishReason::Stop | FinishReason::Length) => FinishOutcome::Success,
+        Ok(FinishReason::Cancelled) | Err(_) => FinishOutcome::UnknownErrorOccurred,
+    };
 }

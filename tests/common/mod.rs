@@ -2,6 +2,8 @@
 //! JSON access, and max-abs-error comparison that reports where it failed.
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
