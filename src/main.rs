@@ -95,6 +95,9 @@ struct ServeArgs {
     /// Mark the session cookie Secure (behind HTTPS).
     #[arg(long, env = "CHATSTREAM_SECURE_COOKIES")]
     secure_cookies: bool,
+    /// Append set_feedback records to this file as JSON lines.
+    #[arg(long, env = "CHATSTREAM_FEEDBACK_FILE")]
+    feedback_file: Option<PathBuf>,
 }
 
 fn parse_refusal_status(s: &str) -> Result<u16, String> {
@@ -128,6 +131,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         session_idle_ttl: Duration::from_secs(a.session_idle_ttl),
         max_sessions: a.max_sessions,
         secure_cookies: a.secure_cookies,
+        feedback_file: a.feedback_file.clone(),
         ..ServerConfig::default()
     };
     let model: Arc<dyn ChatModel> = match a.mock {

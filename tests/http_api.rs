@@ -7,8 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatstream::engine::generate::FinishReason;
-use chatstream::server::model::{ChatModel, ChatWorker, GenParams, MockChat, MockMode, ModelChat};
+use chatstream::server::model::{
+    ChatModel, ChatWorker, GenParams, GenStats, MockChat, MockMode, ModelChat,
+};
 use chatstream::server::{FinishOutcome, ServerConfig};
 use chatstream::SamplingParams;
 use common::client::{self, chat, final_answer, request, TestServer};
@@ -236,7 +237,7 @@ impl ChatWorker for FailingWorker {
         prompt: &str,
         _: &GenParams,
         on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<FinishReason, String> {
+    ) -> Result<GenStats, String> {
         if prompt.contains("panic") {
             panic!("injected panic");
         }
@@ -493,4 +494,98 @@ fn real_model_streams_the_same_answer_as_generate() {
     );
     s.wait_idle();
     assert_eq!(s.outcomes(), vec![FinishOutcome::Success]);
+}
+
+#[test]
+fn feedback_is_recorded_for_known_answers_only() {
+    let file =
+        std::env::temp_dir().join(format!("chatstream-feedback-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let s = TestServer::start(
+        ServerConfig {
+            feedback_file: Some(file.clone()),
+            ..cfg(1, 1, 8)
+        },
+        mock(MockMode::Echo, 0),
+    );
+    let r = chat(s.addr, None, &json!({"user_input": "rate me"}));
+    let (cookie, id) = (
+        r.cookie().unwrap(),
+        r.header("X-ChatStream-Last-Generated-Message-Id")
+            .unwrap()
+            .to_string(),
+    );
+    let send = |body: serde_json::Value| {
+        request(
+            s.addr,
+            "POST",
+            "/set_feedback",
+            &[("Cookie", &cookie)],
+            body.to_string().as_bytes(),
+        )
+    };
+    let ok = send(json!({"is_like": true, "message_id": id, "form_data": {"comment": "good"}}));
+    assert_eq!(
+        ok.json(),
+        json!({"success": true, "message": "Feedback received"})
+    );
+    assert_eq!(
+        send(json!({"is_like": false, "message_id": "nope"})).status,
+        404
+    );
+    assert_eq!(
+        send(json!({"is_like": "yes", "message_id": id})).status,
+        400
+    );
+    assert_eq!(send(json!({"is_like": true})).status, 400);
+    let lines = std::fs::read_to_string(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let line: serde_json::Value = serde_json::from_str(lines.trim()).unwrap();
+    assert_eq!(
+        (
+            line["is_like"].as_bool(),
+            line["user"].as_str(),
+            line["form_data"]["comment"].as_str()
+        ),
+        (Some(true), Some("rate me"), Some("good"))
+    );
+}
+
+#[test]
+fn resource_usage_and_metrics_report_real_numbers() {
+    let s = TestServer::start(cfg(1, 0, 4), mock(MockMode::Long, 30));
+    let u = request(s.addr, "GET", "/get_resource_usage", &[], b"").json();
+    assert!(u["process"]["rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(
+        u["host"]["memory_total_bytes"].as_u64().unwrap()
+            >= u["host"]["memory_available_bytes"].as_u64().unwrap()
+    );
+    let addr = s.addr;
+    let running = std::thread::spawn(move || chat(addr, None, &json!({"user_input": "a"})));
+    std::thread::sleep(Duration::from_millis(50));
+    let refused = chat(s.addr, None, &json!({"user_input": "b"}));
+    assert_eq!(
+        refused.json(),
+        json!({"error": "too_many_requests"}),
+        "max-queue 0 means no waiting room"
+    );
+    running.join().unwrap();
+    s.wait_idle();
+    let m = request(s.addr, "GET", "/metrics", &[], b"");
+    assert!(m
+        .header("Content-Type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = m.text();
+    for line in [
+        "chatstream_requests_finished_total{node=\"node:0\",outcome=\"success\"} 1",
+        "chatstream_requests_rejected_total{node=\"node:0\"} 1",
+        "chatstream_generated_tokens_total{node=\"node:0\"} 4",
+        "chatstream_processing{node=\"node:0\"} 0",
+        "chatstream_queue_wait_seconds_count{node=\"node:0\"} 1",
+        "chatstream_time_to_first_token_seconds_count{node=\"node:0\"} 1",
+        "chatstream_time_per_output_token_seconds_count{node=\"node:0\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
 }

@@ -1,5 +1,6 @@
-//! The cheap ChatStream endpoints, answered on the acceptor thread without waiting on any
-//! worker: clear_context, get_prompt, set/get_generation_params, get_load.
+//! The cheap endpoints, answered on the acceptor thread without waiting on any worker:
+//! clear_context, get_prompt, set/get_generation_params, get_load, set_feedback,
+//! get_resource_usage and /metrics.
 
 use std::sync::Arc;
 
@@ -187,4 +188,103 @@ pub fn get_load(cs: &Arc<ChatStream>, req: Request) {
         "max_waiting": cs.pool.max_queue(),
     }]});
     http::respond_json(req, 200, &body, vec![]);
+}
+
+/// Reads a JSON body, answering 400/413 itself when it cannot.
+fn json_body(cs: &ChatStream, req: &mut Request) -> Result<Value, (u16, &'static str, String)> {
+    let body = match http::read_body(req, cs.cfg.max_body_bytes) {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return Err((
+                413,
+                "payload_too_large",
+                format!("request body exceeds {} bytes", cs.cfg.max_body_bytes),
+            ))
+        }
+        Err(BodyError::Io) => return Err((400, "bad_request", "could not read the body".into())),
+    };
+    serde_json::from_slice(&body)
+        .map_err(|e| (400, "bad_request", format!("body is not valid JSON: {e}")))
+}
+
+/// `POST /set_feedback`: `{is_like, message_id, form_data}` about an answer of this session.
+pub fn set_feedback(cs: &Arc<ChatStream>, mut req: Request) {
+    let v = match json_body(cs, &mut req) {
+        Ok(v) => v,
+        Err((status, code, msg)) => return http::respond_error(req, status, code, &msg),
+    };
+    let Some(is_like) = v.get("is_like").and_then(Value::as_bool) else {
+        return http::respond_error(req, 400, "bad_request", "is_like must be a boolean");
+    };
+    let Some(message_id) = v.get("message_id").and_then(Value::as_str) else {
+        return http::respond_error(req, 400, "bad_request", "message_id must be a string");
+    };
+    let form_data = v.get("form_data").cloned().unwrap_or(Value::Null);
+    if !(form_data.is_null() || form_data.is_object()) {
+        return http::respond_error(req, 400, "bad_request", "form_data must be an object");
+    }
+    let turn = session_of(cs, &req)
+        .and_then(|(_, s)| s.turns.into_iter().find(|t| t.message_id == message_id));
+    let Some(turn) = turn else {
+        let msg = format!("no answer with message_id '{message_id}' in this session");
+        return http::respond_error(req, 404, "not_found", &msg);
+    };
+    let line = json!({
+        "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "message_id": message_id, "is_like": is_like, "form_data": form_data,
+        "user": turn.user, "assistant": turn.assistant,
+    });
+    if let Err(e) = cs.record_feedback(&line) {
+        eprintln!("chatstream: writing feedback: {e}");
+        return http::respond_error(
+            req,
+            500,
+            "feedback_not_saved",
+            "the feedback could not be saved",
+        );
+    }
+    http::respond_json(
+        req,
+        200,
+        &json!({"success": true, "message": "Feedback received"}),
+        vec![],
+    );
+}
+
+/// A `Key:   123 kB` value from a /proc file, in bytes.
+fn proc_kb(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// `GET /get_resource_usage`: process and host memory (GPU memory when a GPU is used).
+pub fn get_resource_usage(cs: &Arc<ChatStream>, req: Request) {
+    let body = json!({
+        "name": cs.cfg.name,
+        "device": cs.model.device(),
+        "process": {"rss_bytes": proc_kb("/proc/self/status", "VmRSS:"), "threads": std::fs::read_dir("/proc/self/task").map(|d| d.count()).ok()},
+        "host": {
+            "memory_total_bytes": proc_kb("/proc/meminfo", "MemTotal:"),
+            "memory_available_bytes": proc_kb("/proc/meminfo", "MemAvailable:"),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        },
+        "gpus": [],
+    });
+    http::respond_json(req, 200, &body, vec![]);
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub fn metrics(cs: &Arc<ChatStream>, req: Request) {
+    let text = cs.metrics.render(&cs.cfg.name, cs.pool.load());
+    let resp = tiny_http::Response::from_string(text).with_header(http::header(
+        "Content-Type",
+        "text/plain; version=0.0.4; charset=utf-8",
+    ));
+    let _ = req.respond(resp);
 }

@@ -15,7 +15,8 @@ use crate::engine::generate::FinishReason;
 use crate::model::ChatMessage;
 
 use super::http::{self, header, BodyError, ChunkedStream};
-use super::model::{ChatWorker, GenParams};
+use super::metrics::RequestTimes;
+use super::model::{ChatWorker, GenParams, GenStats};
 use super::session::{new_session_id, Session, SessionStore, Turn};
 use super::ChatStream;
 
@@ -110,7 +111,10 @@ struct TurnGuard {
     sid: Option<String>,
     outcome: FinishOutcome,
     callback: Option<FinishCallback>,
-    started: Instant,
+    cs: Arc<ChatStream>,
+    admitted: Instant,
+    tokens: usize,
+    times: RequestTimes,
 }
 
 impl TurnGuard {
@@ -127,10 +131,15 @@ impl Drop for TurnGuard {
     fn drop(&mut self) {
         self.unlock();
         eprintln!(
-            "chatstream: finished outcome={} duration_ms={}",
+            "chatstream: node={} finished outcome={} tokens={} duration_ms={}",
+            self.cs.cfg.name,
             self.outcome.as_str(),
-            self.started.elapsed().as_millis()
+            self.tokens,
+            self.admitted.elapsed().as_millis()
         );
+        self.cs
+            .metrics
+            .finished(self.outcome, self.tokens, self.times);
         if let Some(cb) = self.callback.take() {
             let outcome = self.outcome;
             if catch_unwind(AssertUnwindSafe(|| cb(outcome))).is_err() {
@@ -186,6 +195,7 @@ impl ChatStream {
             let load = self.pool.load();
             let retry = (1 + load.waiting / self.pool.concurrency().max(1)).to_string();
             let status = self.cfg.too_many_requests_status;
+            self.metrics.rejected();
             return http::respond_json(
                 req,
                 status,
@@ -198,7 +208,10 @@ impl ChatStream {
             sid: Some(sid.clone()),
             outcome: FinishOutcome::UnknownErrorOccurred,
             callback,
-            started: Instant::now(),
+            cs: Arc::clone(self),
+            admitted: Instant::now(),
+            tokens: 0,
+            times: RequestTimes::default(),
         };
         admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
             run_turn(worker, req, job, guard)
@@ -285,6 +298,8 @@ fn to_messages(turns: &[Turn], user: &str) -> Vec<ChatMessage> {
 
 /// On a worker: stream the answer, save the turn, set the outcome (the guard reports it).
 fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: TurnGuard) {
+    let started = Instant::now();
+    guard.times.queue_wait = started.duration_since(guard.admitted).as_secs_f64();
     let mut headers = vec![
         ("Content-Type", "text/plain; charset=utf-8".to_string()),
         (
@@ -308,6 +323,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
         return;
     };
     let (mut answer, mut chunks, mut gone) = (String::new(), 0usize, false);
+    let mut first_chunk: Option<Instant> = None;
     let params: &GenParams = &job.session.params;
     let result = worker.generate(&job.prompt, params, &mut |piece| {
         answer.push_str(piece);
@@ -321,8 +337,18 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
             return false;
         }
         chunks += 1;
+        first_chunk.get_or_insert_with(Instant::now);
         true
     });
+    if let Some(first) = first_chunk {
+        guard.times.ttft = Some(first.duration_since(guard.admitted).as_secs_f64());
+    }
+    if let Ok(stats) = &result {
+        guard.tokens = stats.tokens;
+        if let (Some(first), true) = (first_chunk, stats.tokens > 1) {
+            guard.times.tpot = Some(first.elapsed().as_secs_f64() / (stats.tokens - 1) as f64);
+        }
+    }
     if let Err(e) = &result {
         eprintln!("chatstream: generation failed: {e}");
         gone = gone
@@ -344,7 +370,10 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     guard.outcome = match result {
         _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
         _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
-        Ok(FinishReason::Stop | FinishReason::Length) => FinishOutcome::Success,
-        Ok(FinishReason::Cancelled) | Err(_) => FinishOutcome::UnknownErrorOccurred,
+        Ok(GenStats {
+            finish: FinishReason::Stop | FinishReason::Length,
+            ..
+        }) => FinishOutcome::Success,
+        Ok(_) | Err(_) => FinishOutcome::UnknownErrorOccurred,
     };
 }

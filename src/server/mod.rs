@@ -5,17 +5,20 @@
 pub mod api;
 pub mod chat;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod session;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tiny_http::{Method, Request};
 
+use metrics::Metrics;
 use model::{ChatModel, GenParams};
 use pool::Pool;
 use session::{MemoryStore, SessionStore};
@@ -45,6 +48,8 @@ pub struct ServerConfig {
     pub secure_cookies: bool,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Where `set_feedback` appends its JSON lines (none: kept nowhere).
+    pub feedback_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +68,7 @@ impl Default for ServerConfig {
             max_sessions: 10_000,
             secure_cookies: false,
             max_body_bytes: 1 << 20,
+            feedback_file: None,
         }
     }
 }
@@ -77,9 +83,27 @@ pub struct ChatStream {
     pub pool: Pool,
     /// Conversations.
     pub sessions: Arc<dyn SessionStore>,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Metrics,
+    /// Serialises appends to the feedback file.
+    feedback_lock: Mutex<()>,
 }
 
 impl ChatStream {
+    /// Appends one JSON line to the feedback file, if one is configured.
+    pub fn record_feedback(&self, line: &serde_json::Value) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(path) = &self.cfg.feedback_file else {
+            return Ok(());
+        };
+        let _guard = self.feedback_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{line}")
+    }
+
     /// Starts `cfg.concurrency` workers for `model`.
     pub fn new(cfg: ServerConfig, model: Arc<dyn ChatModel>) -> Arc<ChatStream> {
         let workers = (0..cfg.concurrency.max(1))
@@ -92,6 +116,8 @@ impl ChatStream {
             model,
             pool,
             sessions,
+            metrics: Metrics::default(),
+            feedback_lock: Mutex::new(()),
         })
     }
 
@@ -107,6 +133,9 @@ impl ChatStream {
             ("/set_generation_params", _, true) => api::set_generation_params(self, req),
             ("/get_generation_params", true, _) => api::get_generation_params(self, req),
             ("/get_load", true, _) => api::get_load(self, req),
+            ("/set_feedback", _, true) => api::set_feedback(self, req),
+            ("/get_resource_usage", true, _) => api::get_resource_usage(self, req),
+            ("/metrics", true, _) => api::metrics(self, req),
             ("/health", true, _) => {
                 http::respond_json(req, 200, &serde_json::json!({"status": "ok"}), vec![])
             }
@@ -131,6 +160,9 @@ const ROUTES: &[&str] = &[
     "/set_generation_params",
     "/get_generation_params",
     "/get_load",
+    "/set_feedback",
+    "/get_resource_usage",
+    "/metrics",
     "/health",
 ];
 

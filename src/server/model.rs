@@ -19,6 +19,15 @@ pub struct GenParams {
     pub max_new_tokens: usize,
 }
 
+/// How one generation went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenStats {
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// New tokens produced.
+    pub tokens: usize,
+}
+
 /// A model the server can chat with.
 pub trait ChatModel: Send + Sync {
     /// A name for logs and `/v1/models`.
@@ -41,7 +50,7 @@ pub trait ChatWorker: Send {
         prompt: &str,
         params: &GenParams,
         on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<FinishReason, String>;
+    ) -> Result<GenStats, String>;
 }
 
 /// A real model on a backend.
@@ -92,7 +101,7 @@ impl<B: Backend> ChatWorker for Generator<B> {
         prompt: &str,
         params: &GenParams,
         on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<FinishReason, String> {
+    ) -> Result<GenStats, String> {
         let prompt_ids = self.engine().model.tokenizer.encode(prompt, false)?;
         let req = GenerateRequest {
             prompt_ids,
@@ -102,7 +111,10 @@ impl<B: Backend> ChatWorker for Generator<B> {
             ignore_eos: false,
         };
         Generator::generate(self, &req, on_text)
-            .map(|o| o.finish_reason)
+            .map(|o| GenStats {
+                finish: o.finish_reason,
+                tokens: o.token_ids.len(),
+            })
             .map_err(|e| e.to_string())
     }
 }
@@ -176,7 +188,7 @@ impl ChatWorker for MockWorker {
         prompt: &str,
         params: &GenParams,
         on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<FinishReason, String> {
+    ) -> Result<GenStats, String> {
         let answer = match self.mode {
             // The n-th user message of a conversation gets the n-th canned answer.
             MockMode::Round => {
@@ -186,23 +198,25 @@ impl ChatWorker for MockWorker {
             MockMode::Echo => last_user_message(prompt).to_string(),
             MockMode::Long => "The quick brown fox jumps over the lazy dog. ".repeat(200),
         };
-        let mut words = answer.split_inclusive(' ');
-        for i in 0..params.max_new_tokens {
-            let Some(word) = words.next() else {
-                return Ok(FinishReason::Stop);
-            };
-            if i > 0 || !self.delay.is_zero() {
-                std::thread::sleep(self.delay);
-            }
+        let mut words = answer.split_inclusive(' ').peekable();
+        let mut tokens = 0;
+        while tokens < params.max_new_tokens {
+            let Some(word) = words.next() else { break };
+            std::thread::sleep(self.delay);
+            tokens += 1;
             if !on_text(word) {
-                return Ok(FinishReason::Cancelled);
+                return Ok(GenStats {
+                    finish: FinishReason::Cancelled,
+                    tokens,
+                });
             }
         }
-        Ok(if words.next().is_some() {
+        let finish = if words.peek().is_some() {
             FinishReason::Length
         } else {
             FinishReason::Stop
-        })
+        };
+        Ok(GenStats { finish, tokens })
     }
 }
 

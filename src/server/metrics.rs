@@ -1,0 +1,201 @@
+//! Prometheus metrics: counters of finished requests by outcome, refusals and generated
+//! tokens, gauges of processing and waiting, and histograms of queue wait, time to first
+//! token and time per output token, rendered in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use super::chat::FinishOutcome;
+use super::pool::LoadSnapshot;
+
+const OUTCOMES: [FinishOutcome; 4] = [
+    FinishOutcome::Success,
+    FinishOutcome::ClientDisconnectedWhileStreaming,
+    FinishOutcome::ClientDisconnectedBeforeStreaming,
+    FinishOutcome::UnknownErrorOccurred,
+];
+
+/// A histogram with fixed upper bounds in seconds.
+#[derive(Debug, Clone)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        for (c, &b) in self.counts.iter_mut().zip(self.bounds) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, node: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, b) in self.counts.iter().zip(self.bounds) {
+            let _ = writeln!(out, "{name}_bucket{{node=\"{node}\",le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{node=\"{node}\",le=\"+Inf\"}} {}",
+            self.count
+        );
+        let _ = writeln!(out, "{name}_sum{{node=\"{node}\"}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{node=\"{node}\"}} {}", self.count);
+    }
+}
+
+const WAIT_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const TOKEN_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
+
+#[derive(Debug)]
+struct Inner {
+    finished: [u64; 4],
+    rejected: u64,
+    tokens: u64,
+    queue_wait: Histogram,
+    ttft: Histogram,
+    tpot: Histogram,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            inner: Mutex::new(Inner {
+                finished: [0; 4],
+                rejected: 0,
+                tokens: 0,
+                queue_wait: Histogram::new(WAIT_BOUNDS),
+                ttft: Histogram::new(WAIT_BOUNDS),
+                tpot: Histogram::new(TOKEN_BOUNDS),
+            }),
+        }
+    }
+}
+
+/// Timings of one finished request, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestTimes {
+    /// Admission to the start on a worker.
+    pub queue_wait: f64,
+    /// Admission to the first chunk, if one was sent.
+    pub ttft: Option<f64>,
+    /// Mean time per token after the first, if more than one.
+    pub tpot: Option<f64>,
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a too-many-requests refusal.
+    pub fn rejected(&self) {
+        self.lock().rejected += 1;
+    }
+
+    /// Records a finished request.
+    pub fn finished(&self, outcome: FinishOutcome, tokens: usize, t: RequestTimes) {
+        let mut m = self.lock();
+        let i = OUTCOMES.iter().position(|&o| o == outcome).unwrap_or(3);
+        m.finished[i] += 1;
+        m.tokens += tokens as u64;
+        m.queue_wait.observe(t.queue_wait);
+        if let Some(v) = t.ttft {
+            m.ttft.observe(v);
+        }
+        if let Some(v) = t.tpot {
+            m.tpot.observe(v);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, node: &str, load: LoadSnapshot) -> String {
+        let m = self.lock();
+        let mut out = String::new();
+        out.push_str(
+            "# HELP chatstream_requests_finished_total Admitted requests that ended, by outcome.\n",
+        );
+        out.push_str("# TYPE chatstream_requests_finished_total counter\n");
+        for (o, n) in OUTCOMES.iter().zip(m.finished) {
+            let _ = writeln!(
+                out,
+                "chatstream_requests_finished_total{{node=\"{node}\",outcome=\"{}\"}} {n}",
+                o.as_str()
+            );
+        }
+        let gauges = [
+            (
+                "chatstream_requests_rejected_total",
+                "counter",
+                "Requests refused as too many.",
+                m.rejected,
+            ),
+            (
+                "chatstream_generated_tokens_total",
+                "counter",
+                "New tokens generated.",
+                m.tokens,
+            ),
+            (
+                "chatstream_processing",
+                "gauge",
+                "Requests being generated.",
+                load.processing as u64,
+            ),
+            (
+                "chatstream_waiting",
+                "gauge",
+                "Requests waiting for a worker.",
+                load.waiting as u64,
+            ),
+        ];
+        for (name, kind, help, v) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {v}"
+            );
+        }
+        m.queue_wait.render(
+            &mut out,
+            "chatstream_queue_wait_seconds",
+            "Time from admission to a worker.",
+            node,
+        );
+        m.ttft.render(
+            &mut out,
+            "chatstream_time_to_first_token_seconds",
+            "Time from admission to the first chunk.",
+            node,
+        );
+        m.tpot.render(
+            &mut out,
+            "chatstream_time_per_output_token_seconds",
+            "Mean time per token after the first.",
+            node,
+        );
+        out
+    }
+}
