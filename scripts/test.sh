@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: fetches the default model if missing, then builds and
-# runs every test in release mode (the golden tests run a real model; debug would be slow).
+# The whole test suite, as CI runs it: fetches the default model if missing, installs what
+# the browser test needs (Debian's chromium, playwright-core from npm) when it is missing,
+# then builds and runs every test in release mode (the golden tests run a real model).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh >/dev/null
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "test.sh: the web UI test needs Debian's chromium: sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
+[ -d tests/webui/node_modules/playwright-core ] || npm ci --prefix tests/webui --no-audit --no-fund >/dev/null
 cargo test --release --all-targets "$@"

@@ -98,6 +98,16 @@ struct ServeArgs {
     /// Append set_feedback records to this file as JSON lines.
     #[arg(long, env = "CHATSTREAM_FEEDBACK_FILE")]
     feedback_file: Option<PathBuf>,
+    /// Title of the web UI.
+    #[arg(long, env = "CHATSTREAM_UI_TITLE", default_value = "chatstream")]
+    ui_title: String,
+    /// Welcome text of the web UI.
+    #[arg(
+        long,
+        env = "CHATSTREAM_UI_WELCOME",
+        default_value = "Ask me anything."
+    )]
+    ui_welcome: String,
 }
 
 fn parse_refusal_status(s: &str) -> Result<u16, String> {
@@ -132,6 +142,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_sessions: a.max_sessions,
         secure_cookies: a.secure_cookies,
         feedback_file: a.feedback_file.clone(),
+        ui_title: a.ui_title.clone(),
+        ui_welcome: a.ui_welcome.clone(),
         ..ServerConfig::default()
     };
     let model: Arc<dyn ChatModel> = match a.mock {

@@ -1,6 +1,6 @@
 //! The cheap endpoints, answered on the acceptor thread without waiting on any worker:
 //! clear_context, get_prompt, set/get_generation_params, get_load, set_feedback,
-//! get_resource_usage and /metrics.
+//! get_resource_usage, /metrics, and the web UI's two files.
 
 use std::sync::Arc;
 
@@ -285,6 +285,35 @@ pub fn metrics(cs: &Arc<ChatStream>, req: Request) {
     let resp = tiny_http::Response::from_string(text).with_header(http::header(
         "Content-Type",
         "text/plain; version=0.0.4; charset=utf-8",
+    ));
+    let _ = req.respond(resp);
+}
+
+const INDEX_HTML: &str = include_str!("ui/index.html");
+const CHATSTREAM_JS: &str = include_str!("ui/chatstream.js");
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// `GET /`: the chat page, with `--ui-title` and `--ui-welcome` filled in.
+pub fn webui_index(cs: &Arc<ChatStream>, req: Request) {
+    let page = INDEX_HTML
+        .replace("{{TITLE}}", &html_escape(&cs.cfg.ui_title))
+        .replace("{{WELCOME}}", &html_escape(&cs.cfg.ui_welcome));
+    let resp = tiny_http::Response::from_string(page)
+        .with_header(http::header("Content-Type", "text/html; charset=utf-8"));
+    let _ = req.respond(resp);
+}
+
+/// `GET /chatstream.js`: the page's script.
+pub fn webui_js(_cs: &Arc<ChatStream>, req: Request) {
+    let resp = tiny_http::Response::from_string(CHATSTREAM_JS).with_header(http::header(
+        "Content-Type",
+        "text/javascript; charset=utf-8",
     ));
     let _ = req.respond(resp);
 }

@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Where `set_feedback` appends its JSON lines (none: kept nowhere).
     pub feedback_file: Option<PathBuf>,
+    /// Title of the web UI.
+    pub ui_title: String,
+    /// Welcome text of the web UI.
+    pub ui_welcome: String,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +73,8 @@ impl Default for ServerConfig {
             secure_cookies: false,
             max_body_bytes: 1 << 20,
             feedback_file: None,
+            ui_title: "chatstream".into(),
+            ui_welcome: "Ask me anything.".into(),
         }
     }
 }
@@ -136,6 +142,8 @@ impl ChatStream {
             ("/set_feedback", _, true) => api::set_feedback(self, req),
             ("/get_resource_usage", true, _) => api::get_resource_usage(self, req),
             ("/metrics", true, _) => api::metrics(self, req),
+            ("/", true, _) | ("/index.html", true, _) => api::webui_index(self, req),
+            ("/chatstream.js", true, _) => api::webui_js(self, req),
             ("/health", true, _) => {
                 http::respond_json(req, 200, &serde_json::json!({"status": "ok"}), vec![])
             }
@@ -164,6 +172,9 @@ const ROUTES: &[&str] = &[
     "/get_resource_usage",
     "/metrics",
     "/health",
+    "/",
+    "/index.html",
+    "/chatstream.js",
 ];
 
 /// A running server.
