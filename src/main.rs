@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use chatstream::backend::cpu::Cpu;
 use chatstream::engine::generate::{Engine, GenerateRequest, Generator};
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
+use chatstream::server::roles::Roles;
 use chatstream::server::{ChatStream, ServerConfig};
 use chatstream::{ChatMessage, Model, SamplingParams};
 
@@ -98,6 +99,10 @@ struct ServeArgs {
     /// Append set_feedback records to this file as JSON lines.
     #[arg(long, env = "CHATSTREAM_FEEDBACK_FILE")]
     feedback_file: Option<PathBuf>,
+    /// ChatStream's client_roles dictionary as a JSON file (default: browsers may use the web
+    /// UI, chat_stream, clear_context and set_feedback).
+    #[arg(long, env = "CHATSTREAM_ROLES")]
+    roles: Option<PathBuf>,
     /// Title of the web UI.
     #[arg(long, env = "CHATSTREAM_UI_TITLE", default_value = "chatstream")]
     ui_title: String,
@@ -128,6 +133,21 @@ fn serve(a: ServeArgs) -> Result<()> {
         seed: None,
     };
     sampling.validate()?;
+    let roles = match &a.roles {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let v = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not JSON", path.display()))?;
+            Roles::from_json(&v)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}", path.display()))?
+        }
+        None => Roles::default(),
+    };
+    for w in &roles.warnings {
+        eprintln!("chatstream: warning: {w}");
+    }
     let cfg = ServerConfig {
         concurrency: a.concurrency.max(1),
         max_queue: a.max_queue,
@@ -144,6 +164,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         feedback_file: a.feedback_file.clone(),
         ui_title: a.ui_title.clone(),
         ui_welcome: a.ui_welcome.clone(),
+        roles,
         ..ServerConfig::default()
     };
     let model: Arc<dyn ChatModel> = match a.mock {

@@ -10,15 +10,18 @@ use std::time::{Duration, Instant};
 use chatstream::server::model::{
     ChatModel, ChatWorker, GenParams, GenStats, MockChat, MockMode, ModelChat,
 };
+use chatstream::server::roles::Roles;
 use chatstream::server::{FinishOutcome, ServerConfig};
 use chatstream::SamplingParams;
 use common::client::{self, chat, final_answer, request, TestServer};
 use serde_json::json;
 
+/// A configuration whose roles allow every API (the role layer has its own tests).
 fn cfg(concurrency: usize, max_queue: usize, max_new_tokens: usize) -> ServerConfig {
     ServerConfig {
         concurrency,
         max_queue,
+        roles: Roles::open(),
         default_params: GenParams {
             sampling: SamplingParams::default(),
             max_new_tokens,
@@ -588,4 +591,142 @@ fn resource_usage_and_metrics_report_real_numbers() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn default_roles_allow_the_browser_set_and_deny_the_rest() {
+    let s = TestServer::start(
+        ServerConfig {
+            roles: Roles::default(),
+            ..cfg(1, 2, 8)
+        },
+        mock(MockMode::Echo, 0),
+    );
+    let forbidden =
+        json!({"success": false, "message": "Forbidden", "detail": "Denied on role layer."});
+    let r = chat(s.addr, None, &json!({"user_input": "hi"}));
+    assert_eq!(final_answer(&r.text()), "hi");
+    let cookie = r.cookie().unwrap();
+    for (method, path) in [
+        ("POST", "/clear_context"),
+        ("GET", "/"),
+        ("GET", "/chatstream.js"),
+        ("GET", "/health"),
+    ] {
+        assert_eq!(
+            request(s.addr, method, path, &[("Cookie", &cookie)], b"").status,
+            200,
+            "{path}"
+        );
+    }
+    for (method, path) in [
+        ("GET", "/get_load"),
+        ("GET", "/get_prompt"),
+        ("POST", "/set_generation_params"),
+        ("GET", "/get_resource_usage"),
+        ("GET", "/metrics"),
+    ] {
+        let r = request(s.addr, method, path, &[("Cookie", &cookie)], b"{}");
+        assert_eq!((r.status, r.json()), (403, forbidden.clone()), "{path}");
+    }
+    // programs without a session have no default role here
+    let r = request(
+        s.addr,
+        "POST",
+        "/chat_stream",
+        &[("X-FastSession-Skip", "skip")],
+        br#"{"user_input":"x"}"#,
+    );
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn header_and_ui_phrases_grant_their_roles_and_wrong_ones_do_not() {
+    let roles = Roles::from_json(&json!({
+        "user": {"apis": {"allow": ["chat_stream", "webui_index", "webui_js"], "auth_method": "nothing", "use_session": true}},
+        "admin": {"apis": {"allow": "all", "auth_method": "ui_pass_phrase_sha256",
+            "ui_pass_phrase_sha256": sha256_hex("let me in"), "use_session": true, "enable_dev_tool": true}},
+        "bot": {"apis": {"allow": ["chat_stream", "get_load"], "auth_method": "header_phrase_sha256",
+            "header_phrase_sha256": sha256_hex("bot-secret"), "use_session": false}}
+    }))
+    .unwrap();
+    let s = TestServer::start(
+        ServerConfig {
+            roles,
+            ..cfg(1, 2, 8)
+        },
+        mock(MockMode::Echo, 0),
+    );
+
+    // header phrase: right one reaches get_load and chats without a session; wrong one does not
+    let bot = [
+        ("X-FastSession-Skip", "skip"),
+        ("X-ChatStream-Auth-Header", "bot-secret"),
+    ];
+    assert_eq!(request(s.addr, "GET", "/get_load", &bot, b"").status, 200);
+    let wrong = [
+        ("X-FastSession-Skip", "skip"),
+        ("X-ChatStream-Auth-Header", "bot-secreT"),
+    ];
+    assert_eq!(request(s.addr, "GET", "/get_load", &wrong, b"").status, 403);
+    let before = s.cs.sessions.len();
+    let r = request(
+        s.addr,
+        "POST",
+        "/chat_stream",
+        &bot,
+        br#"{"user_input":"from a program"}"#,
+    );
+    assert_eq!(final_answer(&r.text()), "from a program");
+    assert!(r.header("Set-Cookie").is_none());
+    s.wait_idle();
+    assert_eq!(
+        s.cs.sessions.len(),
+        before,
+        "a program's turn leaves no session behind"
+    );
+
+    // UI pass phrase: typed as a message, answered with the grant, never kept in the history
+    let r = chat(s.addr, None, &json!({"user_input": "hello"}));
+    let cookie = r.cookie().unwrap();
+    assert_eq!(
+        request(s.addr, "GET", "/get_load", &[("Cookie", &cookie)], b"").status,
+        403
+    );
+    let wrong = chat(s.addr, Some(&cookie), &json!({"user_input": "let me in!"}));
+    assert_eq!(
+        final_answer(&wrong.text()),
+        "let me in!",
+        "a wrong phrase is an ordinary message"
+    );
+    let grant = chat(s.addr, Some(&cookie), &json!({"user_input": "let me in"}));
+    assert_eq!(grant.text(), "New role: 'admin' has been granted<::EOS::>");
+    assert_eq!(
+        grant.header("X-ChatStream-API-DevTool-Enabled"),
+        Some("enabled")
+    );
+    assert_eq!(
+        request(s.addr, "GET", "/get_load", &[("Cookie", &cookie)], b"").status,
+        200
+    );
+    let prompt = request(s.addr, "GET", "/get_prompt", &[("Cookie", &cookie)], b"").json()
+        ["prompt"]
+        .to_string();
+    assert!(
+        !prompt.contains("let%20me%20in%22") && !prompt.ends_with("let%20me%20in\""),
+        "{prompt}"
+    );
+    assert_eq!(
+        prompt.matches("let%20me%20in").count(),
+        2,
+        "only the wrong phrase (asked and echoed): {prompt}"
+    );
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatstream::server::model::{GenParams, MockChat, MockMode};
+use chatstream::server::roles::Roles;
 use chatstream::server::ServerConfig;
 use chatstream::SamplingParams;
 use common::client::TestServer;
@@ -35,6 +36,7 @@ fn web_ui_streams_stops_regenerates_and_clears_in_chromium() {
         },
         ui_title: "Test UI".into(),
         ui_welcome: "Welcome, tester".into(),
+        roles: Roles::open(),
         ..ServerConfig::default()
     };
     let s = TestServer::start(

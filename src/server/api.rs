@@ -156,15 +156,7 @@ pub fn set_generation_params(cs: &Arc<ChatStream>, mut req: Request) {
             cs.sessions.save(&sid, s);
             let mut headers = vec![];
             if new {
-                let secure = if cs.cfg.secure_cookies {
-                    "; Secure"
-                } else {
-                    ""
-                };
-                headers.push(http::header(
-                    "Set-Cookie",
-                    &format!("sid={sid}; Path=/; HttpOnly; SameSite=Lax{secure}"),
-                ));
+                headers.push(http::header("Set-Cookie", &cs.session_cookie(&sid)));
             }
             http::respond_json(
                 req,

@@ -17,8 +17,9 @@ use crate::model::ChatMessage;
 use super::http::{self, header, BodyError, ChunkedStream};
 use super::metrics::RequestTimes;
 use super::model::{ChatWorker, GenParams, GenStats};
+use super::roles::Role;
 use super::session::{new_session_id, Session, SessionStore, Turn};
-use super::ChatStream;
+use super::{forbidden, is_program, ChatStream};
 
 /// ChatStream's end-of-chunk marker.
 pub const EOS_MARK: &str = "<::EOS::>";
@@ -109,6 +110,10 @@ struct TurnGuard {
     sessions: Arc<dyn SessionStore>,
     /// The locked session; taken when unlocked, so it is unlocked exactly once.
     sid: Option<String>,
+    /// A throw-away session (a program's turn): removed instead of unlocked.
+    ephemeral: bool,
+    /// Whether the request was admitted (only then is an outcome reported).
+    reports: bool,
     outcome: FinishOutcome,
     callback: Option<FinishCallback>,
     cs: Arc<ChatStream>,
@@ -122,7 +127,11 @@ impl TurnGuard {
     /// the end and sends its next turn at once finds the session free and up to date).
     fn unlock(&mut self) {
         if let Some(sid) = self.sid.take() {
-            self.sessions.unlock(&sid);
+            if self.ephemeral {
+                self.sessions.remove(&sid);
+            } else {
+                self.sessions.unlock(&sid);
+            }
         }
     }
 }
@@ -130,6 +139,9 @@ impl TurnGuard {
 impl Drop for TurnGuard {
     fn drop(&mut self) {
         self.unlock();
+        if !self.reports {
+            return;
+        }
         eprintln!(
             "chatstream: node={} finished outcome={} tokens={} duration_ms={}",
             self.cs.cfg.name,
@@ -161,6 +173,9 @@ impl ChatStream {
         body: Option<Vec<u8>>,
         callback: Option<FinishCallback>,
     ) {
+        if !self.allowed(&req, "chat_stream") {
+            return forbidden(req);
+        }
         let body = match body {
             Some(b) => b,
             None => match http::read_body(&mut req, self.cfg.max_body_bytes) {
@@ -176,22 +191,46 @@ impl ChatStream {
             Ok(b) => b,
             Err(msg) => return http::respond_error(req, 400, "bad_request", &msg),
         };
-        let existing = http::cookie(&req, "sid").filter(|sid| self.sessions.load(sid).is_some());
-        let new_cookie = existing.is_none();
+        // Programs keep no session: their turn runs in a throw-away one.
+        let ephemeral = is_program(&req);
+        let existing =
+            http::cookie(&req, "sid").filter(|sid| !ephemeral && self.sessions.load(sid).is_some());
+        let new_cookie = existing.is_none() && !ephemeral;
         let sid = existing.unwrap_or_else(|| self.sessions.create(self.cfg.default_params.clone()));
+        // A UI pass phrase typed as a message grants its role; it is never stored or logged.
+        let phrase_role = match (&body.user_input, ephemeral || body.regenerate) {
+            (Some(text), false) => self.cfg.roles.by_ui_phrase(text),
+            _ => None,
+        };
+        if let Some(role) = phrase_role {
+            return self.grant_role(req, &sid, new_cookie, role);
+        }
+        let mut guard = TurnGuard {
+            sessions: Arc::clone(&self.sessions),
+            sid: None,
+            ephemeral,
+            reports: false,
+            outcome: FinishOutcome::UnknownErrorOccurred,
+            callback: None,
+            cs: Arc::clone(self),
+            admitted: Instant::now(),
+            tokens: 0,
+            times: RequestTimes::default(),
+        };
         if !self.sessions.try_lock(&sid) {
             let msg = "a generation is already running in this session; wait for it to finish";
             return http::respond_error(req, 409, "conflict", msg);
         }
+        guard.sid = Some(sid.clone());
         let job = match self.prepare_turn(&sid, new_cookie, body) {
             Ok(job) => job,
             Err((status, code, msg)) => {
-                self.sessions.unlock(&sid);
+                guard.unlock();
                 return http::respond_error(req, status, code, &msg);
             }
         };
         let Some(admission) = self.pool.try_admit() else {
-            self.sessions.unlock(&sid);
+            guard.unlock();
             let load = self.pool.load();
             let retry = (1 + load.waiting / self.pool.concurrency().max(1)).to_string();
             let status = self.cfg.too_many_requests_status;
@@ -203,19 +242,44 @@ impl ChatStream {
                 vec![header("Retry-After", &retry)],
             );
         };
-        let guard = TurnGuard {
-            sessions: Arc::clone(&self.sessions),
-            sid: Some(sid.clone()),
-            outcome: FinishOutcome::UnknownErrorOccurred,
-            callback,
-            cs: Arc::clone(self),
-            admitted: Instant::now(),
-            tokens: 0,
-            times: RequestTimes::default(),
-        };
+        // From here the request is admitted: the guard reports its outcome exactly once.
+        guard.callback = callback;
+        guard.admitted = Instant::now();
+        guard.reports = true;
         admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
             run_turn(worker, req, job, guard)
         }));
+    }
+
+    /// Records `role` on the session and answers with ChatStream's grant message.
+    fn grant_role(self: &Arc<Self>, req: Request, sid: &str, new_cookie: bool, role: &Role) {
+        if let Some(mut session) = self.sessions.load(sid) {
+            session.role = Some(role.name.clone());
+            self.sessions.save(sid, session);
+        }
+        let mut headers = vec![http::header("Content-Type", "text/plain; charset=utf-8")];
+        if new_cookie {
+            headers.push(http::header("Set-Cookie", &self.session_cookie(sid)));
+        }
+        if role.enable_dev_tool {
+            headers.push(http::header("X-ChatStream-API-DevTool-Enabled", "enabled"));
+        }
+        let text = format!("New role: '{}' has been granted{EOS_MARK}", role.name);
+        let mut resp = tiny_http::Response::from_string(text);
+        for h in headers {
+            resp.add_header(h);
+        }
+        let _ = req.respond(resp);
+    }
+
+    /// The `Set-Cookie` value for session `sid`.
+    pub fn session_cookie(&self, sid: &str) -> String {
+        let secure = if self.cfg.secure_cookies {
+            "; Secure"
+        } else {
+            ""
+        };
+        format!("sid={sid}; Path=/; HttpOnly; SameSite=Lax{secure}")
     }
 
     /// Builds the prompt for this turn: the session's history (oldest turns dropped until
@@ -308,15 +372,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
         ),
     ];
     if job.new_cookie {
-        let secure = if job.cs.cfg.secure_cookies {
-            "; Secure"
-        } else {
-            ""
-        };
-        headers.push((
-            "Set-Cookie",
-            format!("sid={}; Path=/; HttpOnly; SameSite=Lax{secure}", job.sid),
-        ));
+        headers.push(("Set-Cookie", job.cs.session_cookie(&job.sid)));
     }
     let Ok(mut stream) = ChunkedStream::start(req, 200, &headers) else {
         guard.outcome = FinishOutcome::ClientDisconnectedBeforeStreaming;

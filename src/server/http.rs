@@ -33,6 +33,14 @@ pub fn respond_error(req: Request, status: u16, code: &str, message: &str) {
     );
 }
 
+/// The value of header `name`, if present.
+pub fn header_value(req: &Request, name: &str) -> Option<String> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str().to_string())
+}
+
 /// The value of cookie `name`, if the request carries it.
 pub fn cookie(req: &Request, name: &str) -> Option<String> {
     req.headers()

@@ -8,6 +8,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod pool;
+pub mod roles;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tiny_http::{Method, Request};
 use metrics::Metrics;
 use model::{ChatModel, GenParams};
 use pool::Pool;
+use roles::{Role, Roles};
 use session::{MemoryStore, SessionStore};
 
 pub use chat::{FinishCallback, FinishOutcome};
@@ -54,6 +56,8 @@ pub struct ServerConfig {
     pub ui_title: String,
     /// Welcome text of the web UI.
     pub ui_welcome: String,
+    /// Who may call which API.
+    pub roles: Roles,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +79,7 @@ impl Default for ServerConfig {
             feedback_file: None,
             ui_title: "chatstream".into(),
             ui_welcome: "Ask me anything.".into(),
+            roles: Roles::default(),
         }
     }
 }
@@ -127,54 +132,99 @@ impl ChatStream {
         })
     }
 
-    /// Routes one request: unknown paths are 404, wrong methods 405.
+    /// Routes one request: unknown paths are 404, wrong methods 405, APIs the caller's role
+    /// does not allow 403.
     pub fn handle(self: &Arc<Self>, req: Request) {
         let path = req.url().split('?').next().unwrap_or("").to_string();
-        let get = *req.method() == Method::Get;
-        let post = *req.method() == Method::Post;
-        match (path.as_str(), get, post) {
-            ("/chat_stream", _, true) => self.handle_chat_stream_request(req, None, None),
-            ("/clear_context", _, true) => api::clear_context(self, req),
-            ("/get_prompt", true, _) => api::get_prompt(self, req),
-            ("/set_generation_params", _, true) => api::set_generation_params(self, req),
-            ("/get_generation_params", true, _) => api::get_generation_params(self, req),
-            ("/get_load", true, _) => api::get_load(self, req),
-            ("/set_feedback", _, true) => api::set_feedback(self, req),
-            ("/get_resource_usage", true, _) => api::get_resource_usage(self, req),
-            ("/metrics", true, _) => api::metrics(self, req),
-            ("/", true, _) | ("/index.html", true, _) => api::webui_index(self, req),
-            ("/chatstream.js", true, _) => api::webui_js(self, req),
-            ("/health", true, _) => {
-                http::respond_json(req, 200, &serde_json::json!({"status": "ok"}), vec![])
-            }
-            (p, _, _) if ROUTES.contains(&p) => {
-                let m = req.method().to_string();
-                http::respond_error(
-                    req,
-                    405,
-                    "method_not_allowed",
-                    &format!("{m} is not allowed on {p}"),
-                )
-            }
-            (p, _, _) => http::respond_error(req, 404, "not_found", &format!("no such path: {p}")),
+        let Some((_, method, api)) = ROUTES.iter().find(|r| r.0 == path) else {
+            return http::respond_error(req, 404, "not_found", &format!("no such path: {path}"));
+        };
+        let api = *api;
+        if req.method() != method {
+            let msg = format!("{} is not allowed on {path} (use {method})", req.method());
+            return http::respond_error(req, 405, "method_not_allowed", &msg);
         }
+        if api == "chat_stream" {
+            return self.handle_chat_stream_request(req, None, None);
+        }
+        if !self.allowed(&req, api) {
+            return forbidden(req);
+        }
+        match api {
+            "clear_context" => api::clear_context(self, req),
+            "get_prompt" => api::get_prompt(self, req),
+            "set_generation_params" => api::set_generation_params(self, req),
+            "get_generation_params" => api::get_generation_params(self, req),
+            "get_load" => api::get_load(self, req),
+            "set_feedback" => api::set_feedback(self, req),
+            "get_resource_usage" => api::get_resource_usage(self, req),
+            "metrics" => api::metrics(self, req),
+            "webui_index" => api::webui_index(self, req),
+            "webui_js" => api::webui_js(self, req),
+            _ => http::respond_json(req, 200, &serde_json::json!({"status": "ok"}), vec![]),
+        }
+    }
+
+    /// The caller's role: for programs (`X-FastSession-Skip: skip`) the one their
+    /// `X-ChatStream-Auth-Header` phrase names, else the default program role; for browsers
+    /// the role granted to their session, else the default browser role.
+    pub fn caller_role(&self, req: &Request) -> Option<&Role> {
+        let roles = &self.cfg.roles;
+        if is_program(req) {
+            return match http::header_value(req, "X-ChatStream-Auth-Header") {
+                Some(phrase) => roles.by_header_phrase(&phrase),
+                None => roles.default_role(false),
+            };
+        }
+        let granted = http::cookie(req, "sid")
+            .and_then(|sid| self.sessions.load(&sid))
+            .and_then(|s| s.role);
+        match granted {
+            Some(name) => roles.get(&name),
+            None => roles.default_role(true),
+        }
+    }
+
+    /// Whether the caller's role allows `api` (`health` is always allowed).
+    pub fn allowed(&self, req: &Request, api: &str) -> bool {
+        api == "health" || self.caller_role(req).is_some_and(|r| r.allows(api))
     }
 }
 
-const ROUTES: &[&str] = &[
-    "/chat_stream",
-    "/clear_context",
-    "/get_prompt",
-    "/set_generation_params",
-    "/get_generation_params",
-    "/get_load",
-    "/set_feedback",
-    "/get_resource_usage",
-    "/metrics",
-    "/health",
-    "/",
-    "/index.html",
-    "/chatstream.js",
+/// Whether the request comes from a program that keeps no session.
+pub fn is_program(req: &Request) -> bool {
+    http::header_value(req, "X-FastSession-Skip").is_some_and(|v| v.eq_ignore_ascii_case("skip"))
+}
+
+/// ChatStream's refusal on the role layer.
+pub fn forbidden(req: Request) {
+    let body = serde_json::json!({"success": false, "message": "Forbidden", "detail": "Denied on role layer."});
+    http::respond_json(req, 403, &body, vec![]);
+}
+
+/// Every path: (path, method, API name for the role layer).
+const ROUTES: &[(&str, Method, &str)] = &[
+    ("/chat_stream", Method::Post, "chat_stream"),
+    ("/clear_context", Method::Post, "clear_context"),
+    ("/get_prompt", Method::Get, "get_prompt"),
+    (
+        "/set_generation_params",
+        Method::Post,
+        "set_generation_params",
+    ),
+    (
+        "/get_generation_params",
+        Method::Get,
+        "get_generation_params",
+    ),
+    ("/get_load", Method::Get, "get_load"),
+    ("/set_feedback", Method::Post, "set_feedback"),
+    ("/get_resource_usage", Method::Get, "get_resource_usage"),
+    ("/metrics", Method::Get, "metrics"),
+    ("/", Method::Get, "webui_index"),
+    ("/index.html", Method::Get, "webui_index"),
+    ("/chatstream.js", Method::Get, "webui_js"),
+    ("/health", Method::Get, "health"),
 ];
 
 /// A running server.

@@ -28,6 +28,8 @@ pub struct Session {
     pub turns: Vec<Turn>,
     /// Generation settings (merged by `set_generation_params`).
     pub params: GenParams,
+    /// The role granted by a UI pass phrase (`None`: the default role).
+    pub role: Option<String>,
 }
 
 /// Where sessions live.
@@ -42,6 +44,8 @@ pub trait SessionStore: Send + Sync {
     fn try_lock(&self, id: &str) -> bool;
     /// Ends the turn.
     fn unlock(&self, id: &str);
+    /// Forgets a session.
+    fn remove(&self, id: &str);
     /// Sessions held.
     fn len(&self) -> usize;
     /// Whether no session is held.
@@ -110,6 +114,7 @@ impl SessionStore for MemoryStore {
                 session: Session {
                     turns: Vec::new(),
                     params,
+                    role: None,
                 },
                 busy: false,
                 last_used: now,
@@ -151,6 +156,10 @@ impl SessionStore for MemoryStore {
             e.busy = false;
             e.last_used = Instant::now();
         }
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
     }
 
     fn len(&self) -> usize {
