@@ -4,6 +4,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +104,9 @@ struct ServeArgs {
     /// UI, chat_stream, clear_context and set_feedback).
     #[arg(long, env = "CHATSTREAM_ROLES")]
     roles: Option<PathBuf>,
+    /// Seconds running answers may take to finish after Ctrl-C or SIGTERM.
+    #[arg(long, env = "CHATSTREAM_SHUTDOWN_GRACE", default_value_t = 30)]
+    shutdown_grace: u64,
     /// Title of the web UI.
     #[arg(long, env = "CHATSTREAM_UI_TITLE", default_value = "chatstream")]
     ui_title: String,
@@ -182,13 +186,35 @@ fn serve(a: ServeArgs) -> Result<()> {
     };
     let (name, device) = (model.name(), model.device());
     let cs = ChatStream::new(cfg, model);
-    let handle = chatstream::server::serve(cs, &format!("{}:{}", a.host, a.port))
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let handle = chatstream::server::serve(Arc::clone(&cs), &format!("{}:{}", a.host, a.port))
         .with_context(|| format!("binding {}:{}", a.host, a.port))?;
     eprintln!(
         "chatstream: ready on http://{} model={name} device={device} concurrency={} max_queue={} context_len={} name={}",
         handle.addr, a.concurrency.max(1), a.max_queue, a.model.context_len, a.name
     );
-    handle.join();
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "chatstream: shutting down: no new turns; waiting up to {}s for running ones",
+        a.shutdown_grace
+    );
+    cs.start_draining();
+    let finished = cs.wait_idle(Duration::from_secs(a.shutdown_grace));
+    handle.shutdown();
+    eprintln!(
+        "chatstream: stopped ({})",
+        if finished {
+            "all answers finished"
+        } else {
+            "grace period over"
+        }
+    );
     Ok(())
 }
 

@@ -164,6 +164,13 @@ fn a_client_closing_mid_stream_frees_its_worker_for_the_next() {
     let s = TestServer::start(cfg(1, 1, 200), mock(MockMode::Long, 40));
     let addr = s.addr;
     let mut first = client::open(addr, "POST", "/chat_stream", &[], br#"{"user_input":"a"}"#);
+    let cookie = first
+        .header("Set-Cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     first.next_chunk().unwrap();
     let waiting = std::thread::spawn(move || {
         let mut st = client::open(addr, "POST", "/chat_stream", &[], br#"{"user_input":"b"}"#);
@@ -189,6 +196,10 @@ fn a_client_closing_mid_stream_frees_its_worker_for_the_next() {
         2,
         "{o:?}"
     );
+    // the cut answer stays in the history as far as it was sent
+    let prompt = request(addr, "GET", "/get_prompt", &[("Cookie", &cookie)], b"").json()["prompt"]
+        .to_string();
+    assert!(prompt.contains("Assistant%3A%20The%20quick"), "{prompt}");
 }
 
 #[test]

@@ -176,6 +176,10 @@ impl ChatStream {
         if !self.allowed(&req, "chat_stream") {
             return forbidden(req);
         }
+        if self.is_draining() {
+            let body = json!({"error": "draining", "message": "the server is shutting down; retry on another replica"});
+            return http::respond_json(req, 503, &body, vec![header("Retry-After", "5")]);
+        }
         let body = match body {
             Some(b) => b,
             None => match http::read_body(&mut req, self.cfg.max_body_bytes) {

@@ -13,6 +13,7 @@ pub mod session;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -98,6 +99,8 @@ pub struct ChatStream {
     pub metrics: Metrics,
     /// Serialises appends to the feedback file.
     feedback_lock: Mutex<()>,
+    /// Set when shutting down: new turns are refused with 503.
+    draining: AtomicBool,
 }
 
 impl ChatStream {
@@ -129,6 +132,7 @@ impl ChatStream {
             sessions,
             metrics: Metrics::default(),
             feedback_lock: Mutex::new(()),
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -185,6 +189,31 @@ impl ChatStream {
         }
     }
 
+    /// Stops admitting new turns (they get 503); running ones go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the server is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no turn is running or waiting, at most `grace`; true if it got there.
+    pub fn wait_idle(&self, grace: Duration) -> bool {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            let l = self.pool.load();
+            if l.processing == 0 && l.waiting == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the caller's role allows `api` (`health` is always allowed).
     pub fn allowed(&self, req: &Request, api: &str) -> bool {
         api == "health" || self.caller_role(req).is_some_and(|r| r.allows(api))
@@ -227,6 +256,9 @@ const ROUTES: &[(&str, Method, &str)] = &[
     ("/health", Method::Get, "health"),
 ];
 
+/// Threads that read request bodies and answer the cheap endpoints.
+const FRONT_THREADS: usize = 8;
+
 /// A running server.
 pub struct ServerHandle {
     /// The bound address (useful with port 0).
@@ -259,12 +291,27 @@ pub fn serve(cs: Arc<ChatStream>, addr: &str) -> std::io::Result<ServerHandle> {
         .server_addr()
         .to_ip()
         .ok_or_else(|| std::io::Error::other("not an IP listener"))?;
+    // The acceptor hands each request to a few front threads, so that one client sending
+    // its body slowly holds up one front thread, not every request behind it.
+    let (tx, rx) = crossbeam_channel::unbounded::<Request>();
+    for i in 0..FRONT_THREADS {
+        let (rx, cs) = (rx.clone(), Arc::clone(&cs));
+        std::thread::Builder::new()
+            .name(format!("front-{i}"))
+            .spawn(move || {
+                for req in rx.iter() {
+                    cs.handle(req);
+                }
+            })?;
+    }
     let s = Arc::clone(&server);
     let acceptor = std::thread::Builder::new()
         .name("acceptor".into())
         .spawn(move || {
             for req in s.incoming_requests() {
-                cs.handle(req);
+                if tx.send(req).is_err() {
+                    break;
+                }
             }
         })?;
     Ok(ServerHandle {
