@@ -104,6 +104,13 @@ struct ServeArgs {
     /// UI, chat_stream, clear_context and set_feedback).
     #[arg(long, env = "CHATSTREAM_ROLES")]
     roles: Option<PathBuf>,
+    /// An origin allowed to call the API from a browser (repeatable; `*` for any).
+    #[arg(
+        long = "cors-origin",
+        env = "CHATSTREAM_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
     /// Seconds running answers may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, env = "CHATSTREAM_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
@@ -169,6 +176,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         ui_title: a.ui_title.clone(),
         ui_welcome: a.ui_welcome.clone(),
         roles,
+        cors_origins: a.cors_origins.clone(),
         ..ServerConfig::default()
     };
     let model: Arc<dyn ChatModel> = match a.mock {

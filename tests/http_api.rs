@@ -741,3 +741,48 @@ fn header_and_ui_phrases_grant_their_roles_and_wrong_ones_do_not() {
         "only the wrong phrase (asked and echoed): {prompt}"
     );
 }
+
+#[test]
+fn cors_allows_listed_origins_only() {
+    let cors = vec!["https://app.example".to_string()];
+    let s = TestServer::start(
+        ServerConfig {
+            cors_origins: cors,
+            ..cfg(1, 1, 4)
+        },
+        mock(MockMode::Echo, 0),
+    );
+    let good = [("Origin", "https://app.example")];
+    let r = request(s.addr, "GET", "/get_load", &good, b"");
+    assert_eq!(
+        r.header("Access-Control-Allow-Origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(r.header("Access-Control-Allow-Credentials"), Some("true"));
+    let r = request(
+        s.addr,
+        "POST",
+        "/chat_stream",
+        &good,
+        br#"{"user_input":"x"}"#,
+    );
+    assert_eq!(
+        r.header("Access-Control-Allow-Origin"),
+        Some("https://app.example"),
+        "streams carry it too"
+    );
+    let r = request(s.addr, "OPTIONS", "/chat_stream", &good, b"");
+    assert_eq!(r.status, 204);
+    assert!(r
+        .header("Access-Control-Allow-Methods")
+        .unwrap()
+        .contains("POST"));
+    let bad = [("Origin", "https://evil.example")];
+    assert!(request(s.addr, "GET", "/get_load", &bad, b"")
+        .header("Access-Control-Allow-Origin")
+        .is_none());
+    assert_eq!(
+        request(s.addr, "OPTIONS", "/chat_stream", &bad, b"").status,
+        403
+    );
+}

@@ -26,7 +26,7 @@ pub fn clear_context(cs: &Arc<ChatStream>, req: Request) {
         s.turns.clear();
         cs.sessions.save(&sid, s);
     }
-    http::respond_json(
+    cs.reply_json(
         req,
         200,
         &json!({"success": true, "message": "Context successfully cleared"}),
@@ -49,13 +49,13 @@ pub fn get_prompt(cs: &Arc<ChatStream>, req: Request) {
         })
         .collect();
     match cs.model.render(&messages) {
-        Ok(p) => http::respond_json(
+        Ok(p) => cs.reply_json(
             req,
             200,
             &json!({"prompt": http::percent_encode(&p)}),
             vec![],
         ),
-        Err(e) => http::respond_error(req, 500, "template", &e),
+        Err(e) => cs.reply_error(req, 500, "template", &e),
     }
 }
 
@@ -74,7 +74,7 @@ fn params_json(p: &GenParams) -> Value {
 /// `GET /get_generation_params`: this session's settings (the defaults without a session).
 pub fn get_generation_params(cs: &Arc<ChatStream>, req: Request) {
     let p = session_of(cs, &req).map_or_else(|| cs.cfg.default_params.clone(), |(_, s)| s.params);
-    http::respond_json(req, 200, &params_json(&p), vec![]);
+    cs.reply_json(req, 200, &params_json(&p), vec![]);
 }
 
 /// Merges the fields of `v` into `p`, checking each field's type and range.
@@ -126,14 +126,14 @@ pub fn set_generation_params(cs: &Arc<ChatStream>, mut req: Request) {
     let body = match http::read_body(&mut req, cs.cfg.max_body_bytes) {
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
-            return http::respond_error(req, 413, "payload_too_large", "body too large")
+            return cs.reply_error(req, 413, "payload_too_large", "body too large")
         }
         Err(BodyError::Io) => return,
     };
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return http::respond_error(
+            return cs.reply_error(
                 req,
                 400,
                 "bad_request",
@@ -158,14 +158,14 @@ pub fn set_generation_params(cs: &Arc<ChatStream>, mut req: Request) {
             if new {
                 headers.push(http::header("Set-Cookie", &cs.session_cookie(&sid)));
             }
-            http::respond_json(
+            cs.reply_json(
                 req,
                 200,
                 &json!({"success": true, "generation_params": body}),
                 headers,
             );
         }
-        Err(msg) => http::respond_error(req, 400, "bad_request", &msg),
+        Err(msg) => cs.reply_error(req, 400, "bad_request", &msg),
     }
 }
 
@@ -179,7 +179,7 @@ pub fn get_load(cs: &Arc<ChatStream>, req: Request) {
         "max_processing": cs.pool.concurrency(),
         "max_waiting": cs.pool.max_queue(),
     }]});
-    http::respond_json(req, 200, &body, vec![]);
+    cs.reply_json(req, 200, &body, vec![]);
 }
 
 /// Reads a JSON body, answering 400/413 itself when it cannot.
@@ -203,23 +203,23 @@ fn json_body(cs: &ChatStream, req: &mut Request) -> Result<Value, (u16, &'static
 pub fn set_feedback(cs: &Arc<ChatStream>, mut req: Request) {
     let v = match json_body(cs, &mut req) {
         Ok(v) => v,
-        Err((status, code, msg)) => return http::respond_error(req, status, code, &msg),
+        Err((status, code, msg)) => return cs.reply_error(req, status, code, &msg),
     };
     let Some(is_like) = v.get("is_like").and_then(Value::as_bool) else {
-        return http::respond_error(req, 400, "bad_request", "is_like must be a boolean");
+        return cs.reply_error(req, 400, "bad_request", "is_like must be a boolean");
     };
     let Some(message_id) = v.get("message_id").and_then(Value::as_str) else {
-        return http::respond_error(req, 400, "bad_request", "message_id must be a string");
+        return cs.reply_error(req, 400, "bad_request", "message_id must be a string");
     };
     let form_data = v.get("form_data").cloned().unwrap_or(Value::Null);
     if !(form_data.is_null() || form_data.is_object()) {
-        return http::respond_error(req, 400, "bad_request", "form_data must be an object");
+        return cs.reply_error(req, 400, "bad_request", "form_data must be an object");
     }
     let turn = session_of(cs, &req)
         .and_then(|(_, s)| s.turns.into_iter().find(|t| t.message_id == message_id));
     let Some(turn) = turn else {
         let msg = format!("no answer with message_id '{message_id}' in this session");
-        return http::respond_error(req, 404, "not_found", &msg);
+        return cs.reply_error(req, 404, "not_found", &msg);
     };
     let line = json!({
         "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -228,14 +228,14 @@ pub fn set_feedback(cs: &Arc<ChatStream>, mut req: Request) {
     });
     if let Err(e) = cs.record_feedback(&line) {
         eprintln!("chatstream: writing feedback: {e}");
-        return http::respond_error(
+        return cs.reply_error(
             req,
             500,
             "feedback_not_saved",
             "the feedback could not be saved",
         );
     }
-    http::respond_json(
+    cs.reply_json(
         req,
         200,
         &json!({"success": true, "message": "Feedback received"}),
@@ -268,7 +268,7 @@ pub fn get_resource_usage(cs: &Arc<ChatStream>, req: Request) {
         },
         "gpus": [],
     });
-    http::respond_json(req, 200, &body, vec![]);
+    cs.reply_json(req, 200, &body, vec![]);
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -278,7 +278,7 @@ pub fn metrics(cs: &Arc<ChatStream>, req: Request) {
         "Content-Type",
         "text/plain; version=0.0.4; charset=utf-8",
     ));
-    let _ = req.respond(resp);
+    cs.respond(req, resp.boxed());
 }
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
@@ -298,14 +298,14 @@ pub fn webui_index(cs: &Arc<ChatStream>, req: Request) {
         .replace("{{WELCOME}}", &html_escape(&cs.cfg.ui_welcome));
     let resp = tiny_http::Response::from_string(page)
         .with_header(http::header("Content-Type", "text/html; charset=utf-8"));
-    let _ = req.respond(resp);
+    cs.respond(req, resp.boxed());
 }
 
 /// `GET /chatstream.js`: the page's script.
-pub fn webui_js(_cs: &Arc<ChatStream>, req: Request) {
+pub fn webui_js(cs: &Arc<ChatStream>, req: Request) {
     let resp = tiny_http::Response::from_string(CHATSTREAM_JS).with_header(http::header(
         "Content-Type",
         "text/javascript; charset=utf-8",
     ));
-    let _ = req.respond(resp);
+    cs.respond(req, resp.boxed());
 }

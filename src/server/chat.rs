@@ -19,7 +19,7 @@ use super::metrics::RequestTimes;
 use super::model::{ChatWorker, GenParams, GenStats};
 use super::roles::Role;
 use super::session::{new_session_id, Session, SessionStore, Turn};
-use super::{forbidden, is_program, ChatStream};
+use super::{is_program, ChatStream};
 
 /// ChatStream's end-of-chunk marker.
 pub const EOS_MARK: &str = "<::EOS::>";
@@ -174,11 +174,11 @@ impl ChatStream {
         callback: Option<FinishCallback>,
     ) {
         if !self.allowed(&req, "chat_stream") {
-            return forbidden(req);
+            return self.forbidden(req);
         }
         if self.is_draining() {
             let body = json!({"error": "draining", "message": "the server is shutting down; retry on another replica"});
-            return http::respond_json(req, 503, &body, vec![header("Retry-After", "5")]);
+            return self.reply_json(req, 503, &body, vec![header("Retry-After", "5")]);
         }
         let body = match body {
             Some(b) => b,
@@ -186,14 +186,14 @@ impl ChatStream {
                 Ok(b) => b,
                 Err(BodyError::TooLarge) => {
                     let msg = format!("request body exceeds {} bytes", self.cfg.max_body_bytes);
-                    return http::respond_error(req, 413, "payload_too_large", &msg);
+                    return self.reply_error(req, 413, "payload_too_large", &msg);
                 }
                 Err(BodyError::Io) => return,
             },
         };
         let body = match parse_body(&body) {
             Ok(b) => b,
-            Err(msg) => return http::respond_error(req, 400, "bad_request", &msg),
+            Err(msg) => return self.reply_error(req, 400, "bad_request", &msg),
         };
         // Programs keep no session: their turn runs in a throw-away one.
         let ephemeral = is_program(&req);
@@ -223,14 +223,14 @@ impl ChatStream {
         };
         if !self.sessions.try_lock(&sid) {
             let msg = "a generation is already running in this session; wait for it to finish";
-            return http::respond_error(req, 409, "conflict", msg);
+            return self.reply_error(req, 409, "conflict", msg);
         }
         guard.sid = Some(sid.clone());
         let job = match self.prepare_turn(&sid, new_cookie, body) {
             Ok(job) => job,
             Err((status, code, msg)) => {
                 guard.unlock();
-                return http::respond_error(req, status, code, &msg);
+                return self.reply_error(req, status, code, &msg);
             }
         };
         let Some(admission) = self.pool.try_admit() else {
@@ -239,7 +239,7 @@ impl ChatStream {
             let retry = (1 + load.waiting / self.pool.concurrency().max(1)).to_string();
             let status = self.cfg.too_many_requests_status;
             self.metrics.rejected();
-            return http::respond_json(
+            return self.reply_json(
                 req,
                 status,
                 &json!({"error": "too_many_requests"}),
@@ -273,7 +273,7 @@ impl ChatStream {
         for h in headers {
             resp.add_header(h);
         }
-        let _ = req.respond(resp);
+        self.respond(req, resp.boxed());
     }
 
     /// The `Set-Cookie` value for session `sid`.
@@ -378,6 +378,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     if job.new_cookie {
         headers.push(("Set-Cookie", job.cs.session_cookie(&job.sid)));
     }
+    headers.extend(job.cs.cors_headers(&req));
     let Ok(mut stream) = ChunkedStream::start(req, 200, &headers) else {
         guard.outcome = FinishOutcome::ClientDisconnectedBeforeStreaming;
         return;

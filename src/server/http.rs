@@ -4,33 +4,11 @@
 
 use std::io::{Read, Write};
 
-use serde_json::{json, Value};
-use tiny_http::{Header, Request, Response};
+use tiny_http::{Header, Request};
 
 /// A header from name and value (both ASCII, so this cannot fail for our own headers).
 pub fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
-}
-
-/// Answers with a JSON body and extra headers; a client that has gone is not an error.
-pub fn respond_json(req: Request, status: u16, body: &Value, headers: Vec<Header>) {
-    let mut resp = Response::from_string(body.to_string())
-        .with_status_code(status)
-        .with_header(header("Content-Type", "application/json"));
-    for h in headers {
-        resp.add_header(h);
-    }
-    let _ = req.respond(resp);
-}
-
-/// A 4xx/5xx with `{"error": code, "message": message}`.
-pub fn respond_error(req: Request, status: u16, code: &str, message: &str) {
-    respond_json(
-        req,
-        status,
-        &json!({"error": code, "message": message}),
-        vec![],
-    );
 }
 
 /// The value of header `name`, if present.

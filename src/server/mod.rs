@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub ui_welcome: String,
     /// Who may call which API.
     pub roles: Roles,
+    /// Origins allowed to call the API from a browser (`*` for any).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             ui_title: "chatstream".into(),
             ui_welcome: "Ask me anything.".into(),
             roles: Roles::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -141,18 +144,21 @@ impl ChatStream {
     pub fn handle(self: &Arc<Self>, req: Request) {
         let path = req.url().split('?').next().unwrap_or("").to_string();
         let Some((_, method, api)) = ROUTES.iter().find(|r| r.0 == path) else {
-            return http::respond_error(req, 404, "not_found", &format!("no such path: {path}"));
+            return self.reply_error(req, 404, "not_found", &format!("no such path: {path}"));
         };
         let api = *api;
+        if *req.method() == Method::Options {
+            return self.preflight(req);
+        }
         if req.method() != method {
             let msg = format!("{} is not allowed on {path} (use {method})", req.method());
-            return http::respond_error(req, 405, "method_not_allowed", &msg);
+            return self.reply_error(req, 405, "method_not_allowed", &msg);
         }
         if api == "chat_stream" {
             return self.handle_chat_stream_request(req, None, None);
         }
         if !self.allowed(&req, api) {
-            return forbidden(req);
+            return self.forbidden(req);
         }
         match api {
             "clear_context" => api::clear_context(self, req),
@@ -165,7 +171,7 @@ impl ChatStream {
             "metrics" => api::metrics(self, req),
             "webui_index" => api::webui_index(self, req),
             "webui_js" => api::webui_js(self, req),
-            _ => http::respond_json(req, 200, &serde_json::json!({"status": "ok"}), vec![]),
+            _ => self.reply_json(req, 200, &serde_json::json!({"status": "ok"}), vec![]),
         }
     }
 
@@ -187,6 +193,86 @@ impl ChatStream {
             Some(name) => roles.get(&name),
             None => roles.default_role(true),
         }
+    }
+
+    /// CORS headers for a request whose `Origin` is one of `--cors-origin` (or any, with `*`).
+    pub fn cors_headers(&self, req: &Request) -> Vec<(&'static str, String)> {
+        let Some(origin) = http::header_value(req, "Origin") else {
+            return vec![];
+        };
+        let allowed = self
+            .cfg
+            .cors_origins
+            .iter()
+            .any(|o| o == "*" || *o == origin);
+        if !allowed {
+            return vec![];
+        }
+        vec![
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Allow-Credentials", "true".into()),
+            ("Access-Control-Expose-Headers", "X-ChatStream-Last-Generated-Message-Id, X-ChatStream-API-DevTool-Enabled, Retry-After".into()),
+            ("Vary", "Origin".into()),
+        ]
+    }
+
+    /// Sends `resp` with the request's CORS headers added; a client that has gone is no error.
+    pub fn respond(&self, req: Request, mut resp: tiny_http::ResponseBox) {
+        for (k, v) in self.cors_headers(&req) {
+            resp.add_header(http::header(k, &v));
+        }
+        let _ = req.respond(resp);
+    }
+
+    /// Answers with a JSON body and extra headers.
+    pub fn reply_json(
+        &self,
+        req: Request,
+        status: u16,
+        body: &serde_json::Value,
+        headers: Vec<tiny_http::Header>,
+    ) {
+        let mut resp = tiny_http::Response::from_string(body.to_string())
+            .with_status_code(status)
+            .with_header(http::header("Content-Type", "application/json"));
+        for h in headers {
+            resp.add_header(h);
+        }
+        self.respond(req, resp.boxed());
+    }
+
+    /// A 4xx/5xx with `{"error": code, "message": message}`.
+    pub fn reply_error(&self, req: Request, status: u16, code: &str, message: &str) {
+        self.reply_json(
+            req,
+            status,
+            &serde_json::json!({"error": code, "message": message}),
+            vec![],
+        );
+    }
+
+    /// ChatStream's refusal on the role layer.
+    pub fn forbidden(&self, req: Request) {
+        let body = serde_json::json!({"success": false, "message": "Forbidden", "detail": "Denied on role layer."});
+        self.reply_json(req, 403, &body, vec![]);
+    }
+
+    /// Answers a CORS preflight for an allowed origin (204), or refuses it (403).
+    fn preflight(&self, req: Request) {
+        if self.cors_headers(&req).is_empty() {
+            return self.reply_error(req, 403, "cors", "origin not allowed (see --cors-origin)");
+        }
+        let resp = tiny_http::Response::empty(204)
+            .with_header(http::header(
+                "Access-Control-Allow-Methods",
+                "GET, POST, OPTIONS",
+            ))
+            .with_header(http::header(
+                "Access-Control-Allow-Headers",
+                "Content-Type, X-ChatStream-Auth-Header, X-FastSession-Skip",
+            ))
+            .with_header(http::header("Access-Control-Max-Age", "600"));
+        self.respond(req, resp.boxed());
     }
 
     /// Stops admitting new turns (they get 503); running ones go on.
@@ -223,12 +309,6 @@ impl ChatStream {
 /// Whether the request comes from a program that keeps no session.
 pub fn is_program(req: &Request) -> bool {
     http::header_value(req, "X-FastSession-Skip").is_some_and(|v| v.eq_ignore_ascii_case("skip"))
-}
-
-/// ChatStream's refusal on the role layer.
-pub fn forbidden(req: Request) {
-    let body = serde_json::json!({"success": false, "message": "Forbidden", "detail": "Denied on role layer."});
-    http::respond_json(req, 403, &body, vec![]);
 }
 
 /// Every path: (path, method, API name for the role layer).
