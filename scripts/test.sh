@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: fetches the default model if missing, installs what
-# the browser test needs (Debian's chromium, playwright-core from npm) when it is missing,
-# then builds and runs every test in release mode (the golden tests run a real model).
+# the browser test needs (Debian's chromium, playwright-core from npm) and NVRTC (PyPI) when
+# missing, then builds and runs every test in release mode (the golden tests run a real model).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh >/dev/null
@@ -14,4 +14,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 [ -d tests/webui/node_modules/playwright-core ] || npm ci --prefix tests/webui --no-audit --no-fund >/dev/null
+# NVRTC from PyPI lets the CUDA kernels' compilation be checked on machines without a GPU.
+nvrtc=.cache/nvrtc/nvidia/cu13/lib
+if [ ! -e "$nvrtc/libnvrtc.so.13" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target .cache/nvrtc "nvidia-cuda-nvrtc==13.*" >&2 \
+    || echo "test.sh: could not install NVRTC; the kernel compilation test will say it skipped" >&2
+fi
+export LD_LIBRARY_PATH="$PWD/$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --release --all-targets "$@"

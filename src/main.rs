@@ -1,18 +1,25 @@
 //! The `chatstream` command line: `serve` (ChatStream's HTTP API), `generate` (one answer,
-//! streamed to stdout or as JSON) and `chat` (a console conversation). Errors print one line and exit non-zero.
+//! streamed to stdout or as JSON), `chat` (a console conversation) and `bench` (forward-pass
+//! speed on a real or synthetic model). Errors print one line and exit non-zero.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use chatstream::backend::cpu::Cpu;
-use chatstream::engine::generate::{Engine, GenerateRequest, Generator};
+use chatstream::backend::cuda::Cuda;
+use chatstream::backend::Backend;
+use chatstream::engine::forward::{Logits, RunState, Transformer};
+use chatstream::engine::generate::{Engine, GenerateRequest, Generator, PREFILL_CHUNK};
+use chatstream::engine::kv_cache::KvCache;
+use chatstream::model::synthetic::synthetic;
+use chatstream::model::{ModelConfig, Weights};
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
 use chatstream::server::roles::Roles;
 use chatstream::server::{ChatStream, ServerConfig};
@@ -40,6 +47,141 @@ enum Cmd {
     Chat(ChatArgs),
     /// Serve ChatStream's HTTP API.
     Serve(ServeArgs),
+    /// Measure prefill and decode speed of the forward pass (a real or a synthetic model).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A model folder or .gguf file (default: the fetched SmolLM2 model).
+    #[arg(long, env = "CHATSTREAM_MODEL", default_value = DEFAULT_MODEL, conflicts_with = "synthetic")]
+    model: PathBuf,
+    /// A random-weight model of a named shape instead: smollm2-135m, llama-3.2-1b, tiny.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Where to run: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens to decode (batch 1) after the prompt.
+    #[arg(long, default_value_t = 256)]
+    decode_tokens: usize,
+    /// Memory bandwidth in GB/s to report decode's share of (default 4800, an H200, on CUDA).
+    #[arg(long)]
+    bandwidth_gbs: Option<f64>,
+}
+
+/// Prefill and decode timings of one backend, as a JSON object.
+fn bench_on<B: Backend>(
+    backend: B,
+    cfg: &ModelConfig,
+    weights: &Weights,
+    a: &BenchArgs,
+) -> serde_json::Value {
+    let t = Transformer::new(backend, cfg, weights);
+    let prompt: Vec<u32> = (0..a.prompt_len.max(1))
+        .map(|i| (i * 7919 % cfg.vocab_size) as u32)
+        .collect();
+    let mut st = RunState::new(&t, PREFILL_CHUNK, 1);
+    let mut kv = KvCache::new(&t.backend, cfg, prompt.len() + a.decode_tokens + 2);
+    let mut prefill_s = Vec::new();
+    for _ in 0..3 {
+        kv.truncate(0);
+        let t0 = Instant::now();
+        t.prefill(&mut st, &mut kv, &prompt).expect("prefill");
+        t.backend.argmax(st.logits(), cfg.vocab_size); // waits for the device
+        prefill_s.push(t0.elapsed().as_secs_f64());
+    }
+    prefill_s.sort_by(f64::total_cmp);
+    kv.truncate(0);
+    t.prefill(&mut st, &mut kv, &prompt[..prompt.len().min(16)])
+        .expect("prefill");
+    let mut next = t.backend.argmax(st.logits(), cfg.vocab_size).unwrap_or(0);
+    t.forward(&mut st, &mut kv, &[next], Logits::Last, None)
+        .expect("decode"); // first step excluded
+    let t0 = Instant::now();
+    for _ in 0..a.decode_tokens {
+        next = t.backend.argmax(st.logits(), cfg.vocab_size).unwrap_or(0);
+        t.forward(&mut st, &mut kv, &[next], Logits::Last, None)
+            .expect("decode");
+    }
+    t.backend.argmax(st.logits(), cfg.vocab_size);
+    let decode_tps = a.decode_tokens as f64 / t0.elapsed().as_secs_f64();
+    let params = weights.embed.data.len()
+        + weights
+            .layers
+            .iter()
+            .map(|l| {
+                l.wq.data.len()
+                    + l.wk.data.len()
+                    + l.wv.data.len()
+                    + l.wo.data.len()
+                    + l.w_gate.data.len()
+                    + l.w_up.data.len()
+                    + l.w_down.data.len()
+            })
+            .sum::<usize>()
+        + weights.lm_head.as_ref().map_or(0, |h| h.data.len());
+    let avg_pos = 16 + a.decode_tokens / 2;
+    let bytes_per_token = 4 * params + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
+    let on_gpu = t.backend.memory().is_some();
+    let bandwidth = a.bandwidth_gbs.or(on_gpu.then_some(4800.0));
+    serde_json::json!({
+        "device": t.backend.name(),
+        "prefill_tokens": prompt.len(),
+        "prefill_tokens_per_s": prompt.len() as f64 / prefill_s[1],
+        "decode_tokens": a.decode_tokens,
+        "decode_tokens_per_s": decode_tps,
+        "bytes_per_decode_token": bytes_per_token,
+        "decode_bandwidth_share": bandwidth.map(|gbs| decode_tps * bytes_per_token as f64 / (gbs * 1e9)),
+    })
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up threads")?;
+    }
+    let (cfg, weights, name) = match &a.synthetic {
+        Some(shape) => {
+            let (c, w) = synthetic(shape, 1).map_err(anyhow::Error::msg)?;
+            (c, w, format!("synthetic:{shape}"))
+        }
+        None => {
+            let m =
+                Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+            (m.config, m.weights, m.name)
+        }
+    };
+    let mut result = match a.device.as_str() {
+        "cpu" => bench_on(Cpu, &cfg, &weights, &a),
+        "auto" => match Cuda::new(0) {
+            Ok(g) => bench_on(g, &cfg, &weights, &a),
+            Err(e) => {
+                eprintln!("chatstream: running on CPU: {e}");
+                bench_on(Cpu, &cfg, &weights, &a)
+            }
+        },
+        d => match cuda_ordinal(d) {
+            Some(n) => bench_on(
+                Cuda::new(n).with_context(|| format!("--device {d}"))?,
+                &cfg,
+                &weights,
+                &a,
+            ),
+            None => bail!("--device must be auto, cpu, cuda or cuda:N, got {d:?}"),
+        },
+    };
+    result["model"] = name.into();
+    println!("{result}");
+    Ok(())
 }
 
 #[derive(Args)]
@@ -184,13 +326,12 @@ fn serve(a: ServeArgs) -> Result<()> {
             mode,
             Duration::from_millis(a.mock_token_delay_ms),
         )),
-        None => {
-            let gen = load(&a.model)?;
-            Arc::new(ModelChat::new(
-                Arc::clone(gen.engine()),
-                a.model.context_len,
-            ))
-        }
+        None => match load(&a.model)? {
+            Loaded::Cpu(g) => Arc::new(ModelChat::new(Arc::clone(g.engine()), a.model.context_len)),
+            Loaded::Cuda(g) => {
+                Arc::new(ModelChat::new(Arc::clone(g.engine()), a.model.context_len))
+            }
+        },
     };
     let (name, device) = (model.name(), model.device());
     let cs = ChatStream::new(cfg, model);
@@ -234,6 +375,9 @@ struct ModelArgs {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, env = "CHATSTREAM_THREADS")]
     threads: Option<usize>,
+    /// Where to run: auto (CUDA when usable, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "CHATSTREAM_DEVICE", default_value = "auto")]
+    device: String,
     /// Tokens of context (prompt plus answer) to allocate the KV cache for.
     #[arg(long, env = "CHATSTREAM_CONTEXT_LEN", default_value_t = 4096)]
     context_len: usize,
@@ -321,21 +465,62 @@ struct ChatArgs {
     system: Option<String>,
 }
 
-fn load(args: &ModelArgs) -> Result<Generator<Cpu>> {
+/// A model loaded on the backend `--device` chose.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per process, moved once"
+)]
+enum Loaded {
+    Cpu(Generator<Cpu>),
+    Cuda(Generator<Cuda>),
+}
+
+/// Parses `cuda` / `cuda:N` into a device ordinal.
+fn cuda_ordinal(device: &str) -> Option<usize> {
+    match device.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(rest) => rest.strip_prefix(':')?.parse().ok(),
+        None => None,
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<Loaded> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("setting up threads")?;
     }
+    // An explicit CUDA device is opened first (fail fast); `auto` looks for one after the
+    // model loaded, so a bad model path is the one error reported.
+    let mut gpu = match args.device.as_str() {
+        "cpu" | "auto" => None,
+        d => match cuda_ordinal(d) {
+            Some(n) => Some(Cuda::new(n).with_context(|| format!("--device {d}"))?),
+            None => bail!("--device must be auto, cpu, cuda or cuda:N, got {d:?}"),
+        },
+    };
     let model =
         Model::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let engine = Arc::new(Engine::new(model, Cpu));
-    Ok(Generator::new(engine, args.context_len))
+    if args.device == "auto" {
+        match Cuda::new(0) {
+            Ok(g) => gpu = Some(g),
+            Err(e) => eprintln!("chatstream: running on CPU: {e}"),
+        }
+    }
+    Ok(match gpu {
+        Some(g) => Loaded::Cuda(Generator::new(
+            Arc::new(Engine::new(model, g)),
+            args.context_len,
+        )),
+        None => Loaded::Cpu(Generator::new(
+            Arc::new(Engine::new(model, Cpu)),
+            args.context_len,
+        )),
+    })
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
-    let mut gen = load(&a.model)?;
+fn generate<B: Backend + 'static>(a: GenerateArgs, mut gen: Generator<B>) -> Result<()> {
     let model = &gen.engine().model;
     let prompt_ids = if a.raw {
         let text = a.prompt.as_deref().unwrap_or_default();
@@ -397,8 +582,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn chat(a: ChatArgs) -> Result<()> {
-    let mut gen = load(&a.model)?;
+fn chat<B: Backend + 'static>(a: ChatArgs, mut gen: Generator<B>) -> Result<()> {
     let mut history = Vec::new();
     if let Some(s) = &a.system {
         history.push(ChatMessage::new("system", s));
@@ -449,9 +633,16 @@ fn chat(a: ChatArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Generate(a) => generate(a),
-        Cmd::Chat(a) => chat(a),
+        Cmd::Generate(a) => load(&a.model).and_then(|g| match g {
+            Loaded::Cpu(g) => generate(a, g),
+            Loaded::Cuda(g) => generate(a, g),
+        }),
+        Cmd::Chat(a) => load(&a.model).and_then(|g| match g {
+            Loaded::Cpu(g) => chat(a, g),
+            Loaded::Cuda(g) => chat(a, g),
+        }),
         Cmd::Serve(a) => serve(a),
+        Cmd::Bench(a) => bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -151,3 +151,49 @@ fn chat_keeps_the_conversation() {
     // The second answer only makes sense with the first turn in the history.
     assert!(answers[1..].concat().contains("Rome"), "{text:?}");
 }
+
+#[test]
+fn device_cuda_without_a_gpu_is_one_clear_error_and_auto_runs_on_cpu() {
+    let model = common::default_model();
+    let m = model.to_str().unwrap();
+    let out = chatstream(&[
+        "generate",
+        "--model",
+        m,
+        "--device",
+        "cuda",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "1",
+    ]);
+    if out.status.success() {
+        println!("skipped: a CUDA device is present");
+        return;
+    }
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--device cuda") && err.contains("CUDA"),
+        "{err}"
+    );
+    let out = chatstream(&[
+        "generate",
+        "--model",
+        m,
+        "--device",
+        "auto",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("running on CPU"));
+    let out = chatstream(&[
+        "generate", "--model", m, "--device", "tpu", "--prompt", "hi",
+    ]);
+    assert!(!out.status.success());
+}

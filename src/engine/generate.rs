@@ -145,6 +145,7 @@ impl<B: Backend> Generator<B> {
             });
         }
         let mut sampler = Sampler::new(req.sampling, t.cfg.vocab_size);
+        let greedy = req.sampling.temperature == 0.0 && req.sampling.repetition_penalty == 1.0;
         let mut detok = Detokenizer::new(&model.tokenizer, true);
         let mut stops = StopStrings::new(&req.stop);
         let mut text = String::new();
@@ -164,9 +165,16 @@ impl<B: Backend> Generator<B> {
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
         for step in 0..req.max_new_tokens {
-            t.backend
-                .read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
-            let id = sampler.sample(&mut self.logits, &self.context, step)?;
+            let id = if greedy {
+                // Only the winning id comes back from the device.
+                t.backend
+                    .argmax(self.state.logits(), t.cfg.vocab_size)
+                    .ok_or(InferenceError::NonFiniteLogits { step })?
+            } else {
+                t.backend
+                    .read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
+                sampler.sample(&mut self.logits, &self.context, step)?
+            };
             new_ids.push(id);
             self.context.push(id);
             if !req.ignore_eos && model.stop_token_ids.contains(&id) {

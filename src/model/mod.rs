@@ -6,6 +6,7 @@ pub mod config;
 pub mod dequant;
 pub mod error;
 pub mod gguf;
+pub mod synthetic;
 pub mod template;
 pub mod tokenizer;
 pub mod weights;

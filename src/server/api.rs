@@ -266,7 +266,7 @@ pub fn get_resource_usage(cs: &Arc<ChatStream>, req: Request) {
             "memory_available_bytes": proc_kb("/proc/meminfo", "MemAvailable:"),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
         },
-        "gpus": [],
+        "gpus": cs.model.gpus(),
     });
     cs.reply_json(req, 200, &body, vec![]);
 }

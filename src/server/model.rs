@@ -40,6 +40,10 @@ pub trait ChatModel: Send + Sync {
     fn count_tokens(&self, prompt: &str) -> Result<usize, String>;
     /// A generator for one worker thread.
     fn new_worker(&self) -> Box<dyn ChatWorker>;
+    /// Memory of the GPUs in use: `{"device", "free_bytes", "used_bytes", "total_bytes"}`.
+    fn gpus(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
 }
 
 /// One worker's generator.
@@ -92,6 +96,15 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
     }
     fn new_worker(&self) -> Box<dyn ChatWorker> {
         Box::new(Generator::new(Arc::clone(&self.engine), self.context_len))
+    }
+    fn gpus(&self) -> Vec<serde_json::Value> {
+        let b = &self.engine.transformer.backend;
+        b.memory()
+            .map(|(free, total)| {
+                serde_json::json!({"device": b.name(), "free_bytes": free, "used_bytes": total - free, "total_bytes": total})
+            })
+            .into_iter()
+            .collect()
     }
 }
 

@@ -82,4 +82,11 @@ impl Backend for Cpu {
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
         ops::add(&mut x[..len], &y[..len]);
     }
+
+    fn argmax(&self, x: &Vec<f32>, n: usize) -> Option<u32> {
+        let x = &x[..n];
+        x.iter()
+            .all(|v| v.is_finite())
+            .then(|| crate::engine::sampler::argmax(x))
+    }
 }
