@@ -126,3 +126,52 @@ fn stop_string_cuts_the_text_and_is_never_sent() {
     assert_eq!(out.text, full.text[..full.text.find(&stop).unwrap()]);
     assert_eq!(streamed, out.text);
 }
+
+#[test]
+fn a_prompt_extending_the_cached_tokens_prefills_only_the_rest_and_gives_the_same_tokens() {
+    let mut warm = tiny();
+    let first = vec![0, 304, 503, 316, 289];
+    let a = warm
+        .generate(
+            &req(first.clone(), 6, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(a.cached_prompt_tokens, 0);
+    // the next turn: the whole first exchange plus new tokens
+    let mut second = first.clone();
+    second.extend(&a.token_ids);
+    second.extend([90, 351, 12]);
+    let w = warm
+        .generate(
+            &req(second.clone(), 8, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    let cold = tiny()
+        .generate(
+            &req(second.clone(), 8, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(w.token_ids, cold.token_ids);
+    // the last sampled token of the first answer was never run, so it is not cached
+    assert_eq!(w.cached_prompt_tokens, first.len() + a.token_ids.len() - 1);
+    // a diverging prompt reuses only the shared part
+    let mut other = first[..3].to_vec();
+    other.extend([7, 8, 9]);
+    let d = warm
+        .generate(
+            &req(other.clone(), 4, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(d.cached_prompt_tokens, 3);
+    assert_eq!(
+        d.token_ids,
+        tiny()
+            .generate(&req(other, 4, SamplingParams::default()), &mut |_| true)
+            .unwrap()
+            .token_ids
+    );
+}

@@ -12,7 +12,7 @@ use crate::model::Model;
 use super::detok::Detokenizer;
 use super::error::InferenceError;
 use super::forward::{Logits, RunState, Transformer};
-use super::kv_cache::KvCache;
+use super::kv_cache::SeqCache;
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::StopStrings;
 
@@ -81,7 +81,9 @@ pub struct GenerateOutput {
     pub text: String,
     /// Why it ended.
     pub finish_reason: FinishReason,
-    /// Prompt tokens per second (prefill, including the first logits).
+    /// Prompt tokens whose keys and values were already cached (not prefilled again).
+    pub cached_prompt_tokens: usize,
+    /// Prompt tokens prefilled per second (the uncached ones, including the first logits).
     pub prefill_tokens_per_s: f64,
     /// New tokens per second after the first.
     pub decode_tokens_per_s: f64,
@@ -92,7 +94,7 @@ pub struct GenerateOutput {
 pub struct Generator<B: Backend> {
     engine: Arc<Engine<B>>,
     state: RunState<B>,
-    kv: KvCache<B>,
+    cache: SeqCache<B>,
     logits: Vec<f32>,
     context: Vec<u32>,
 }
@@ -103,11 +105,11 @@ impl<B: Backend> Generator<B> {
         let t = &engine.transformer;
         let capacity = context_len.clamp(1, t.max_positions());
         let state = RunState::new(t, PREFILL_CHUNK, 1);
-        let kv = KvCache::new(&t.backend, &t.cfg, capacity);
+        let cache = SeqCache::new(&t.backend, &t.cfg, capacity);
         let vocab = t.cfg.vocab_size;
         Generator {
             state,
-            kv,
+            cache,
             logits: Vec::with_capacity(vocab),
             context: Vec::with_capacity(capacity),
             engine,
@@ -121,7 +123,12 @@ impl<B: Backend> Generator<B> {
 
     /// Tokens the cache can hold.
     pub fn context_len(&self) -> usize {
-        self.kv.capacity()
+        self.cache.kv.capacity()
+    }
+
+    /// The KV cache and the ids it holds (to swap a session's cache in and out).
+    pub fn cache_mut(&mut self) -> &mut SeqCache<B> {
+        &mut self.cache
     }
 
     /// Generates an answer to `req`, passing each final piece of text to `on_text`; when it
@@ -138,10 +145,10 @@ impl<B: Backend> Generator<B> {
         if prompt_len == 0 {
             return Err(InferenceError::EmptyPrompt);
         }
-        if prompt_len >= self.kv.capacity() {
+        if prompt_len >= self.cache.kv.capacity() {
             return Err(InferenceError::ContextOverflow {
                 len: prompt_len + 1,
-                max: self.kv.capacity(),
+                max: self.cache.kv.capacity(),
             });
         }
         let mut sampler = Sampler::new(req.sampling, t.cfg.vocab_size);
@@ -155,10 +162,15 @@ impl<B: Backend> Generator<B> {
         };
         self.context.clear();
         self.context.extend_from_slice(&req.prompt_ids);
-        self.kv.truncate(0);
+        // Keys and values of a prefix this cache already holds are not computed again.
+        let reused = self.cache.reuse_prefix(&req.prompt_ids);
 
         let t0 = Instant::now();
-        t.prefill(&mut self.state, &mut self.kv, &req.prompt_ids)?;
+        t.prefill(
+            &mut self.state,
+            &mut self.cache.kv,
+            &req.prompt_ids[reused..],
+        )?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut finish = FinishReason::Length;
@@ -193,10 +205,16 @@ impl<B: Backend> Generator<B> {
                     break;
                 }
             }
-            if step + 1 == req.max_new_tokens || self.kv.len() == self.kv.capacity() {
+            if step + 1 == req.max_new_tokens || self.cache.kv.len() == self.cache.kv.capacity() {
                 break;
             }
-            t.forward(&mut self.state, &mut self.kv, &[id], Logits::Last, None)?;
+            t.forward(
+                &mut self.state,
+                &mut self.cache.kv,
+                &[id],
+                Logits::Last,
+                None,
+            )?;
         }
         if finish != FinishReason::Cancelled && !stopped_by_string {
             // Text held back for a split character or a possible stop string is final now.
@@ -213,11 +231,16 @@ impl<B: Backend> Generator<B> {
         }
         let decode_s = t1.elapsed().as_secs_f64();
         let decoded = new_ids.len().saturating_sub(1);
+        let held = self.cache.kv.len();
+        self.cache
+            .ids
+            .extend_from_slice(&self.context[reused..held]);
         Ok(GenerateOutput {
             token_ids: new_ids,
             text,
             finish_reason: finish,
-            prefill_tokens_per_s: prompt_len as f64 / prefill_s.max(1e-9),
+            cached_prompt_tokens: reused,
+            prefill_tokens_per_s: (prompt_len - reused) as f64 / prefill_s.max(1e-9),
             decode_tokens_per_s: if decoded > 0 {
                 decoded as f64 / decode_s.max(1e-9)
             } else {

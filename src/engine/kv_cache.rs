@@ -1,6 +1,7 @@
 //! `KvCache`: per-layer key and value rows for one sequence, on the backend's device,
 //! allocated once at its full capacity. The forward pass appends; `truncate` rewinds (to
-//! reuse a shared prefix).
+//! reuse a shared prefix). `SeqCache` pairs a cache with the token ids it holds, so a new
+//! prompt that extends them only prefills the rest.
 
 use crate::backend::Backend;
 use crate::model::ModelConfig;
@@ -51,5 +52,45 @@ impl<B: Backend> KvCache<B> {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
         debug_assert!(self.len <= self.capacity);
+    }
+}
+
+/// A KV cache and the token ids whose keys and values it holds (in order).
+pub struct SeqCache<B: Backend> {
+    /// The keys and values.
+    pub kv: KvCache<B>,
+    /// `ids[i]` is the token at position `i` of `kv`.
+    pub ids: Vec<u32>,
+}
+
+impl<B: Backend> SeqCache<B> {
+    /// An empty cache for `capacity` positions.
+    pub fn new(backend: &B, cfg: &ModelConfig, capacity: usize) -> SeqCache<B> {
+        SeqCache {
+            kv: KvCache::new(backend, cfg, capacity),
+            ids: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps the longest prefix shared with `prompt`, leaving at least one prompt token to
+    /// run (its logits are needed); returns how many positions were kept.
+    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        let shared = self
+            .ids
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = shared
+            .min(prompt.len().saturating_sub(1))
+            .min(self.kv.len());
+        self.kv.truncate(keep);
+        self.ids.truncate(keep);
+        keep
+    }
+
+    /// Bytes of device memory a cache of this shape takes.
+    pub fn bytes(cfg: &ModelConfig, capacity: usize) -> usize {
+        2 * cfg.n_layers * capacity * cfg.kv_dim() * std::mem::size_of::<f32>()
     }
 }
