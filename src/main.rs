@@ -246,6 +246,10 @@ struct ServeArgs {
     /// UI, chat_stream, clear_context and set_feedback).
     #[arg(long, env = "CHATSTREAM_ROLES")]
     roles: Option<PathBuf>,
+    /// MiB of memory for keeping sessions' KV caches between turns (default: a quarter of
+    /// the free memory of the device).
+    #[arg(long, env = "CHATSTREAM_KV_CACHE_BUDGET")]
+    kv_cache_budget: Option<usize>,
     /// An origin allowed to call the API from a browser (repeatable; `*` for any).
     #[arg(
         long = "cors-origin",
@@ -321,16 +325,23 @@ fn serve(a: ServeArgs) -> Result<()> {
         cors_origins: a.cors_origins.clone(),
         ..ServerConfig::default()
     };
+    let kv_budget = a.kv_cache_budget.map(|mb| mb << 20);
     let model: Arc<dyn ChatModel> = match a.mock {
         Some(mode) => Arc::new(MockChat::new(
             mode,
             Duration::from_millis(a.mock_token_delay_ms),
         )),
         None => match load(&a.model)? {
-            Loaded::Cpu(g) => Arc::new(ModelChat::new(Arc::clone(g.engine()), a.model.context_len)),
-            Loaded::Cuda(g) => {
-                Arc::new(ModelChat::new(Arc::clone(g.engine()), a.model.context_len))
-            }
+            Loaded::Cpu(g) => Arc::new(ModelChat::new(
+                Arc::clone(g.engine()),
+                a.model.context_len,
+                kv_budget,
+            )),
+            Loaded::Cuda(g) => Arc::new(ModelChat::new(
+                Arc::clone(g.engine()),
+                a.model.context_len,
+                kv_budget,
+            )),
         },
     };
     let (name, device) = (model.name(), model.device());

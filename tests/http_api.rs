@@ -250,6 +250,7 @@ impl ChatWorker for FailingWorker {
         &mut self,
         prompt: &str,
         _: &GenParams,
+        _: Option<&str>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats, String> {
         if prompt.contains("panic") {
@@ -495,7 +496,7 @@ fn real_model_streams_the_same_answer_as_generate() {
     let golden = common::read_json(common::fixtures().join("smollm2/golden.json"));
     let conv = &golden["conversations"][0];
     let engine = common::engine(common::default_model());
-    let model: Arc<dyn ChatModel> = Arc::new(ModelChat::new(engine, 1024));
+    let model: Arc<dyn ChatModel> = Arc::new(ModelChat::new(engine, 1024, None));
     let s = TestServer::start(cfg(1, 1, 48), model);
     let r = chat(
         s.addr,
@@ -785,4 +786,46 @@ fn cors_allows_listed_origins_only() {
         request(s.addr, "OPTIONS", "/chat_stream", &bad, b"").status,
         403
     );
+}
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let text = request(addr, "GET", "/metrics", &[], b"").text();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("{name} missing"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_sessions_next_turn_reuses_its_kv_cache_on_any_worker() {
+    let engine = common::engine(common::default_model());
+    let model: Arc<dyn ChatModel> = Arc::new(ModelChat::new(engine, 1024, Some(256 << 20)));
+    let s = TestServer::start(cfg(2, 2, 16), model);
+    let r = chat(s.addr, None, &json!({"user_input": "Name three colors."}));
+    let cookie = r.cookie().unwrap();
+    s.wait_idle();
+    let first_prompt = metric(s.addr, "chatstream_prompt_tokens_total");
+    assert_eq!(metric(s.addr, "chatstream_cached_prompt_tokens_total"), 0);
+    // another session's turn in between, so the next turn may land on either worker
+    chat(s.addr, None, &json!({"user_input": "Hello!"}));
+    for _ in 0..2 {
+        let r = chat(
+            s.addr,
+            Some(&cookie),
+            &json!({"user_input": "And two more?"}),
+        );
+        assert_eq!(r.status, 200);
+        s.wait_idle();
+    }
+    let cached = metric(s.addr, "chatstream_cached_prompt_tokens_total");
+    assert!(
+        cached > 2 * first_prompt,
+        "cached {cached} tokens, first prompt {first_prompt}"
+    );
+    // a regenerate reuses everything before the last answer
+    let before = metric(s.addr, "chatstream_cached_prompt_tokens_total");
+    chat(s.addr, Some(&cookie), &json!({"regenerate": true}));
+    s.wait_idle();
+    assert!(metric(s.addr, "chatstream_cached_prompt_tokens_total") - before > first_prompt);
 }

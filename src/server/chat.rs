@@ -103,6 +103,8 @@ struct TurnJob {
     prompt: String,
     message_id: String,
     delta: bool,
+    /// A program's throw-away session: its KV cache is not kept.
+    ephemeral: bool,
 }
 
 /// Unlocks the session and reports the outcome when dropped, so a panic still does both.
@@ -118,7 +120,8 @@ struct TurnGuard {
     callback: Option<FinishCallback>,
     cs: Arc<ChatStream>,
     admitted: Instant,
-    tokens: usize,
+    /// New, prompt and cached prompt tokens.
+    tokens: [usize; 3],
     times: RequestTimes,
 }
 
@@ -143,10 +146,12 @@ impl Drop for TurnGuard {
             return;
         }
         eprintln!(
-            "chatstream: node={} finished outcome={} tokens={} duration_ms={}",
+            "chatstream: node={} finished outcome={} tokens={} prompt_tokens={} cached_tokens={} duration_ms={}",
             self.cs.cfg.name,
             self.outcome.as_str(),
-            self.tokens,
+            self.tokens[0],
+            self.tokens[1],
+            self.tokens[2],
             self.admitted.elapsed().as_millis()
         );
         self.cs
@@ -218,7 +223,7 @@ impl ChatStream {
             callback: None,
             cs: Arc::clone(self),
             admitted: Instant::now(),
-            tokens: 0,
+            tokens: [0; 3],
             times: RequestTimes::default(),
         };
         if !self.sessions.try_lock(&sid) {
@@ -227,7 +232,7 @@ impl ChatStream {
         }
         guard.sid = Some(sid.clone());
         let job = match self.prepare_turn(&sid, new_cookie, body) {
-            Ok(job) => job,
+            Ok(job) => TurnJob { ephemeral, ..job },
             Err((status, code, msg)) => {
                 guard.unlock();
                 return self.reply_error(req, status, code, &msg);
@@ -346,6 +351,7 @@ impl ChatStream {
             prompt,
             message_id: new_session_id(),
             delta: body.delta,
+            ephemeral: false,
         })
     }
 }
@@ -386,7 +392,8 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     let (mut answer, mut chunks, mut gone) = (String::new(), 0usize, false);
     let mut first_chunk: Option<Instant> = None;
     let params: &GenParams = &job.session.params;
-    let result = worker.generate(&job.prompt, params, &mut |piece| {
+    let session = (!job.ephemeral).then_some(job.sid.as_str());
+    let result = worker.generate(&job.prompt, params, session, &mut |piece| {
         answer.push_str(piece);
         let body = if job.delta { piece } else { answer.as_str() };
         if stream
@@ -405,7 +412,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
         guard.times.ttft = Some(first.duration_since(guard.admitted).as_secs_f64());
     }
     if let Ok(stats) = &result {
-        guard.tokens = stats.tokens;
+        guard.tokens = [stats.tokens, stats.prompt_tokens, stats.cached_tokens];
         if let (Some(first), true) = (first_chunk, stats.tokens > 1) {
             guard.times.tpot = Some(first.elapsed().as_secs_f64() / (stats.tokens - 1) as f64);
         }

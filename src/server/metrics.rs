@@ -69,6 +69,8 @@ struct Inner {
     finished: [u64; 4],
     rejected: u64,
     tokens: u64,
+    prompt_tokens: u64,
+    cached_tokens: u64,
     queue_wait: Histogram,
     ttft: Histogram,
     tpot: Histogram,
@@ -87,6 +89,8 @@ impl Default for Metrics {
                 finished: [0; 4],
                 rejected: 0,
                 tokens: 0,
+                prompt_tokens: 0,
+                cached_tokens: 0,
                 queue_wait: Histogram::new(WAIT_BOUNDS),
                 ttft: Histogram::new(WAIT_BOUNDS),
                 tpot: Histogram::new(TOKEN_BOUNDS),
@@ -116,12 +120,15 @@ impl Metrics {
         self.lock().rejected += 1;
     }
 
-    /// Records a finished request.
-    pub fn finished(&self, outcome: FinishOutcome, tokens: usize, t: RequestTimes) {
+    /// Records a finished request: new tokens, prompt tokens and those of them reused from a
+    /// kept KV cache.
+    pub fn finished(&self, outcome: FinishOutcome, tokens: [usize; 3], t: RequestTimes) {
         let mut m = self.lock();
         let i = OUTCOMES.iter().position(|&o| o == outcome).unwrap_or(3);
         m.finished[i] += 1;
-        m.tokens += tokens as u64;
+        m.tokens += tokens[0] as u64;
+        m.prompt_tokens += tokens[1] as u64;
+        m.cached_tokens += tokens[2] as u64;
         m.queue_wait.observe(t.queue_wait);
         if let Some(v) = t.ttft {
             m.ttft.observe(v);
@@ -158,6 +165,18 @@ impl Metrics {
                 "counter",
                 "New tokens generated.",
                 m.tokens,
+            ),
+            (
+                "chatstream_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of finished requests.",
+                m.prompt_tokens,
+            ),
+            (
+                "chatstream_cached_prompt_tokens_total",
+                "counter",
+                "Prompt tokens reused from kept KV caches.",
+                m.cached_tokens,
             ),
             (
                 "chatstream_processing",

@@ -2,13 +2,16 @@
 //! makes workers) and `ChatWorker` (one per pool thread: generates). Implemented by a real
 //! model on a backend and by ChatStream's mock mode (no model, words with a delay).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::engine::generate::{Engine, FinishReason, GenerateRequest, Generator};
+use crate::engine::kv_cache::SeqCache;
 use crate::model::{ChatMessage, ChatTemplate};
 use crate::SamplingParams;
+
+use super::kv_pool::KvPool;
 
 /// Generation settings of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +29,10 @@ pub struct GenStats {
     pub finish: FinishReason,
     /// New tokens produced.
     pub tokens: usize,
+    /// Prompt tokens, and how many of them came from a kept KV cache.
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were reused, not prefilled.
+    pub cached_tokens: usize,
 }
 
 /// A model the server can chat with.
@@ -49,10 +56,13 @@ pub trait ChatModel: Send + Sync {
 /// One worker's generator.
 pub trait ChatWorker: Send {
     /// Generates an answer to `prompt`, passing text pieces to `on_text` (false = stop).
+    /// `session`, when given, names the conversation so its KV cache can be kept for the
+    /// next turn.
     fn generate(
         &mut self,
         prompt: &str,
         params: &GenParams,
+        session: Option<&str>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats, String>;
 }
@@ -61,16 +71,62 @@ pub trait ChatWorker: Send {
 pub struct ModelChat<B: Backend> {
     engine: Arc<Engine<B>>,
     context_len: usize,
+    pool: Arc<Mutex<KvPool<B>>>,
 }
 
+/// Share of the free memory session KV caches may use when no budget is given.
+const DEFAULT_KV_SHARE: f64 = 0.25;
+
 impl<B: Backend + 'static> ModelChat<B> {
-    /// Wraps an engine; each worker's KV cache holds `context_len` tokens.
-    pub fn new(engine: Arc<Engine<B>>, context_len: usize) -> ModelChat<B> {
+    /// Wraps an engine; each KV cache holds `context_len` tokens, and sessions' caches are
+    /// kept between turns within `kv_budget_bytes` (default: a quarter of the free memory
+    /// of the device, or of the host).
+    pub fn new(
+        engine: Arc<Engine<B>>,
+        context_len: usize,
+        kv_budget_bytes: Option<usize>,
+    ) -> ModelChat<B> {
+        let t = &engine.transformer;
+        let capacity = context_len.clamp(1, t.max_positions());
+        let per_cache = SeqCache::<B>::bytes(&t.cfg, capacity).max(1);
+        let budget = kv_budget_bytes.unwrap_or_else(|| {
+            let free = t
+                .backend
+                .memory()
+                .map(|(free, _)| free)
+                .or_else(host_available_bytes)
+                .unwrap_or(0);
+            (free as f64 * DEFAULT_KV_SHARE) as usize
+        });
+        let pool = Arc::new(Mutex::new(KvPool::new(budget / per_cache, 2)));
         ModelChat {
             engine,
             context_len,
+            pool,
         }
     }
+
+    /// Sessions whose KV caches are kept.
+    pub fn cached_sessions(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// `MemAvailable` of the host, in bytes.
+fn host_available_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<usize>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// A worker on a real model: its generator plus access to the sessions' KV caches.
+struct ModelWorker<B: Backend> {
+    gen: Generator<B>,
+    pool: Arc<Mutex<KvPool<B>>>,
 }
 
 impl<B: Backend + 'static> ChatModel for ModelChat<B> {
@@ -95,7 +151,10 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
             .map(|ids| ids.len())
     }
     fn new_worker(&self) -> Box<dyn ChatWorker> {
-        Box::new(Generator::new(Arc::clone(&self.engine), self.context_len))
+        Box::new(ModelWorker {
+            gen: Generator::new(Arc::clone(&self.engine), self.context_len),
+            pool: Arc::clone(&self.pool),
+        })
     }
     fn gpus(&self) -> Vec<serde_json::Value> {
         let b = &self.engine.transformer.backend;
@@ -108,14 +167,21 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
     }
 }
 
-impl<B: Backend> ChatWorker for Generator<B> {
+impl<B: Backend> ModelWorker<B> {
+    fn pool(&self) -> std::sync::MutexGuard<'_, KvPool<B>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<B: Backend> ChatWorker for ModelWorker<B> {
     fn generate(
         &mut self,
         prompt: &str,
         params: &GenParams,
+        session: Option<&str>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats, String> {
-        let prompt_ids = self.engine().model.tokenizer.encode(prompt, false)?;
+        let prompt_ids = self.gen.engine().model.tokenizer.encode(prompt, false)?;
         let req = GenerateRequest {
             prompt_ids,
             max_new_tokens: params.max_new_tokens,
@@ -123,10 +189,30 @@ impl<B: Backend> ChatWorker for Generator<B> {
             stop: vec![],
             ignore_eos: false,
         };
-        Generator::generate(self, &req, on_text)
+        if let Some(key) = session {
+            let taken = self.pool().take(key);
+            if let Some(mut cache) = taken {
+                std::mem::swap(self.gen.cache_mut(), &mut cache);
+                self.pool().put_spare(cache);
+            }
+        }
+        let result = self.gen.generate(&req, on_text);
+        let prompt_tokens = req.prompt_ids.len();
+        if let Some(key) = session {
+            let spare = self.pool().spare();
+            let spare = spare.unwrap_or_else(|| {
+                let t = &self.gen.engine().transformer;
+                SeqCache::new(&t.backend, &t.cfg, self.gen.context_len())
+            });
+            let mine = std::mem::replace(self.gen.cache_mut(), spare);
+            self.pool().put(key, mine);
+        }
+        result
             .map(|o| GenStats {
                 finish: o.finish_reason,
                 tokens: o.token_ids.len(),
+                prompt_tokens,
+                cached_tokens: o.cached_prompt_tokens,
             })
             .map_err(|e| e.to_string())
     }
@@ -200,6 +286,7 @@ impl ChatWorker for MockWorker {
         &mut self,
         prompt: &str,
         params: &GenParams,
+        _session: Option<&str>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats, String> {
         let answer = match self.mode {
@@ -213,6 +300,7 @@ impl ChatWorker for MockWorker {
         };
         let mut words = answer.split_inclusive(' ').peekable();
         let mut tokens = 0;
+        let prompt_tokens = prompt.split_whitespace().count();
         while tokens < params.max_new_tokens {
             let Some(word) = words.next() else { break };
             std::thread::sleep(self.delay);
@@ -221,6 +309,8 @@ impl ChatWorker for MockWorker {
                 return Ok(GenStats {
                     finish: FinishReason::Cancelled,
                     tokens,
+                    prompt_tokens,
+                    cached_tokens: 0,
                 });
             }
         }
@@ -229,7 +319,12 @@ impl ChatWorker for MockWorker {
         } else {
             FinishReason::Stop
         };
-        Ok(GenStats { finish, tokens })
+        Ok(GenStats {
+            finish,
+            tokens,
+            prompt_tokens,
+            cached_tokens: 0,
+        })
     }
 }
 
