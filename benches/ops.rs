@@ -1,11 +1,12 @@
-//! Speed of the CPU ops on SmolLM2's shapes: the decode matrix-vector product (memory-bound,
-//! reported as bytes of weights per second), the prefill GEMM, attention at a long position,
-//! and RMSNorm.
+//! Speed of the CPU ops on SmolLM2's shapes: the decode matrix-vector product in f32 and from
+//! Q4_1/Q8_0 blocks (memory-bound, reported as bytes of weights per second), the prefill GEMM,
+//! attention at a long position, and RMSNorm.
 
 use std::time::Duration;
 
-use chatstream::backend::cpu::ops;
+use chatstream::backend::cpu::{ops, quant};
 use chatstream::backend::AttnShape;
+use chatstream::model::dequant::{GgmlType, QuantMatrix};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn vals(n: usize) -> Vec<f32> {
@@ -22,6 +23,19 @@ fn bench_ops(c: &mut Criterion) {
         g.throughput(Throughput::Bytes((k * m * 4) as u64));
         g.bench_function(format!("matvec_{k}x{m}"), |b| {
             b.iter(|| ops::matmul(&mut out, &x, &w, 1, k, m))
+        });
+    }
+    for (ty, name) in [(GgmlType::Q4_1, "q4_1"), (GgmlType::Q8_0, "q8_0")] {
+        let (k, m) = (576, 1536);
+        let block = ty.byte_len(32).unwrap();
+        let bytes: Vec<u8> = (0..m * k / 32 * block)
+            .map(|i| if i % block < 4 { 0x20 } else { (i * 31) as u8 })
+            .collect();
+        let q = QuantMatrix::from_ggml(ty, &bytes, m, k).unwrap();
+        let (x, mut out) = (vals(k), vec![0f32; m]);
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        g.bench_function(format!("matvec_{name}_{k}x{m}"), |b| {
+            b.iter(|| quant::matvec_q(&mut out, &x, &q))
         });
     }
     let (n, k, m) = (256, 576, 1536);

@@ -5,6 +5,7 @@ mod common;
 
 use chatstream::backend::cpu::{naive, ops};
 use chatstream::backend::{AttnShape, RopeShape};
+use chatstream::model::dequant::GgmlType;
 use common::assert_close;
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -134,4 +135,61 @@ fn softmax_matches_naive() {
     ops::softmax(&mut fast);
     naive::softmax(&mut slow);
     assert_close("softmax", &fast, &slow, 1e-6);
+}
+
+/// GGML blocks of random Q8_0 / Q4_0 / Q4_1 data for a (rows, cols) matrix.
+fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let n = ty.byte_len(rows * cols).unwrap();
+    let block = n / (rows * cols / 32);
+    let raw = rand_vec(n, seed);
+    let mut bytes: Vec<u8> = raw.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+    for b in bytes.chunks_exact_mut(block) {
+        // small finite f16 scale (and minimum)
+        let (s5, s7) = (b[5] as f32, b[7] as f32);
+        b[..2].copy_from_slice(&half::f16::from_f32(0.01 + s5 / 5000.0).to_le_bytes());
+        if ty == GgmlType::Q4_1 {
+            b[2..4].copy_from_slice(&half::f16::from_f32(-0.05 + s7 / 2000.0).to_le_bytes());
+        }
+    }
+    bytes
+}
+
+#[test]
+fn quantized_matvec_matches_the_dequantized_naive_product() {
+    use chatstream::backend::cpu::quant;
+    use chatstream::model::dequant::{dequantize, GgmlType, QuantMatrix};
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        for (rows, cols) in [(192, 576), (576, 1536), (33, 64)] {
+            let bytes = random_blocks(ty, rows, cols, 21);
+            let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
+            let mut w = vec![0f32; rows * cols];
+            dequantize(ty, &bytes, &mut w);
+            let x = rand_vec(cols, 22);
+            let (mut fast, mut slow) = (vec![0.0; rows], vec![0.0; rows]);
+            quant::matvec_q(&mut fast, &x, &q);
+            naive::matmul(&mut slow, &x, &w, 1, cols, rows);
+            assert_close(&format!("{ty:?} matvec {rows}x{cols}"), &fast, &slow, 1e-4);
+            let (mut portable, qs) = (vec![0.0; rows], q.row_bytes());
+            let xsum: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
+            let nb = cols / 32;
+            for r in 0..rows {
+                let (row, sc, mn) = (
+                    &q.qs[r * qs..(r + 1) * qs],
+                    &q.scales[r * nb..(r + 1) * nb],
+                    &q.mins[r * nb..(r + 1) * nb],
+                );
+                portable[r] = if q.eight_bit {
+                    quant::dot_q8_portable(row, sc, &x)
+                } else {
+                    quant::dot_q4_portable(row, sc, mn, &x, &xsum)
+                };
+            }
+            assert_close(
+                &format!("{ty:?} portable {rows}x{cols}"),
+                &portable,
+                &slow,
+                1e-4,
+            );
+        }
+    }
 }

@@ -149,3 +149,83 @@ mod tests {
         assert_eq!(GgmlType::BF16.byte_len(3), Some(6));
     }
 }
+
+/// A matrix kept in a 4- or 8-bit block format for the CPU's decode path, with each block's
+/// scale (and minimum) already widened to f32: row r, block b holds
+/// `w = scale * q + min` for its 32 values (`min` is 0 for Q8_0 and `-8 * scale` for Q4_0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantMatrix {
+    /// `true`: 8-bit signed values (32 bytes a block); `false`: 4-bit (16 bytes a block,
+    /// low nibbles are values 0..16 of the block, high nibbles 16..32).
+    pub eight_bit: bool,
+    /// Rows.
+    pub rows: usize,
+    /// Columns (a multiple of 32).
+    pub cols: usize,
+    /// Per block: scale.
+    pub scales: Vec<f32>,
+    /// Per block: minimum (added once per value).
+    pub mins: Vec<f32>,
+    /// The packed values, block after block, row after row.
+    pub qs: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// Re-packs GGML blocks (`Q8_0`, `Q4_0` or `Q4_1`) of a `rows x cols` matrix; `None` for
+    /// other types or shapes.
+    pub fn from_ggml(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<QuantMatrix> {
+        if cols % QK != 0 || ty.byte_len(rows * cols) != Some(src.len()) {
+            return None;
+        }
+        let (block, eight_bit) = match ty {
+            GgmlType::Q8_0 => (34, true),
+            GgmlType::Q4_0 => (18, false),
+            GgmlType::Q4_1 => (20, false),
+            _ => return None,
+        };
+        let nb = rows * cols / QK;
+        let mut m = QuantMatrix {
+            eight_bit,
+            rows,
+            cols,
+            scales: Vec::with_capacity(nb),
+            mins: Vec::with_capacity(nb),
+            qs: Vec::with_capacity(nb * if eight_bit { 32 } else { 16 }),
+        };
+        for b in src.chunks_exact(block) {
+            let d = f16_at(b, 0);
+            let (min, data) = match ty {
+                GgmlType::Q8_0 => (0.0, &b[2..]),
+                GgmlType::Q4_0 => (-8.0 * d, &b[2..]),
+                _ => (f16_at(b, 2), &b[4..]),
+            };
+            m.scales.push(d);
+            m.mins.push(min);
+            m.qs.extend_from_slice(data);
+        }
+        Some(m)
+    }
+
+    /// Packed bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / QK * if self.eight_bit { 32 } else { 16 }
+    }
+
+    /// Reorders rows: row `i` of the result is row `from[i]` of `self`.
+    pub fn permute_rows(&self, from: &[usize]) -> QuantMatrix {
+        let (rb, nb) = (self.row_bytes(), self.cols / QK);
+        let mut out = QuantMatrix {
+            qs: Vec::with_capacity(self.qs.len()),
+            scales: Vec::new(),
+            mins: Vec::new(),
+            ..*self
+        };
+        for &r in from {
+            out.qs.extend_from_slice(&self.qs[r * rb..(r + 1) * rb]);
+            out.scales
+                .extend_from_slice(&self.scales[r * nb..(r + 1) * nb]);
+            out.mins.extend_from_slice(&self.mins[r * nb..(r + 1) * nb]);
+        }
+        out
+    }
+}

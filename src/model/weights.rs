@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::ModelConfig;
-use super::dequant::{dequantize, GgmlType};
+use super::dequant::{dequantize, GgmlType, QuantMatrix};
 use super::error::LoadError;
 use super::gguf::GgufFile;
 
@@ -24,6 +24,9 @@ pub struct Tensor {
     pub shape: Vec<usize>,
     /// The values.
     pub data: Arc<[f32]>,
+    /// The same matrix in the GGUF file's block format, when it was stored quantized: the
+    /// CPU's decode path reads these 4-8x fewer bytes; prefill uses `data`.
+    pub quant: Option<Arc<QuantMatrix>>,
 }
 
 impl Tensor {
@@ -33,6 +36,7 @@ impl Tensor {
         Tensor {
             shape,
             data: data.into(),
+            quant: None,
         }
     }
 
@@ -336,8 +340,13 @@ impl GgufSource<'_> {
             });
         }
         let mut data = vec![0f32; shape.iter().product()];
-        dequantize(info.dtype, self.file.data(info), &mut data);
-        Ok(Tensor::new(shape.to_vec(), data))
+        let raw = self.file.data(info);
+        dequantize(info.dtype, raw, &mut data);
+        let mut t = Tensor::new(shape.to_vec(), data);
+        if let [rows, cols] = *shape {
+            t.quant = QuantMatrix::from_ggml(info.dtype, raw, rows, cols).map(Arc::new);
+        }
+        Ok(t)
     }
 }
 
@@ -362,34 +371,34 @@ impl TensorSource for GgufSource<'_> {
         } else {
             None
         };
-        match heads {
-            Some(n_head) => Ok(Tensor::new(
-                t.shape,
-                unpermute_rows(&t.data, shape[0], n_head),
-            )),
-            None => Ok(t),
-        }
+        let Some(n_head) = heads else { return Ok(t) };
+        let from = unpermuted_order(shape[0], n_head);
+        let cols = t.cols();
+        let data: Vec<f32> = from
+            .iter()
+            .flat_map(|&r| t.data[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        let quant = t.quant.map(|q| Arc::new(q.permute_rows(&from)));
+        Ok(Tensor {
+            quant,
+            ..Tensor::new(t.shape, data)
+        })
     }
 }
 
-/// Inverse of llama.cpp's `permute`: within each head, GGUF row `2i + j` is HF row
-/// `j * half + i` (i < head_dim/2, j in {0, 1}).
-pub fn unpermute_rows(data: &[f32], rows: usize, n_head: usize) -> Vec<f32> {
-    let cols = data.len() / rows;
+/// Inverse of llama.cpp's `permute`, as a row order: within each head, Hugging Face row
+/// `j * half + i` is GGUF row `2i + j` (i < head_dim/2, j in {0, 1}). Row `r` of the result
+/// is row `from[r]` of the GGUF tensor.
+pub fn unpermuted_order(rows: usize, n_head: usize) -> Vec<usize> {
     let head_dim = rows / n_head;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + 2 * i + j;
-                let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    (0..rows)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            let (j, i) = (within / half, within % half);
+            h * head_dim + 2 * i + j
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -429,6 +438,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(unpermute_rows(&gguf, rows, n_head), hf);
+        let from = unpermuted_order(rows, n_head);
+        let back: Vec<f32> = from
+            .iter()
+            .flat_map(|&r| gguf[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        assert_eq!(back, hf);
     }
 }

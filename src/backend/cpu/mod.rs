@@ -4,6 +4,7 @@
 
 pub mod naive;
 pub mod ops;
+pub mod quant;
 
 use super::{AttnShape, Backend, RopeShape};
 use crate::model::weights::Tensor;
@@ -50,7 +51,11 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Tensor, n: usize) {
-        ops::matmul(out, x, &w.data, n, w.cols(), w.rows());
+        match (&w.quant, n) {
+            // Decode is memory-bound: read the compact blocks, not the f32 copy.
+            (Some(q), 1) => quant::matvec_q(out, x, q),
+            _ => ops::matmul(out, x, &w.data, n, w.cols(), w.rows()),
+        }
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, b: &Tensor, n: usize) {

@@ -1,0 +1,167 @@
+//! Decode-path matrix-vector products straight from 4- and 8-bit blocks (`QuantMatrix`):
+//! per block, `scale * sum(q * x) + min * sum(x)`, with the block sums of `x` computed once per
+//! call. f32 activations and accumulation, so the result equals the dequantized f32 product up
+//! to rounding. AVX2+FMA kernels are chosen at run time; the portable ones are plain loops.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::model::dequant::{QuantMatrix, QK};
+
+type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
+type Q8Fn = fn(&[u8], &[f32], &[f32]) -> f32;
+
+struct Kernels {
+    q4: Q4Fn,
+    q8: Q8Fn,
+}
+
+fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Kernels {
+                    q4: avx2::q4_entry,
+                    q8: avx2::q8_entry,
+                };
+            }
+        }
+        Kernels {
+            q4: dot_q4_portable,
+            q8: dot_q8_portable,
+        }
+    })
+}
+
+/// One row of 4-bit blocks against `x`: sum over blocks of
+/// `scale * sum(q * x) + min * xsum` (low nibbles are values 0..16, high ones 16..32).
+pub fn dot_q4_portable(qs: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32]) -> f32 {
+    let mut total = 0f32;
+    for (b, ((blk, &d), &m)) in qs.chunks_exact(16).zip(scales).zip(mins).enumerate() {
+        let xb = &x[b * QK..(b + 1) * QK];
+        let mut s = 0f32;
+        for (j, &q) in blk.iter().enumerate() {
+            s += (q & 0x0f) as f32 * xb[j] + (q >> 4) as f32 * xb[j + 16];
+        }
+        total += d * s + m * xsum[b];
+    }
+    total
+}
+
+/// One row of 8-bit blocks against `x`: sum over blocks of `scale * sum(q * x)`.
+pub fn dot_q8_portable(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+    let mut total = 0f32;
+    for (b, (blk, &d)) in qs.chunks_exact(32).zip(scales).enumerate() {
+        let s: f32 = blk
+            .iter()
+            .zip(&x[b * QK..(b + 1) * QK])
+            .map(|(&q, &xv)| (q as i8) as f32 * xv)
+            .sum();
+        total += d * s;
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    pub fn q4_entry(qs: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32]) -> f32 {
+        assert!(
+            qs.len() >= scales.len() * 16
+                && x.len() >= scales.len() * 32
+                && mins.len() >= scales.len()
+                && xsum.len() >= scales.len()
+        );
+        // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
+        unsafe { q4(qs, scales, mins, x, xsum) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4(qs: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32]) -> f32 {
+        let mask = _mm_set1_epi8(0x0f);
+        let mut acc = _mm256_setzero_ps();
+        let mut macc = 0f32;
+        for b in 0..scales.len() {
+            let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let xp = x.as_ptr().add(b * 32);
+            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            let mut s = _mm256_mul_ps(f(lo), _mm256_loadu_ps(xp));
+            s = _mm256_fmadd_ps(f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8)), s);
+            s = _mm256_fmadd_ps(f(hi), _mm256_loadu_ps(xp.add(16)), s);
+            s = _mm256_fmadd_ps(f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24)), s);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*scales.get_unchecked(b)), s, acc);
+            macc += *mins.get_unchecked(b) * *xsum.get_unchecked(b);
+        }
+        hsum(acc) + macc
+    }
+
+    pub fn q8_entry(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+        assert!(qs.len() >= scales.len() * 32 && x.len() >= scales.len() * 32);
+        // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
+        unsafe { q8(qs, scales, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q8(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..scales.len() {
+            let p = qs.as_ptr().add(b * 32) as *const __m128i;
+            let (a, c) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
+            let xp = x.as_ptr().add(b * 32);
+            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            let mut s = _mm256_mul_ps(f(a), _mm256_loadu_ps(xp));
+            s = _mm256_fmadd_ps(f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xp.add(8)), s);
+            s = _mm256_fmadd_ps(f(c), _mm256_loadu_ps(xp.add(16)), s);
+            s = _mm256_fmadd_ps(f(_mm_srli_si128(c, 8)), _mm256_loadu_ps(xp.add(24)), s);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*scales.get_unchecked(b)), s, acc);
+        }
+        hsum(acc)
+    }
+}
+
+/// Most blocks per row whose sums of `x` are kept on the stack (rows up to 32768 wide).
+const MAX_BLOCKS: usize = 1024;
+
+/// out (rows) = W x for a block-quantized W, rows split between rayon threads.
+pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
+    let nb = w.cols / QK;
+    assert!(
+        nb <= MAX_BLOCKS && x.len() >= w.cols && out.len() >= w.rows,
+        "matvec_q: shape"
+    );
+    let mut xsum = [0f32; MAX_BLOCKS];
+    for (s, xb) in xsum.iter_mut().zip(x[..w.cols].chunks_exact(QK)) {
+        *s = xb.iter().sum();
+    }
+    let xsum = &xsum[..nb];
+    let k = kernels();
+    let rb = w.row_bytes();
+    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8)).clamp(16, 512);
+    out[..w.rows]
+        .par_chunks_mut(rows_per_task)
+        .enumerate()
+        .for_each(|(c, o)| {
+            for (j, o) in o.iter_mut().enumerate() {
+                let r = c * rows_per_task + j;
+                let (qs, sc) = (&w.qs[r * rb..(r + 1) * rb], &w.scales[r * nb..(r + 1) * nb]);
+                *o = if w.eight_bit {
+                    (k.q8)(qs, sc, x)
+                } else {
+                    (k.q4)(qs, sc, &w.mins[r * nb..(r + 1) * nb], x, xsum)
+                };
+            }
+        });
+}
