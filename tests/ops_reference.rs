@@ -169,21 +169,22 @@ fn quantized_matvec_matches_the_dequantized_naive_product() {
             quant::matvec_q(&mut fast, &x, &q);
             naive::matmul(&mut slow, &x, &w, 1, cols, rows);
             assert_close(&format!("{ty:?} matvec {rows}x{cols}"), &fast, &slow, 1e-4);
-            let (mut portable, qs) = (vec![0.0; rows], q.row_bytes());
+            let (qs, nb) = (q.row_bytes(), cols / 32);
             let xsum: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
-            let nb = cols / 32;
-            for r in 0..rows {
-                let (row, sc, mn) = (
-                    &q.qs[r * qs..(r + 1) * qs],
-                    &q.scales[r * nb..(r + 1) * nb],
-                    &q.mins[r * nb..(r + 1) * nb],
-                );
-                portable[r] = if q.eight_bit {
-                    quant::dot_q8_portable(row, sc, &x)
-                } else {
-                    quant::dot_q4_portable(row, sc, mn, &x, &xsum)
-                };
-            }
+            let portable: Vec<f32> = (0..rows)
+                .map(|r| {
+                    let (row, sc, mn) = (
+                        &q.qs[r * qs..(r + 1) * qs],
+                        &q.scales[r * nb..(r + 1) * nb],
+                        &q.mins[r * nb..(r + 1) * nb],
+                    );
+                    if q.eight_bit {
+                        quant::dot_q8_portable(row, sc, &x)
+                    } else {
+                        quant::dot_q4_portable(row, sc, mn, &x, &xsum)
+                    }
+                })
+                .collect();
             assert_close(
                 &format!("{ty:?} portable {rows}x{cols}"),
                 &portable,
