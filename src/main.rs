@@ -20,6 +20,7 @@ use chatstream::engine::generate::{Engine, GenerateRequest, Generator, PREFILL_C
 use chatstream::engine::kv_cache::KvCache;
 use chatstream::model::synthetic::synthetic;
 use chatstream::model::{ModelConfig, Weights};
+use chatstream::server::loadgen::{self, LoadSpec};
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
 use chatstream::server::roles::Roles;
 use chatstream::server::{ChatStream, ServerConfig};
@@ -53,6 +54,19 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
+    /// Load-test a running server instead (host:port): concurrent streaming chats at each
+    /// of --levels, reporting aggregate tokens/s, time to first token and queue wait.
+    #[arg(long)]
+    url: Option<String>,
+    /// Concurrency levels for --url.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    levels: Vec<usize>,
+    /// Chats per stream at each level, for --url.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// The user message of each chat, for --url.
+    #[arg(long, default_value = "Write a short story about a lighthouse keeper.")]
+    prompt: String,
     /// A model folder or .gguf file (default: the fetched SmolLM2 model).
     #[arg(long, env = "CHATSTREAM_MODEL", default_value = DEFAULT_MODEL, conflicts_with = "synthetic")]
     model: PathBuf,
@@ -143,6 +157,18 @@ fn bench_on<B: Backend>(
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(url) = &a.url {
+        let spec = LoadSpec {
+            addr: loadgen::resolve(url).map_err(anyhow::Error::msg)?,
+            prompt: a.prompt.clone(),
+            max_new_tokens: a.decode_tokens,
+            rounds: a.rounds.max(1),
+        };
+        for &n in &a.levels {
+            println!("{}", loadgen::run_level(&spec, n.max(1)));
+        }
+        return Ok(());
+    }
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

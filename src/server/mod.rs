@@ -6,6 +6,7 @@ pub mod api;
 pub mod chat;
 pub mod http;
 pub mod kv_pool;
+pub mod loadgen;
 pub mod metrics;
 pub mod model;
 pub mod pool;
