@@ -175,3 +175,49 @@ fn a_prompt_extending_the_cached_tokens_prefills_only_the_rest_and_gives_the_sam
             .token_ids
     );
 }
+
+#[test]
+fn coalesced_decode_steps_give_each_sequence_its_own_tokens() {
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![0, 304, 503],
+        vec![0, 45, 373, 438, 271],
+        vec![0, 90],
+        vec![0, 351, 12, 7],
+    ];
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            tiny()
+                .generate(&req(p.clone(), 20, SamplingParams::default()), &mut |_| {
+                    true
+                })
+                .unwrap()
+                .token_ids
+        })
+        .collect();
+    let engine = common::engine(common::fixtures().join("tiny-llama"));
+    engine.enable_batching(8);
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (engine, p) = (engine.clone(), p.clone());
+            std::thread::spawn(move || {
+                let mut g = Generator::new(engine, 64);
+                g.generate(&req(p, 20, SamplingParams::default()), &mut |_| true)
+                    .unwrap()
+                    .token_ids
+            })
+        })
+        .collect();
+    let batched: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(batched, solo);
+    let stats = engine.batcher().unwrap().stats();
+    let (passes, steps) = (
+        stats.passes.load(std::sync::atomic::Ordering::Relaxed),
+        stats.steps.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(
+        steps > passes,
+        "no step was coalesced: {steps} steps in {passes} passes"
+    );
+}

@@ -194,3 +194,40 @@ fn quantized_matvec_matches_the_dequantized_naive_product() {
         }
     }
 }
+
+#[test]
+fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
+    use chatstream::backend::cpu::quant;
+    use chatstream::model::dequant::{dequantize, QuantMatrix};
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        let (rows, cols) = (96, 576);
+        let bytes = random_blocks(ty, rows, cols, 31);
+        let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
+        let mut w = vec![0f32; rows * cols];
+        dequantize(ty, &bytes, &mut w);
+        for n in [2, 5, quant::MAX_ROWS] {
+            let x = rand_vec(n * cols, 32);
+            let (mut fast, mut slow) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+            quant::matmul_q(&mut fast, &x, &q, n);
+            naive::matmul(&mut slow, &x, &w, n, cols, rows);
+            assert_close(&format!("{ty:?} matmul_q n={n}"), &fast, &slow, 1e-4);
+            let mut portable = vec![0.0; n];
+            quant::rows_portable(
+                q.eight_bit,
+                &q.qs[..q.row_bytes()],
+                &q.scales[..cols / 32],
+                &q.mins[..cols / 32],
+                &x,
+                cols,
+                &mut portable,
+            );
+            let first_row: Vec<f32> = (0..n).map(|i| slow[i * rows]).collect();
+            assert_close(
+                &format!("{ty:?} rows_portable n={n}"),
+                &portable,
+                &first_row,
+                1e-4,
+            );
+        }
+    }
+}

@@ -46,16 +46,19 @@ pub struct Transformer<B: Backend> {
 pub struct RunState<B: Backend> {
     max_tokens: usize,
     logit_rows: usize,
-    x: B::Buf,      // (max_tokens, dim) residual stream
-    xb: B::Buf,     // (max_tokens, dim) normed input / projection output
-    q: B::Buf,      // (max_tokens, q_dim)
-    k: B::Buf,      // (max_tokens, kv_dim)
-    v: B::Buf,      // (max_tokens, kv_dim)
-    att: B::Buf,    // (max_tokens, q_dim) attention output
-    hb: B::Buf,     // (max_tokens, hidden) gate, then silu(gate) * up
-    hb2: B::Buf,    // (max_tokens, hidden) up
-    last: B::Buf,   // (logit_rows, dim) rows the logits are computed from
-    logits: B::Buf, // (logit_rows, vocab)
+    x: B::Buf,       // (max_tokens, dim) residual stream
+    xb: B::Buf,      // (max_tokens, dim) normed input / projection output
+    q: B::Buf,       // (max_tokens, q_dim)
+    k: B::Buf,       // (max_tokens, kv_dim)
+    v: B::Buf,       // (max_tokens, kv_dim)
+    att: B::Buf,     // (max_tokens, q_dim) attention output
+    hb: B::Buf,      // (max_tokens, hidden) gate, then silu(gate) * up
+    hb2: B::Buf,     // (max_tokens, hidden) up
+    last: B::Buf,    // (logit_rows, dim) rows the logits are computed from
+    logits: B::Buf,  // (logit_rows, vocab)
+    row_q: B::Buf,   // (q_dim) one row of q (batched decode)
+    row_k: B::Buf,   // (kv_dim) one row of k (batched decode)
+    row_att: B::Buf, // (q_dim) one row of attention output (batched decode)
 }
 
 /// Which positions of a call get logits.
@@ -87,6 +90,9 @@ impl<B: Backend> RunState<B> {
             hb2: b.alloc(n * c.intermediate_size),
             last: b.alloc(rows * c.hidden_size),
             logits: b.alloc(rows * c.vocab_size),
+            row_q: b.alloc(c.q_dim()),
+            row_k: b.alloc(c.kv_dim()),
+            row_att: b.alloc(c.q_dim()),
         }
     }
 
@@ -251,6 +257,102 @@ impl<B: Backend> Transformer<B> {
         b.copy(&mut st.last, 0, &st.x, (n - rows) * dim, rows * dim);
         b.rmsnorm(&mut st.xb, &st.last, &self.norm, rows, c.rms_norm_eps);
         b.matmul(&mut st.logits, &st.xb, &self.output, rows);
+        Ok(())
+    }
+
+    /// One decode step for several sequences at once: row `i` is token `tokens[i]` of the
+    /// sequence whose cache is `caches[i]`, at position `caches[i].len()`. The projections
+    /// and the MLP run as one matrix product over all rows (the weights are read once);
+    /// RoPE, the cache append and attention run per row against that row's own cache.
+    /// Leaves one row of logits per sequence in `st`.
+    pub fn forward_batch(
+        &self,
+        st: &mut RunState<B>,
+        caches: &mut [&mut KvCache<B>],
+        tokens: &[u32],
+    ) -> Result<(), InferenceError> {
+        let c = &self.cfg;
+        let b = &self.backend;
+        let n = tokens.len();
+        assert!(
+            n == caches.len() && n <= st.max_tokens && n <= st.logit_rows,
+            "forward_batch: {n} rows"
+        );
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(InferenceError::BadToken {
+                id,
+                vocab: c.vocab_size,
+            });
+        }
+        for kv in caches.iter() {
+            let end = kv.len() + 1;
+            if end > kv.capacity() || end > self.max_pos {
+                return Err(InferenceError::ContextOverflow {
+                    len: end,
+                    max: kv.capacity().min(self.max_pos),
+                });
+            }
+        }
+        let (dim, q_dim, kv_dim, hidden) =
+            (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        b.embed(&mut st.x, &self.embed, tokens);
+        for (l, w) in self.layers.iter().enumerate() {
+            b.rmsnorm(&mut st.xb, &st.x, &w.attn_norm, n, c.rms_norm_eps);
+            b.matmul(&mut st.q, &st.xb, &w.wq, n);
+            b.matmul(&mut st.k, &st.xb, &w.wk, n);
+            b.matmul(&mut st.v, &st.xb, &w.wv, n);
+            if let Some([bq, bk, bv]) = &w.bqkv {
+                b.add_bias(&mut st.q, bq, n);
+                b.add_bias(&mut st.k, bk, n);
+                b.add_bias(&mut st.v, bv, n);
+            }
+            for (i, kv) in caches.iter_mut().enumerate() {
+                let pos = kv.len();
+                // row i of q and k, rotated by its own position (via the one-row buffers)
+                b.copy(&mut st.row_q, 0, &st.q, i * q_dim, q_dim);
+                b.copy(&mut st.row_k, 0, &st.k, i * kv_dim, kv_dim);
+                let one = RopeShape {
+                    n_tokens: 1,
+                    n_heads: c.n_heads,
+                    head_dim: c.head_dim,
+                    pos0: pos,
+                };
+                b.rope(&mut st.row_q, &self.rope_cos, &self.rope_sin, one);
+                b.rope(
+                    &mut st.row_k,
+                    &self.rope_cos,
+                    &self.rope_sin,
+                    RopeShape {
+                        n_heads: c.n_kv_heads,
+                        ..one
+                    },
+                );
+                b.copy(&mut kv.k[l], pos * kv_dim, &st.row_k, 0, kv_dim);
+                b.copy(&mut kv.v[l], pos * kv_dim, &st.v, i * kv_dim, kv_dim);
+                let shape = AttnShape {
+                    n_tokens: 1,
+                    pos0: pos,
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    head_dim: c.head_dim,
+                };
+                b.attention(&mut st.row_att, &st.row_q, &kv.k[l], &kv.v[l], shape);
+                b.copy(&mut st.att, i * q_dim, &st.row_att, 0, q_dim);
+            }
+            b.matmul(&mut st.xb, &st.att, &w.wo, n);
+            b.add(&mut st.x, &st.xb, n * dim);
+            b.rmsnorm(&mut st.xb, &st.x, &w.ffn_norm, n, c.rms_norm_eps);
+            b.matmul(&mut st.hb, &st.xb, &w.w_gate, n);
+            b.matmul(&mut st.hb2, &st.xb, &w.w_up, n);
+            b.silu_mul(&mut st.hb, &st.hb2, n * hidden);
+            b.matmul(&mut st.xb, &st.hb, &w.w_down, n);
+            b.add(&mut st.x, &st.xb, n * dim);
+        }
+        for kv in caches.iter_mut() {
+            kv.advance(1);
+        }
+        b.rmsnorm(&mut st.xb, &st.x, &self.norm, n, c.rms_norm_eps);
+        b.matmul(&mut st.logits, &st.xb, &self.output, n);
         Ok(())
     }
 

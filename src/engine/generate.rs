@@ -3,12 +3,13 @@
 //! tokens are sampled and decoded one at a time, streamed as text through a callback that
 //! can cancel, until an end-of-turn token, a stop string, `max_new_tokens` or a full cache.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::model::Model;
 
+use super::batch::Batcher;
 use super::detok::Detokenizer;
 use super::error::InferenceError;
 use super::forward::{Logits, RunState, Transformer};
@@ -25,13 +26,31 @@ pub struct Engine<B: Backend> {
     pub model: Model,
     /// The weights on the backend.
     pub transformer: Transformer<B>,
+    /// When set, decode steps of concurrent generators are coalesced into batches.
+    batcher: OnceLock<Batcher<B>>,
 }
 
-impl<B: Backend> Engine<B> {
+impl<B: Backend + 'static> Engine<B> {
     /// Puts `model` on `backend`.
     pub fn new(model: Model, backend: B) -> Engine<B> {
         let transformer = Transformer::new(backend, &model.config, &model.weights);
-        Engine { model, transformer }
+        Engine {
+            model,
+            transformer,
+            batcher: OnceLock::new(),
+        }
+    }
+
+    /// The step coalescer, when batching is on.
+    pub fn batcher(&self) -> Option<&Batcher<B>> {
+        self.batcher.get()
+    }
+
+    /// Coalesces the decode steps of this engine's generators, up to `max_batch` at once
+    /// (a server with several workers turns this on).
+    pub fn enable_batching(self: &Arc<Self>, max_batch: usize) {
+        self.batcher
+            .get_or_init(|| Batcher::start(Arc::downgrade(self), max_batch));
     }
 }
 
@@ -99,7 +118,7 @@ pub struct Generator<B: Backend> {
     context: Vec<u32>,
 }
 
-impl<B: Backend> Generator<B> {
+impl<B: Backend + 'static> Generator<B> {
     /// A generator whose cache holds up to `context_len` tokens (capped by the model).
     pub fn new(engine: Arc<Engine<B>>, context_len: usize) -> Generator<B> {
         let t = &engine.transformer;
@@ -176,15 +195,26 @@ impl<B: Backend> Generator<B> {
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
+        let batcher = engine.batcher.get();
+        let _decoding = batcher.map(Batcher::decoding);
+        // Logits of a batched step come back to the host; a solo step leaves them on the device.
+        let mut on_host = false;
         for step in 0..req.max_new_tokens {
-            let id = if greedy {
+            let id = if on_host && greedy {
+                match self.logits.iter().all(|v| v.is_finite()) {
+                    true => super::sampler::argmax(&self.logits),
+                    false => return Err(InferenceError::NonFiniteLogits { step }),
+                }
+            } else if greedy {
                 // Only the winning id comes back from the device.
                 t.backend
                     .argmax(self.state.logits(), t.cfg.vocab_size)
                     .ok_or(InferenceError::NonFiniteLogits { step })?
             } else {
-                t.backend
-                    .read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
+                if !on_host {
+                    t.backend
+                        .read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
+                }
                 sampler.sample(&mut self.logits, &self.context, step)?
             };
             new_ids.push(id);
@@ -208,13 +238,19 @@ impl<B: Backend> Generator<B> {
             if step + 1 == req.max_new_tokens || self.cache.kv.len() == self.cache.kv.capacity() {
                 break;
             }
-            t.forward(
-                &mut self.state,
-                &mut self.cache.kv,
-                &[id],
-                Logits::Last,
-                None,
-            )?;
+            match batcher {
+                Some(b) => {
+                    self.logits = b.step(id, &mut self.cache.kv)?;
+                    on_host = true;
+                }
+                None => t.forward(
+                    &mut self.state,
+                    &mut self.cache.kv,
+                    &[id],
+                    Logits::Last,
+                    None,
+                )?,
+            }
         }
         if finish != FinishReason::Cancelled && !stopped_by_string {
             // Text held back for a split character or a possible stop string is final now.

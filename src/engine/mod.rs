@@ -2,6 +2,7 @@
 //! sampler, incremental detokenizing, stop conditions and the generation loop that ties
 //! them together. Nothing here knows about HTTP.
 
+pub mod batch;
 pub mod detok;
 pub mod error;
 pub mod forward;

@@ -74,6 +74,9 @@ pub struct ModelChat<B: Backend> {
     pool: Arc<Mutex<KvPool<B>>>,
 }
 
+/// Most decode steps coalesced into one forward pass.
+const MAX_BATCH: usize = 16;
+
 /// Share of the free memory session KV caches may use when no budget is given.
 const DEFAULT_KV_SHARE: f64 = 0.25;
 
@@ -99,6 +102,8 @@ impl<B: Backend + 'static> ModelChat<B> {
             (free as f64 * DEFAULT_KV_SHARE) as usize
         });
         let pool = Arc::new(Mutex::new(KvPool::new(budget / per_cache, 2)));
+        // Workers decoding at the same moment share one batched forward pass per step.
+        engine.enable_batching(MAX_BATCH);
         ModelChat {
             engine,
             context_len,
@@ -167,13 +172,13 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
     }
 }
 
-impl<B: Backend> ModelWorker<B> {
+impl<B: Backend + 'static> ModelWorker<B> {
     fn pool(&self) -> std::sync::MutexGuard<'_, KvPool<B>> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-impl<B: Backend> ChatWorker for ModelWorker<B> {
+impl<B: Backend + 'static> ChatWorker for ModelWorker<B> {
     fn generate(
         &mut self,
         prompt: &str,

@@ -54,6 +54,7 @@ impl Backend for Cpu {
         match (&w.quant, n) {
             // Decode is memory-bound: read the compact blocks, not the f32 copy.
             (Some(q), 1) => quant::matvec_q(out, x, q),
+            (Some(q), n) if n <= quant::MAX_ROWS => quant::matmul_q(out, x, q, n),
             _ => ops::matmul(out, x, &w.data, n, w.cols(), w.rows()),
         }
     }

@@ -151,28 +151,16 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// out (n, m) = x (n, k) @ w (m, k)^T. One row: a parallel matrix-vector product (decode is
-/// memory-bound; every thread streams its own rows of `w`). More rows: blocked SGEMM, the
-/// output columns split between threads so each reads only its share of `w`.
+/// out (n, m) = x (n, k) @ w (m, k)^T. Few rows (decode): `matmul_few_rows`. More rows
+/// (prefill): blocked SGEMM, the output columns split between threads so each reads only its
+/// share of `w`.
 pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
     assert!(
         out.len() >= n * m && x.len() >= n * k && w.len() >= m * k,
         "matmul: buffer too small"
     );
-    if n == 1 {
-        let x = &x[..k];
-        let rows_per_task = (m / (rayon::current_num_threads() * 8)).clamp(16, 512);
-        out[..m]
-            .par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let r0 = c * rows_per_task;
-                for (j, o) in o.iter_mut().enumerate() {
-                    let r = r0 + j;
-                    *o = dot(x, &w[r * k..(r + 1) * k]);
-                }
-            });
-        return;
+    if n <= FEW_ROWS {
+        return matmul_few_rows(out, x, w, n, k, m);
     }
     let blocks = (rayon::current_num_threads() * 2)
         .min(m.div_ceil(64))
@@ -205,6 +193,30 @@ pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usiz
             );
         }
     });
+}
+
+/// Up to this many rows (decode, batched decode), each weight row is read once and dotted
+/// with every input row while it is in cache; SGEMM's packing would copy the whole matrix.
+const FEW_ROWS: usize = 16;
+
+/// out (n, m) = x (n, k) @ w (m, k)^T for small n: weight rows split between threads, each
+/// row dotted with all n inputs (decode is memory-bound: every thread streams its own rows).
+fn matmul_few_rows(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    let outp = SendPtr(out.as_mut_ptr());
+    let rows_per_task = (m / (rayon::current_num_threads() * 8)).clamp(16, 512);
+    (0..m.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|c| {
+            let o = outp;
+            for r in c * rows_per_task..((c + 1) * rows_per_task).min(m) {
+                let wr = &w[r * k..(r + 1) * k];
+                for i in 0..n {
+                    // SAFETY: out holds n * m floats (checked above); (i, r) is written only by
+                    // the task that owns row r.
+                    unsafe { *o.0.add(i * m + r) = dot(&x[i * k..(i + 1) * k], wr) };
+                }
+            }
+        });
 }
 
 /// out (n, dim) = x / sqrt(mean(x^2) + eps) * w, row by row (Hugging Face's LlamaRMSNorm).

@@ -11,10 +11,12 @@ use crate::model::dequant::{QuantMatrix, QK};
 
 type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
 type Q8Fn = fn(&[u8], &[f32], &[f32]) -> f32;
+type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, &mut [f32]);
 
 struct Kernels {
     q4: Q4Fn,
     q8: Q8Fn,
+    rows: RowsFn,
 }
 
 fn kernels() -> &'static Kernels {
@@ -26,12 +28,14 @@ fn kernels() -> &'static Kernels {
                 return Kernels {
                     q4: avx2::q4_entry,
                     q8: avx2::q8_entry,
+                    rows: avx2::rows_entry,
                 };
             }
         }
         Kernels {
             q4: dot_q4_portable,
             q8: dot_q8_portable,
+            rows: rows_portable,
         }
     })
 }
@@ -108,6 +112,75 @@ mod avx2 {
         hsum(acc) + macc
     }
 
+    pub fn rows_entry(
+        eight_bit: bool,
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+        acc: &mut [f32],
+    ) {
+        let nb = scales.len();
+        assert!(
+            acc.len() <= super::MAX_ROWS
+                && mins.len() >= nb
+                && x.len() >= acc.len() * cols
+                && nb * 32 <= cols
+        );
+        assert!(qs.len() >= nb * if eight_bit { 32 } else { 16 });
+        // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
+        unsafe { rows(eight_bit, qs, scales, mins, x, cols, acc) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows(
+        eight_bit: bool,
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let mut acc = [_mm256_setzero_ps(); super::MAX_ROWS];
+        let mask = _mm_set1_epi8(0x0f);
+        for b in 0..scales.len() {
+            let d = _mm256_set1_ps(*scales.get_unchecked(b));
+            let m = _mm256_set1_ps(*mins.get_unchecked(b));
+            // the block's 32 weights as four f32 vectors
+            let w: [__m256; 4] = if eight_bit {
+                let p = qs.as_ptr().add(b * 32) as *const __m128i;
+                let (a, c) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
+                let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
+                [f(a), f(_mm_srli_si128(a, 8)), f(c), f(_mm_srli_si128(c, 8))]
+            } else {
+                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                let lo = _mm_and_si128(raw, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                let f =
+                    |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, m);
+                [
+                    f(lo),
+                    f(_mm_srli_si128(lo, 8)),
+                    f(hi),
+                    f(_mm_srli_si128(hi, 8)),
+                ]
+            };
+            for (i, a) in acc.iter_mut().enumerate().take(n) {
+                let xp = x.as_ptr().add(i * cols + b * 32);
+                let mut s = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), *a);
+                s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), s);
+                s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), s);
+                *a = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), s);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = hsum(a);
+        }
+    }
+
     pub fn q8_entry(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
         assert!(qs.len() >= scales.len() * 32 && x.len() >= scales.len() * 32);
         // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
@@ -131,6 +204,79 @@ mod avx2 {
         hsum(acc)
     }
 }
+
+/// Most input rows `matmul_q` takes at once (one accumulator each).
+pub const MAX_ROWS: usize = 16;
+
+/// out (n, rows) = x (n, cols) @ W^T for a block-quantized W and 1 < n <= MAX_ROWS (batched
+/// decode): each block is widened to f32 once and dotted with all n inputs, so the weights
+/// are read from memory once per step whatever n is.
+pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
+    assert!(
+        n <= MAX_ROWS && x.len() >= n * w.cols && out.len() >= n * w.rows,
+        "matmul_q: shape"
+    );
+    let nb = w.cols / QK;
+    let rb = w.row_bytes();
+    let outp = SendOut(out.as_mut_ptr());
+    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    (0..w.rows.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|c| {
+            let o = outp;
+            let mut acc = [0f32; MAX_ROWS];
+            for r in c * rows_per_task..((c + 1) * rows_per_task).min(w.rows) {
+                let (qs, sc, mn) = (
+                    &w.qs[r * rb..(r + 1) * rb],
+                    &w.scales[r * nb..(r + 1) * nb],
+                    &w.mins[r * nb..(r + 1) * nb],
+                );
+                (kernels().rows)(w.eight_bit, qs, sc, mn, x, w.cols, &mut acc[..n]);
+                for (i, &a) in acc[..n].iter().enumerate() {
+                    // SAFETY: out holds n * rows floats; (i, r) is written only by the task
+                    // that owns row r.
+                    unsafe { *o.0.add(i * w.rows + r) = a };
+                }
+            }
+        });
+}
+
+/// One weight row against n inputs (row i of x starts at i * cols): each block is widened
+/// to f32 once, then dotted with every input.
+pub fn rows_portable(
+    eight_bit: bool,
+    qs: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    x: &[f32],
+    cols: usize,
+    acc: &mut [f32],
+) {
+    acc.fill(0.0);
+    let mut block = [0f32; QK];
+    for (b, (&d, &m)) in scales.iter().zip(mins).enumerate() {
+        if eight_bit {
+            for (o, &q) in block.iter_mut().zip(&qs[b * 32..(b + 1) * 32]) {
+                *o = (q as i8) as f32 * d;
+            }
+        } else {
+            for (j, &q) in qs[b * 16..(b + 1) * 16].iter().enumerate() {
+                block[j] = (q & 0x0f) as f32 * d + m;
+                block[j + 16] = (q >> 4) as f32 * d + m;
+            }
+        }
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xb = &x[i * cols + b * QK..i * cols + (b + 1) * QK];
+            *a += block.iter().zip(xb).map(|(w, x)| w * x).sum::<f32>();
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendOut(*mut f32);
+// SAFETY: used only to hand disjoint output elements to rayon tasks.
+unsafe impl Send for SendOut {}
+unsafe impl Sync for SendOut {}
 
 /// Most blocks per row whose sums of `x` are kept on the stack (rows up to 32768 wide).
 const MAX_BLOCKS: usize = 1024;

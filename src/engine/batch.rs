@@ -1,0 +1,155 @@
+//! Step coalescing: workers that are decoding at the same moment send their next-token steps
+//! to one engine thread, which runs them as a single batched forward pass (the weights are
+//! read once for all of them) and answers each on its own reply channel. Each worker keeps
+//! its request from start to end; only the decode step is shared. A worker lends its KV cache
+//! with the step and gets it back with the logits.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use crate::backend::Backend;
+
+use super::error::InferenceError;
+use super::forward::RunState;
+use super::generate::Engine;
+use super::kv_cache::KvCache;
+
+/// How long the engine thread waits for the other decoding workers to send their steps.
+const GATHER: Duration = Duration::from_millis(2);
+
+type Reply<B> = (KvCache<B>, Result<Vec<f32>, InferenceError>);
+
+struct Step<B: Backend> {
+    token: u32,
+    kv: KvCache<B>,
+    reply: Sender<Reply<B>>,
+}
+
+/// The handle workers use to submit decode steps.
+pub struct Batcher<B: Backend> {
+    tx: Sender<Step<B>>,
+    decoding: Arc<AtomicUsize>,
+    stats: Arc<BatchStats>,
+}
+
+/// How much coalescing happened.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Batched forward passes run.
+    pub passes: AtomicUsize,
+    /// Decode steps (rows) they carried.
+    pub steps: AtomicUsize,
+}
+
+/// Marks a worker as decoding while it lives (the engine thread waits for those).
+pub struct Decoding<'a>(&'a AtomicUsize);
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<B: Backend + 'static> Batcher<B> {
+    /// Starts the engine thread for `engine`, batching up to `max_batch` steps. The thread
+    /// ends when the engine is dropped.
+    pub fn start(engine: Weak<Engine<B>>, max_batch: usize) -> Batcher<B> {
+        let (tx, rx) = unbounded();
+        let decoding = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(BatchStats::default());
+        let (d, st) = (Arc::clone(&decoding), Arc::clone(&stats));
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || run(engine, rx, d, st, max_batch.max(1)))
+            .expect("spawning the engine thread");
+        Batcher {
+            tx,
+            decoding,
+            stats,
+        }
+    }
+
+    /// Passes run and steps carried so far.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+
+    /// Counts the caller as decoding until the guard drops.
+    pub fn decoding(&self) -> Decoding<'_> {
+        self.decoding.fetch_add(1, Ordering::SeqCst);
+        Decoding(&self.decoding)
+    }
+
+    /// Runs one decode step of `token` on the sequence in `kv`; returns its logits.
+    pub fn step(&self, token: u32, kv: &mut KvCache<B>) -> Result<Vec<f32>, InferenceError> {
+        let (reply, rx) = bounded(1);
+        let lent = std::mem::replace(kv, KvCache::placeholder());
+        let lost = || InferenceError::Decode("the engine thread stopped".into());
+        self.tx
+            .send(Step {
+                token,
+                kv: lent,
+                reply,
+            })
+            .map_err(|_| lost())?;
+        let (back, logits) = rx.recv().map_err(|_| lost())?;
+        *kv = back;
+        logits
+    }
+}
+
+fn run<B: Backend>(
+    engine: Weak<Engine<B>>,
+    rx: Receiver<Step<B>>,
+    decoding: Arc<AtomicUsize>,
+    stats: Arc<BatchStats>,
+    max_batch: usize,
+) {
+    let mut state: Option<RunState<B>> = None;
+    let mut host = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + GATHER;
+        while batch.len() < max_batch && batch.len() < decoding.load(Ordering::SeqCst) {
+            match rx.recv_deadline(deadline) {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        stats.passes.fetch_add(1, Ordering::Relaxed);
+        stats.steps.fetch_add(batch.len(), Ordering::Relaxed);
+        let t = &engine.transformer;
+        let st = state.get_or_insert_with(|| RunState::new(t, max_batch, max_batch));
+        let tokens: Vec<u32> = batch.iter().map(|s| s.token).collect();
+        let mut kvs: Vec<KvCache<B>> = batch
+            .iter_mut()
+            .map(|s| std::mem::replace(&mut s.kv, KvCache::placeholder()))
+            .collect();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut refs: Vec<&mut KvCache<B>> = kvs.iter_mut().collect();
+            t.forward_batch(st, &mut refs, &tokens)?;
+            t.backend
+                .read(st.logits(), tokens.len() * t.cfg.vocab_size, &mut host);
+            Ok(())
+        }))
+        .unwrap_or_else(|_| {
+            Err(InferenceError::Decode(
+                "the batched forward pass panicked".into(),
+            ))
+        });
+        let vocab = t.cfg.vocab_size;
+        for (i, (step, kv)) in batch.into_iter().zip(kvs).enumerate() {
+            let logits = result
+                .clone()
+                .map(|()| host[i * vocab..(i + 1) * vocab].to_vec());
+            let _ = step.reply.send((kv, logits));
+        }
+    }
+}
