@@ -19,6 +19,7 @@ use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::generate::{Engine, GenerateRequest, Generator, PREFILL_CHUNK};
 use chatstream::engine::kv_cache::KvCache;
 use chatstream::model::synthetic::synthetic;
+use chatstream::model::weights::Tensor;
 use chatstream::model::{ModelConfig, Weights};
 use chatstream::server::loadgen::{self, LoadSpec};
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
@@ -126,24 +127,21 @@ fn bench_on<B: Backend>(
     }
     t.backend.argmax(st.logits(), cfg.vocab_size);
     let decode_tps = a.decode_tokens as f64 / t0.elapsed().as_secs_f64();
-    let params = weights.embed.data.len()
-        + weights
-            .layers
-            .iter()
-            .map(|l| {
-                l.wq.data.len()
-                    + l.wk.data.len()
-                    + l.wv.data.len()
-                    + l.wo.data.len()
-                    + l.w_gate.data.len()
-                    + l.w_up.data.len()
-                    + l.w_down.data.len()
-            })
-            .sum::<usize>()
-        + weights.lm_head.as_ref().map_or(0, |h| h.data.len());
-    let avg_pos = 16 + a.decode_tokens / 2;
-    let bytes_per_token = 4 * params + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
     let on_gpu = t.backend.memory().is_some();
+    // What one decode step reads: the CPU reads quantized blocks where the file had them.
+    let tensor_bytes = |w: &Tensor| match (&w.quant, on_gpu) {
+        (Some(q), false) => q.qs.len() + 8 * q.scales.len(),
+        _ => 4 * w.data.len(),
+    };
+    let weight_bytes: usize = weights
+        .layers
+        .iter()
+        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+        .chain([weights.output()])
+        .map(tensor_bytes)
+        .sum();
+    let avg_pos = 16 + a.decode_tokens / 2;
+    let bytes_per_token = weight_bytes + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
     let bandwidth = a.bandwidth_gbs.or(on_gpu.then_some(4800.0));
     serde_json::json!({
         "device": t.backend.name(),
