@@ -281,6 +281,10 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
+    /// Require `Authorization: Bearer KEY` on the OpenAI API (/v1/*); `@FILE` reads the key
+    /// from a file.
+    #[arg(long, env = "CHATSTREAM_API_KEY")]
+    api_key: Option<String>,
     /// Seconds running answers may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, env = "CHATSTREAM_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
@@ -337,6 +341,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         default_params: GenParams {
             sampling,
             max_new_tokens: a.max_new_tokens,
+            stop: vec![],
         },
         name: a.name.clone(),
         session_idle_ttl: Duration::from_secs(a.session_idle_ttl),
@@ -347,6 +352,15 @@ fn serve(a: ServeArgs) -> Result<()> {
         ui_welcome: a.ui_welcome.clone(),
         roles,
         cors_origins: a.cors_origins.clone(),
+        api_key: match &a.api_key {
+            Some(k) if k.starts_with('@') => Some(
+                std::fs::read_to_string(&k[1..])
+                    .with_context(|| format!("reading the API key from {}", &k[1..]))?
+                    .trim()
+                    .to_string(),
+            ),
+            other => other.clone(),
+        },
         ..ServerConfig::default()
     };
     let kv_budget = a.kv_cache_budget.map(|mb| mb << 20);

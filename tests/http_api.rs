@@ -25,6 +25,7 @@ fn cfg(concurrency: usize, max_queue: usize, max_new_tokens: usize) -> ServerCon
         default_params: GenParams {
             sampling: SamplingParams::default(),
             max_new_tokens,
+            stop: vec![],
         },
         ..ServerConfig::default()
     }

@@ -33,6 +33,7 @@ fn web_ui_streams_stops_regenerates_and_clears_in_chromium() {
         default_params: GenParams {
             sampling: SamplingParams::default(),
             max_new_tokens: 40,
+            stop: vec![],
         },
         ui_title: "Test UI".into(),
         ui_welcome: "Welcome, tester".into(),

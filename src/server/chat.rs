@@ -108,7 +108,7 @@ struct TurnJob {
 }
 
 /// Unlocks the session and reports the outcome when dropped, so a panic still does both.
-struct TurnGuard {
+pub(super) struct TurnGuard {
     sessions: Arc<dyn SessionStore>,
     /// The locked session; taken when unlocked, so it is unlocked exactly once.
     sid: Option<String>,
@@ -116,16 +116,32 @@ struct TurnGuard {
     ephemeral: bool,
     /// Whether the request was admitted (only then is an outcome reported).
     reports: bool,
-    outcome: FinishOutcome,
+    pub(super) outcome: FinishOutcome,
     callback: Option<FinishCallback>,
     cs: Arc<ChatStream>,
-    admitted: Instant,
+    pub(super) admitted: Instant,
     /// New, prompt and cached prompt tokens.
-    tokens: [usize; 3],
-    times: RequestTimes,
+    pub(super) tokens: [usize; 3],
+    pub(super) times: RequestTimes,
 }
 
 impl TurnGuard {
+    /// The guard of an admitted request without a session (OpenAI API).
+    pub(super) fn stateless(cs: &Arc<ChatStream>, callback: Option<FinishCallback>) -> TurnGuard {
+        TurnGuard {
+            sessions: Arc::clone(&cs.sessions),
+            sid: None,
+            ephemeral: false,
+            reports: true,
+            outcome: FinishOutcome::UnknownErrorOccurred,
+            callback,
+            cs: Arc::clone(cs),
+            admitted: Instant::now(),
+            tokens: [0; 3],
+            times: RequestTimes::default(),
+        }
+    }
+
     /// Ends the session's turn (before the last byte goes out, so that a client that reads
     /// the end and sends its next turn at once finds the session free and up to date).
     fn unlock(&mut self) {

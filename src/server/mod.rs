@@ -9,6 +9,7 @@ pub mod kv_pool;
 pub mod loadgen;
 pub mod metrics;
 pub mod model;
+pub mod openai;
 pub mod pool;
 pub mod roles;
 pub mod session;
@@ -63,6 +64,8 @@ pub struct ServerConfig {
     pub roles: Roles,
     /// Origins allowed to call the API from a browser (`*` for any).
     pub cors_origins: Vec<String>,
+    /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             default_params: GenParams {
                 sampling: crate::SamplingParams::default(),
                 max_new_tokens: 256,
+                stop: vec![],
             },
             name: "node:0".into(),
             session_idle_ttl: Duration::from_secs(3600),
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             ui_welcome: "Ask me anything.".into(),
             roles: Roles::default(),
             cors_origins: Vec::new(),
+            api_key: None,
         }
     }
 }
@@ -156,8 +161,12 @@ impl ChatStream {
             let msg = format!("{} is not allowed on {path} (use {method})", req.method());
             return self.reply_error(req, 405, "method_not_allowed", &msg);
         }
-        if api == "chat_stream" {
-            return self.handle_chat_stream_request(req, None, None);
+        match api {
+            "chat_stream" => return self.handle_chat_stream_request(req, None, None),
+            // The OpenAI API has its own auth (--api-key), not the role layer.
+            "openai_chat" => return openai::chat_completions(self, req),
+            "openai_models" => return openai::models(self, req),
+            _ => {}
         }
         if !self.allowed(&req, api) {
             return self.forbidden(req);
@@ -173,6 +182,10 @@ impl ChatStream {
             "metrics" => api::metrics(self, req),
             "webui_index" => api::webui_index(self, req),
             "webui_js" => api::webui_js(self, req),
+            "ready" if self.is_draining() => {
+                let body = serde_json::json!({"status": "draining"});
+                self.reply_json(req, 503, &body, vec![http::header("Retry-After", "5")])
+            }
             _ => self.reply_json(req, 200, &serde_json::json!({"status": "ok"}), vec![]),
         }
     }
@@ -302,9 +315,9 @@ impl ChatStream {
         }
     }
 
-    /// Whether the caller's role allows `api` (`health` is always allowed).
+    /// Whether the caller's role allows `api` (`health` and `ready` are always allowed).
     pub fn allowed(&self, req: &Request, api: &str) -> bool {
-        api == "health" || self.caller_role(req).is_some_and(|r| r.allows(api))
+        matches!(api, "health" | "ready") || self.caller_role(req).is_some_and(|r| r.allows(api))
     }
 }
 
@@ -336,6 +349,9 @@ const ROUTES: &[(&str, Method, &str)] = &[
     ("/index.html", Method::Get, "webui_index"),
     ("/chatstream.js", Method::Get, "webui_js"),
     ("/health", Method::Get, "health"),
+    ("/ready", Method::Get, "ready"),
+    ("/v1/chat/completions", Method::Post, "openai_chat"),
+    ("/v1/models", Method::Get, "openai_models"),
 ];
 
 /// Threads that read request bodies and answer the cheap endpoints.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::backend::Backend;
 use crate::engine::generate::{Engine, FinishReason, GenerateRequest, Generator};
 use crate::engine::kv_cache::SeqCache;
+use crate::engine::stop::StopStrings;
 use crate::model::{ChatMessage, ChatTemplate};
 use crate::SamplingParams;
 
@@ -20,6 +21,8 @@ pub struct GenParams {
     pub sampling: SamplingParams,
     /// Most new tokens.
     pub max_new_tokens: usize,
+    /// Strings that end the answer (OpenAI's `stop`).
+    pub stop: Vec<String>,
 }
 
 /// How one generation went.
@@ -191,7 +194,7 @@ impl<B: Backend + 'static> ChatWorker for ModelWorker<B> {
             prompt_ids,
             max_new_tokens: params.max_new_tokens,
             sampling: params.sampling,
-            stop: vec![],
+            stop: params.stop.clone(),
             ignore_eos: false,
         };
         if let Some(key) = session {
@@ -306,30 +309,37 @@ impl ChatWorker for MockWorker {
         let mut words = answer.split_inclusive(' ').peekable();
         let mut tokens = 0;
         let prompt_tokens = prompt.split_whitespace().count();
+        let mut stops = StopStrings::new(&params.stop);
+        let stats = |finish, tokens| GenStats {
+            finish,
+            tokens,
+            prompt_tokens,
+            cached_tokens: 0,
+        };
         while tokens < params.max_new_tokens {
             let Some(word) = words.next() else { break };
             std::thread::sleep(self.delay);
             tokens += 1;
-            if !on_text(word) {
-                return Ok(GenStats {
-                    finish: FinishReason::Cancelled,
-                    tokens,
-                    prompt_tokens,
-                    cached_tokens: 0,
-                });
+            let check = stops.push(word);
+            if (!check.emit.is_empty() && !on_text(&check.emit)) || check.stopped {
+                let finish = if check.stopped {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Cancelled
+                };
+                return Ok(stats(finish, tokens));
             }
+        }
+        let rest = stops.flush();
+        if !rest.is_empty() && !on_text(&rest) {
+            return Ok(stats(FinishReason::Cancelled, tokens));
         }
         let finish = if words.peek().is_some() {
             FinishReason::Length
         } else {
             FinishReason::Stop
         };
-        Ok(GenStats {
-            finish,
-            tokens,
-            prompt_tokens,
-            cached_tokens: 0,
-        })
+        Ok(stats(finish, tokens))
     }
 }
 

@@ -176,6 +176,7 @@ mod tests {
         GenParams {
             sampling: SamplingParams::default(),
             max_new_tokens: 8,
+            stop: vec![],
         }
     }
 

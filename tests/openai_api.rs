@@ -1,0 +1,233 @@
+//! The OpenAI-compatible API over real sockets: SSE streaming with usage, non-streamed JSON,
+//! parameters and their errors in OpenAI's shape, the API key, /v1/models, and the real
+//! model answering as `generate` does; the requests count in /metrics like /chat_stream's.
+//! Also /ready turning 503 while draining.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
+use chatstream::server::roles::Roles;
+use chatstream::server::ServerConfig;
+use chatstream::SamplingParams;
+use common::client::{request, TestServer};
+use serde_json::{json, Value};
+
+fn server(api_key: Option<&str>, model: Arc<dyn ChatModel>) -> TestServer {
+    let cfg = ServerConfig {
+        concurrency: 1,
+        max_queue: 1,
+        roles: Roles::open(),
+        api_key: api_key.map(str::to_string),
+        default_params: GenParams {
+            sampling: SamplingParams::default(),
+            max_new_tokens: 32,
+            stop: vec![],
+        },
+        ..ServerConfig::default()
+    };
+    TestServer::start(cfg, model)
+}
+
+fn echo() -> Arc<dyn ChatModel> {
+    Arc::new(MockChat::new(MockMode::Echo, Duration::from_millis(1)))
+}
+
+fn post(s: &TestServer, key: Option<&str>, body: &Value) -> common::client::Resp {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    request(
+        s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+}
+
+fn events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn streams_sse_chunks_with_finish_reason_usage_and_done() {
+    let s = server(None, echo());
+    let r = post(
+        &s,
+        None,
+        &json!({"messages": [{"role": "user", "content": "one two three"}], "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+    assert_eq!(r.header("Cache-Control"), Some("no-cache"));
+    let ev = events(&r.text());
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "one two three");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(finish[0]["choices"][0]["finish_reason"], "stop");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 3);
+    s.wait_idle();
+    let m = request(s.addr, "GET", "/metrics", &[], b"").text();
+    assert!(
+        m.contains("chatstream_requests_finished_total{node=\"node:0\",outcome=\"success\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn non_streamed_answer_stop_strings_and_length() {
+    let s = server(None, echo());
+    let r = post(
+        &s,
+        None,
+        &json!({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "alpha beta gamma"}]}], "stop": " gamma"}),
+    );
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(
+        v["choices"][0]["message"],
+        json!({"role": "assistant", "content": "alpha beta"})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let v = post(
+        &s,
+        None,
+        &json!({"messages": [{"role": "user", "content": "a b c d"}], "max_tokens": 2}),
+    )
+    .json();
+    assert_eq!(
+        (
+            v["choices"][0]["finish_reason"].as_str(),
+            v["usage"]["completion_tokens"].as_u64()
+        ),
+        (Some("length"), Some(2))
+    );
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_key_is_required() {
+    let s = server(Some("k3y"), echo());
+    let ok = json!({"messages": [{"role": "user", "content": "hi"}]});
+    for key in [None, Some("wrong"), Some("k3yy")] {
+        let r = post(&s, key, &ok);
+        assert_eq!(r.status, 401, "{key:?}");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(request(s.addr, "GET", "/v1/models", &[], b"").status, 401);
+    let models = request(
+        s.addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer k3y")],
+        b"",
+    )
+    .json();
+    assert_eq!(models["data"][0]["id"], "mock-echo");
+    for (body, param) in [
+        (json!({"messages": []}), "messages"),
+        (
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 2}),
+            "n",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}),
+            "presence_penalty",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "stop": 5}),
+            "stop",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+            "stream",
+        ),
+    ] {
+        let r = post(&s, Some("k3y"), &body);
+        assert_eq!(r.status, 400, "{body}");
+        let e = &r.json()["error"];
+        assert_eq!(
+            (e["type"].as_str(), e["param"].as_str()),
+            (Some("invalid_request_error"), Some(param)),
+            "{body}"
+        );
+        assert!(!e["message"].as_str().unwrap().is_empty());
+    }
+    let r = post(
+        &s,
+        Some("k3y"),
+        &json!({"messages": [{"role": "user", "content": "x"}], "unknown_field": 1, "top_k": 5}),
+    );
+    assert_eq!(r.status, 200, "unknown fields are ignored");
+}
+
+#[test]
+fn ready_turns_503_while_draining() {
+    let s = server(None, echo());
+    assert_eq!(request(s.addr, "GET", "/ready", &[], b"").status, 200);
+    s.cs.start_draining();
+    assert_eq!(request(s.addr, "GET", "/ready", &[], b"").status, 503);
+    assert_eq!(request(s.addr, "GET", "/health", &[], b"").status, 200);
+    assert_eq!(
+        post(
+            &s,
+            None,
+            &json!({"messages": [{"role": "user", "content": "x"}]})
+        )
+        .status,
+        503
+    );
+}
+
+#[test]
+fn real_model_answers_as_generate_does() {
+    let golden = common::read_json(common::fixtures().join("smollm2/golden.json"));
+    let conv = &golden["conversations"][0];
+    let engine = common::engine(common::default_model());
+    let s = server(None, Arc::new(ModelChat::new(engine, 1024, Some(64 << 20))));
+    let v = post(
+        &s,
+        None,
+        &json!({"messages": conv["messages"], "max_tokens": 48, "temperature": 0}),
+    )
+    .json();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        conv["greedy"]["text"]
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], conv["prompt_len"]);
+}
