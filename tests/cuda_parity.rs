@@ -15,7 +15,7 @@ use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::kv_cache::KvCache;
 use chatstream::model::weights::Tensor;
 use chatstream::Model;
-use common::assert_close;
+use common::{assert_close, rand_vec};
 
 fn gpu() -> Option<&'static Cuda> {
     static GPU: OnceLock<Option<Cuda>> = OnceLock::new();
@@ -30,20 +30,6 @@ fn gpu() -> Option<&'static Cuda> {
         println!("skipped: no CUDA device");
     }
     g.as_ref()
-}
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn tensor(shape: &[usize], seed: u64) -> Tensor {

@@ -6,22 +6,7 @@ mod common;
 use chatstream::backend::cpu::{naive, ops};
 use chatstream::backend::{AttnShape, RopeShape};
 use chatstream::model::dequant::GgmlType;
-use common::assert_close;
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use common::{assert_close, rand_vec};
 
 #[test]
 fn dot_matches_portable_and_naive() {

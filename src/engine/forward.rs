@@ -184,7 +184,7 @@ impl<B: Backend> Transformer<B> {
                 vocab: c.vocab_size,
             });
         }
-        let (dim, kv_dim, hidden) = (c.hidden_size, c.kv_dim(), c.intermediate_size);
+        let (dim, kv_dim) = (c.hidden_size, c.kv_dim());
         let mut record = |buf: &B::Buf| {
             if let Some(t) = trace.as_deref_mut() {
                 let mut v = Vec::new();
@@ -215,31 +215,15 @@ impl<B: Backend> Transformer<B> {
         };
         for (l, w) in self.layers.iter().enumerate() {
             // attention block: xb = rmsnorm(x); q, k, v = xb @ wq, wk, wv (+ bias)
-            b.rmsnorm(&mut st.xb, &st.x, &w.attn_norm, n, c.rms_norm_eps);
-            b.matmul(&mut st.q, &st.xb, &w.wq, n);
-            b.matmul(&mut st.k, &st.xb, &w.wk, n);
-            b.matmul(&mut st.v, &st.xb, &w.wv, n);
-            if let Some([bq, bk, bv]) = &w.bqkv {
-                b.add_bias(&mut st.q, bq, n);
-                b.add_bias(&mut st.k, bk, n);
-                b.add_bias(&mut st.v, bv, n);
-            }
+            self.qkv(st, w, n);
             // rotate q and k by their positions, then append k, v to the cache
             b.rope(&mut st.q, &self.rope_cos, &self.rope_sin, rope_q);
             b.rope(&mut st.k, &self.rope_cos, &self.rope_sin, rope_k);
             b.copy(&mut kv.k[l], pos0 * kv_dim, &st.k, 0, n * kv_dim);
             b.copy(&mut kv.v[l], pos0 * kv_dim, &st.v, 0, n * kv_dim);
-            // att = causal attention over positions 0..=pos; x += att @ wo
+            // att = causal attention over positions 0..=pos; x += att @ wo; then the MLP
             b.attention(&mut st.att, &st.q, &kv.k[l], &kv.v[l], attn);
-            b.matmul(&mut st.xb, &st.att, &w.wo, n);
-            b.add(&mut st.x, &st.xb, n * dim);
-            // MLP block: xb = rmsnorm(x); x += (silu(xb @ w_gate) * (xb @ w_up)) @ w_down
-            b.rmsnorm(&mut st.xb, &st.x, &w.ffn_norm, n, c.rms_norm_eps);
-            b.matmul(&mut st.hb, &st.xb, &w.w_gate, n);
-            b.matmul(&mut st.hb2, &st.xb, &w.w_up, n);
-            b.silu_mul(&mut st.hb, &st.hb2, n * hidden);
-            b.matmul(&mut st.xb, &st.hb, &w.w_down, n);
-            b.add(&mut st.x, &st.xb, n * dim);
+            self.out_and_mlp(st, w, n);
             record(&st.x);
         }
         kv.advance(n);
@@ -258,6 +242,34 @@ impl<B: Backend> Transformer<B> {
         b.rmsnorm(&mut st.xb, &st.last, &self.norm, rows, c.rms_norm_eps);
         b.matmul(&mut st.logits, &st.xb, &self.output, rows);
         Ok(())
+    }
+
+    /// Start of a layer: xb = rmsnorm(x); q, k, v = xb @ wq, wk, wv (+ bias), for n rows.
+    fn qkv(&self, st: &mut RunState<B>, w: &Layer<B>, n: usize) {
+        let (b, eps) = (&self.backend, self.cfg.rms_norm_eps);
+        b.rmsnorm(&mut st.xb, &st.x, &w.attn_norm, n, eps);
+        b.matmul(&mut st.q, &st.xb, &w.wq, n);
+        b.matmul(&mut st.k, &st.xb, &w.wk, n);
+        b.matmul(&mut st.v, &st.xb, &w.wv, n);
+        if let Some([bq, bk, bv]) = &w.bqkv {
+            b.add_bias(&mut st.q, bq, n);
+            b.add_bias(&mut st.k, bk, n);
+            b.add_bias(&mut st.v, bv, n);
+        }
+    }
+
+    /// End of a layer: x += att @ wo; xb = rmsnorm(x);
+    /// x += (silu(xb @ w_gate) * (xb @ w_up)) @ w_down, for n rows.
+    fn out_and_mlp(&self, st: &mut RunState<B>, w: &Layer<B>, n: usize) {
+        let (b, c) = (&self.backend, &self.cfg);
+        b.matmul(&mut st.xb, &st.att, &w.wo, n);
+        b.add(&mut st.x, &st.xb, n * c.hidden_size);
+        b.rmsnorm(&mut st.xb, &st.x, &w.ffn_norm, n, c.rms_norm_eps);
+        b.matmul(&mut st.hb, &st.xb, &w.w_gate, n);
+        b.matmul(&mut st.hb2, &st.xb, &w.w_up, n);
+        b.silu_mul(&mut st.hb, &st.hb2, n * c.intermediate_size);
+        b.matmul(&mut st.xb, &st.hb, &w.w_down, n);
+        b.add(&mut st.x, &st.xb, n * c.hidden_size);
     }
 
     /// One decode step for several sequences at once: row `i` is token `tokens[i]` of the
@@ -293,19 +305,10 @@ impl<B: Backend> Transformer<B> {
                 });
             }
         }
-        let (dim, q_dim, kv_dim, hidden) =
-            (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         b.embed(&mut st.x, &self.embed, tokens);
         for (l, w) in self.layers.iter().enumerate() {
-            b.rmsnorm(&mut st.xb, &st.x, &w.attn_norm, n, c.rms_norm_eps);
-            b.matmul(&mut st.q, &st.xb, &w.wq, n);
-            b.matmul(&mut st.k, &st.xb, &w.wk, n);
-            b.matmul(&mut st.v, &st.xb, &w.wv, n);
-            if let Some([bq, bk, bv]) = &w.bqkv {
-                b.add_bias(&mut st.q, bq, n);
-                b.add_bias(&mut st.k, bk, n);
-                b.add_bias(&mut st.v, bv, n);
-            }
+            self.qkv(st, w, n);
             for (i, kv) in caches.iter_mut().enumerate() {
                 let pos = kv.len();
                 // row i of q and k, rotated by its own position (via the one-row buffers)
@@ -339,14 +342,7 @@ impl<B: Backend> Transformer<B> {
                 b.attention(&mut st.row_att, &st.row_q, &kv.k[l], &kv.v[l], shape);
                 b.copy(&mut st.att, i * q_dim, &st.row_att, 0, q_dim);
             }
-            b.matmul(&mut st.xb, &st.att, &w.wo, n);
-            b.add(&mut st.x, &st.xb, n * dim);
-            b.rmsnorm(&mut st.xb, &st.x, &w.ffn_norm, n, c.rms_norm_eps);
-            b.matmul(&mut st.hb, &st.xb, &w.w_gate, n);
-            b.matmul(&mut st.hb2, &st.xb, &w.w_up, n);
-            b.silu_mul(&mut st.hb, &st.hb2, n * hidden);
-            b.matmul(&mut st.xb, &st.hb, &w.w_down, n);
-            b.add(&mut st.x, &st.xb, n * dim);
+            self.out_and_mlp(st, w, n);
         }
         for kv in caches.iter_mut() {
             kv.advance(1);

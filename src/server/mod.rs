@@ -164,6 +164,9 @@ impl ChatStream {
         match api {
             "chat_stream" => return self.handle_chat_stream_request(req, None, None),
             // The OpenAI API has its own auth (--api-key), not the role layer.
+            "openai_chat" | "openai_models" if !openai::authorized(self, &req) => {
+                return openai::unauthorized(self, req)
+            }
             "openai_chat" => return openai::chat_completions(self, req),
             "openai_models" => return openai::models(self, req),
             _ => {}

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible API: `POST /v1/chat/completions` (streamed as server-sent events or
 //! answered as one JSON object) and `GET /v1/models`, stateless (no session), through the
-//! same admission, worker pool, finish callbacks and metrics as `/chat_stream`. Errors use
+//! same admission, worker pool, finish callbacks and metrics as `/chat_stream` (the router
+//! checks the API key before either handler runs). Errors use
 //! OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. With `--api-key`, every
 //! `/v1` request needs `Authorization: Bearer <key>` (compared in constant time).
 
@@ -49,18 +50,20 @@ pub fn authorized(cs: &ChatStream, req: &Request) -> bool {
     diff == 0
 }
 
+/// The 401 for a missing or wrong API key.
+pub fn unauthorized(cs: &ChatStream, req: Request) {
+    error(
+        cs,
+        req,
+        401,
+        "invalid_request_error",
+        None,
+        "missing or wrong API key (Authorization: Bearer ...)",
+    );
+}
+
 /// `GET /v1/models`.
 pub fn models(cs: &Arc<ChatStream>, req: Request) {
-    if !authorized(cs, &req) {
-        return error(
-            cs,
-            req,
-            401,
-            "invalid_request_error",
-            None,
-            "missing or wrong API key (Authorization: Bearer ...)",
-        );
-    }
     let body = json!({"object": "list", "data": [{"id": cs.model.name(), "object": "model", "created": 0, "owned_by": "chatstream"}]});
     cs.reply_json(req, 200, &body, vec![]);
 }
@@ -204,16 +207,6 @@ fn parse(v: &Value, defaults: &GenParams, max_tokens_cap: usize) -> Result<Compl
 
 /// `POST /v1/chat/completions`.
 pub fn chat_completions(cs: &Arc<ChatStream>, mut req: Request) {
-    if !authorized(cs, &req) {
-        return error(
-            cs,
-            req,
-            401,
-            "invalid_request_error",
-            None,
-            "missing or wrong API key (Authorization: Bearer ...)",
-        );
-    }
     if cs.is_draining() {
         return error(
             cs,

@@ -77,3 +77,18 @@ pub fn engine(path: PathBuf) -> Arc<Engine<Cpu>> {
     let model = Model::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
     Arc::new(Engine::new(model, Cpu))
 }
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
