@@ -18,7 +18,6 @@ use super::session::new_session_id;
 use super::ChatStream;
 use crate::engine::generate::FinishReason;
 use crate::model::ChatMessage;
-use crate::SamplingParams;
 
 /// Answers with OpenAI's error shape.
 fn error(
@@ -135,14 +134,11 @@ fn parse(v: &Value, defaults: &GenParams, max_tokens_cap: usize) -> Result<Compl
     }
     for k in ["presence_penalty", "frequency_penalty"] {
         if num(k)?.is_some_and(|p| p != 0.0) {
-            return Err((Some(if k == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" }),
-                format!("{k} is not supported (use repetition_penalty, Hugging Face's multiplicative penalty)")));
+            let msg = format!("{k} is not supported (use repetition_penalty, Hugging Face's multiplicative penalty)");
+            return Err((Some(k), msg));
         }
     }
-    let mut sampling = SamplingParams {
-        seed: None,
-        ..defaults.sampling
-    };
+    let mut sampling = defaults.sampling;
     if let Some(t) = num("temperature")? {
         sampling.temperature = t;
     }
