@@ -285,6 +285,9 @@ struct ServeArgs {
     /// from a file.
     #[arg(long, env = "CHATSTREAM_API_KEY")]
     api_key: Option<String>,
+    /// Seconds a request may wait in the queue; past that it gets the too-many-requests answer.
+    #[arg(long, env = "CHATSTREAM_MAX_QUEUE_WAIT")]
+    max_queue_wait: Option<f64>,
     /// Seconds running answers may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, env = "CHATSTREAM_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
@@ -352,6 +355,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         ui_welcome: a.ui_welcome.clone(),
         roles,
         cors_origins: a.cors_origins.clone(),
+        max_queue_wait: a.max_queue_wait.map(Duration::from_secs_f64),
         api_key: match &a.api_key {
             Some(k) if k.starts_with('@') => Some(
                 std::fs::read_to_string(&k[1..])

@@ -830,3 +830,32 @@ fn a_sessions_next_turn_reuses_its_kv_cache_on_any_worker() {
     s.wait_idle();
     assert!(metric(s.addr, "chatstream_cached_prompt_tokens_total") - before > first_prompt);
 }
+
+#[test]
+fn a_request_that_waits_past_max_queue_wait_is_refused_and_accounted() {
+    let c = ServerConfig {
+        max_queue_wait: Some(Duration::from_millis(200)),
+        ..cfg(1, 1, 10)
+    };
+    let s = TestServer::start(c, mock(MockMode::Long, 50));
+    let addr = s.addr;
+    let first = std::thread::spawn(move || chat(addr, None, &json!({"user_input": "a"})));
+    std::thread::sleep(Duration::from_millis(50));
+    let late = chat(s.addr, None, &json!({"user_input": "b"}));
+    assert_eq!(late.json(), json!({"error": "too_many_requests"}));
+    let retry: u64 = late.header("Retry-After").unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(
+        final_answer(&first.join().unwrap().text())
+            .split_whitespace()
+            .count(),
+        10
+    );
+    s.wait_idle();
+    assert_eq!(
+        s.outcomes().len(),
+        2,
+        "both admitted requests reported once"
+    );
+    assert_eq!(metric(s.addr, "chatstream_requests_rejected_total"), 1);
+}

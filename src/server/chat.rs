@@ -170,9 +170,10 @@ impl Drop for TurnGuard {
             self.tokens[2],
             self.admitted.elapsed().as_millis()
         );
+        let total = self.admitted.elapsed().as_secs_f64();
         self.cs
             .metrics
-            .finished(self.outcome, self.tokens, self.times);
+            .finished(self.outcome, self.tokens, self.times, total);
         if let Some(cb) = self.callback.take() {
             let outcome = self.outcome;
             if catch_unwind(AssertUnwindSafe(|| cb(outcome))).is_err() {
@@ -256,8 +257,7 @@ impl ChatStream {
         };
         let Some(admission) = self.pool.try_admit() else {
             guard.unlock();
-            let load = self.pool.load();
-            let retry = (1 + load.waiting / self.pool.concurrency().max(1)).to_string();
+            let retry = self.retry_after();
             let status = self.cfg.too_many_requests_status;
             self.metrics.rejected();
             return self.reply_json(
@@ -295,6 +295,28 @@ impl ChatStream {
             resp.add_header(h);
         }
         self.respond(req, resp.boxed());
+    }
+
+    /// The `Retry-After` value (seconds) for a refusal now.
+    pub fn retry_after(&self) -> String {
+        self.metrics
+            .retry_after(self.pool.load().waiting, self.pool.concurrency())
+            .to_string()
+    }
+
+    /// Whether an admitted request waited past `--max-queue-wait` (it is then refused as
+    /// too many instead of started).
+    pub(super) fn waited_too_long(&self, guard: &TurnGuard) -> bool {
+        let waited = guard.admitted.elapsed();
+        let late = self.cfg.max_queue_wait.is_some_and(|max| waited > max);
+        if late {
+            self.metrics.rejected();
+            eprintln!(
+                "chatstream: refused after {} ms in the queue (--max-queue-wait)",
+                waited.as_millis()
+            );
+        }
+        late
     }
 
     /// The `Set-Cookie` value for session `sid`.
@@ -388,6 +410,17 @@ fn to_messages(turns: &[Turn], user: &str) -> Vec<ChatMessage> {
 
 /// On a worker: stream the answer, save the turn, set the outcome (the guard reports it).
 fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: TurnGuard) {
+    if job.cs.waited_too_long(&guard) {
+        let retry = job.cs.retry_after();
+        let status = job.cs.cfg.too_many_requests_status;
+        job.cs.reply_json(
+            req,
+            status,
+            &json!({"error": "too_many_requests"}),
+            vec![header("Retry-After", &retry)],
+        );
+        return;
+    }
     let started = Instant::now();
     guard.times.queue_wait = started.duration_since(guard.admitted).as_secs_f64();
     let mut headers = vec![

@@ -71,6 +71,8 @@ struct Inner {
     tokens: u64,
     prompt_tokens: u64,
     cached_tokens: u64,
+    /// Moving average of a request's time from admission to its end, in seconds.
+    recent_request_s: f64,
     queue_wait: Histogram,
     ttft: Histogram,
     tpot: Histogram,
@@ -91,6 +93,7 @@ impl Default for Metrics {
                 tokens: 0,
                 prompt_tokens: 0,
                 cached_tokens: 0,
+                recent_request_s: 0.0,
                 queue_wait: Histogram::new(WAIT_BOUNDS),
                 ttft: Histogram::new(WAIT_BOUNDS),
                 tpot: Histogram::new(TOKEN_BOUNDS),
@@ -122,8 +125,19 @@ impl Metrics {
 
     /// Records a finished request: new tokens, prompt tokens and those of them reused from a
     /// kept KV cache.
-    pub fn finished(&self, outcome: FinishOutcome, tokens: [usize; 3], t: RequestTimes) {
+    pub fn finished(
+        &self,
+        outcome: FinishOutcome,
+        tokens: [usize; 3],
+        t: RequestTimes,
+        total_s: f64,
+    ) {
         let mut m = self.lock();
+        m.recent_request_s = if m.recent_request_s == 0.0 {
+            total_s
+        } else {
+            0.8 * m.recent_request_s + 0.2 * total_s
+        };
         let i = OUTCOMES.iter().position(|&o| o == outcome).unwrap_or(3);
         m.finished[i] += 1;
         m.tokens += tokens[0] as u64;
@@ -136,6 +150,14 @@ impl Metrics {
         if let Some(v) = t.tpot {
             m.tpot.observe(v);
         }
+    }
+
+    /// Seconds a refused client should wait: the requests ahead of it (`waiting`, plus itself)
+    /// spread over `workers`, at the recent time per request; at least 1.
+    pub fn retry_after(&self, waiting: usize, workers: usize) -> u64 {
+        let per_request = self.lock().recent_request_s;
+        let rounds = (waiting + 1) as f64 / workers.max(1) as f64;
+        (rounds * per_request).ceil().max(1.0) as u64
     }
 
     /// The Prometheus text exposition.

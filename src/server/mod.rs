@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// A request that waited this long without starting is refused as too many.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +93,7 @@ impl Default for ServerConfig {
             roles: Roles::default(),
             cors_origins: Vec::new(),
             api_key: None,
+            max_queue_wait: None,
         }
     }
 }

@@ -261,15 +261,24 @@ pub fn chat_completions(cs: &Arc<ChatStream>, mut req: Request) {
     }
     let Some(admission) = cs.pool.try_admit() else {
         cs.metrics.rejected();
-        let retry = (1 + cs.pool.load().waiting / cs.pool.concurrency().max(1)).to_string();
-        let body = json!({"error": {"message": "too many requests; retry later", "type": "rate_limit_error", "param": null, "code": "too_many_requests"}});
-        return cs.reply_json(req, 429, &body, vec![header("Retry-After", &retry)]);
+        return too_many(&cs, req);
     };
     let guard = TurnGuard::stateless(cs, None);
     let cs = Arc::clone(cs);
     admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
         run(worker, req, cs, c, prompt, guard)
     }));
+}
+
+/// OpenAI's 429, with a Retry-After from the queue and the recent time per request.
+fn too_many(cs: &ChatStream, req: Request) {
+    let body = json!({"error": {"message": "too many requests; retry later", "type": "rate_limit_error", "param": null, "code": "too_many_requests"}});
+    cs.reply_json(
+        req,
+        429,
+        &body,
+        vec![header("Retry-After", &cs.retry_after())],
+    );
 }
 
 fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>) -> Value {
@@ -285,6 +294,9 @@ fn run(
     prompt: String,
     mut guard: TurnGuard,
 ) {
+    if cs.waited_too_long(&guard) {
+        return too_many(&cs, req);
+    }
     let started = Instant::now();
     guard.times.queue_wait = started.duration_since(guard.admitted).as_secs_f64();
     let id = format!("chatcmpl-{}", new_session_id());
