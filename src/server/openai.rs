@@ -261,7 +261,7 @@ pub fn chat_completions(cs: &Arc<ChatStream>, mut req: Request) {
     }
     let Some(admission) = cs.pool.try_admit() else {
         cs.metrics.rejected();
-        return too_many(&cs, req);
+        return too_many(cs, req);
     };
     let guard = TurnGuard::stateless(cs, None);
     let cs = Arc::clone(cs);
