@@ -407,14 +407,19 @@ fn serve(a: ServeArgs) -> Result<()> {
         a.shutdown_grace
     );
     cs.start_draining();
-    let finished = cs.wait_idle(Duration::from_secs(a.shutdown_grace));
+    let mut finished = cs.wait_idle(Duration::from_secs(a.shutdown_grace));
+    if !finished {
+        // Past the grace period: stop the rest with a final chunk, and let their callbacks run.
+        cs.cancel_running();
+        finished = cs.wait_idle(Duration::from_secs(5));
+    }
     handle.shutdown();
     eprintln!(
         "chatstream: stopped ({})",
         if finished {
-            "all answers finished"
+            "every request accounted for"
         } else {
-            "grace period over"
+            "requests still running"
         }
     );
     Ok(())

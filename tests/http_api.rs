@@ -859,3 +859,25 @@ fn a_request_that_waits_past_max_queue_wait_is_refused_and_accounted() {
     );
     assert_eq!(metric(s.addr, "chatstream_requests_rejected_total"), 1);
 }
+
+#[test]
+fn cancelling_at_shutdown_ends_running_answers_with_a_last_chunk_and_reports_them() {
+    let s = TestServer::start(cfg(1, 1, 200), mock(MockMode::Long, 20));
+    let addr = s.addr;
+    let running = std::thread::spawn(move || chat(addr, None, &json!({"user_input": "a"})));
+    std::thread::sleep(Duration::from_millis(150));
+    s.cs.start_draining();
+    assert_eq!(
+        chat(s.addr, None, &json!({"user_input": "b"})).status,
+        503,
+        "no new turns while draining"
+    );
+    s.cs.cancel_running();
+    let body = running.join().unwrap().text();
+    assert!(
+        body.ends_with("[cancelled: the server is shutting down]<::EOS::>"),
+        "{body}"
+    );
+    assert!(s.cs.wait_idle(Duration::from_secs(5)));
+    assert_eq!(s.outcomes(), vec![FinishOutcome::UnknownErrorOccurred]);
+}

@@ -410,6 +410,12 @@ fn to_messages(turns: &[Turn], user: &str) -> Vec<ChatMessage> {
 
 /// On a worker: stream the answer, save the turn, set the outcome (the guard reports it).
 fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: TurnGuard) {
+    if job.cs.is_cancelling() {
+        let body = json!({"error": "draining", "message": "the server is shutting down; retry on another replica"});
+        job.cs
+            .reply_json(req, 503, &body, vec![header("Retry-After", "5")]);
+        return;
+    }
     if job.cs.waited_too_long(&guard) {
         let retry = job.cs.retry_after();
         let status = job.cs.cfg.too_many_requests_status;
@@ -443,6 +449,9 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     let params: &GenParams = &job.session.params;
     let session = (!job.ephemeral).then_some(job.sid.as_str());
     let result = worker.generate(&job.prompt, params, session, &mut |piece| {
+        if job.cs.is_cancelling() {
+            return false;
+        }
         answer.push_str(piece);
         let body = if job.delta { piece } else { answer.as_str() };
         if stream
@@ -466,12 +475,27 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
             guard.times.tpot = Some(first.elapsed().as_secs_f64() / (stats.tokens - 1) as f64);
         }
     }
-    if let Err(e) = &result {
-        eprintln!("chatstream: generation failed: {e}");
-        gone = gone
-            || stream
-                .chunk(format!("{answer}\n\n[error: {e}]{EOS_MARK}").as_bytes())
-                .is_err();
+    // An error, or a cancellation at shutdown, ends the stream with a last chunk saying so.
+    let note = match &result {
+        Err(e) => {
+            eprintln!("chatstream: generation failed: {e}");
+            Some(format!("error: {e}"))
+        }
+        Ok(GenStats {
+            finish: FinishReason::Cancelled,
+            ..
+        }) if !gone => Some("cancelled: the server is shutting down".into()),
+        _ => None,
+    };
+    if let (Some(note), false) = (note, gone) {
+        let body = if job.delta {
+            format!("\n\n[{note}]")
+        } else {
+            format!("{answer}\n\n[{note}]")
+        };
+        gone = stream
+            .chunk(format!("{body}{EOS_MARK}").as_bytes())
+            .is_err();
     }
     if chunks > 0 {
         let mut session = job.session;

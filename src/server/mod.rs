@@ -114,6 +114,8 @@ pub struct ChatStream {
     feedback_lock: Mutex<()>,
     /// Set when shutting down: new turns are refused with 503.
     draining: AtomicBool,
+    /// Set when the shutdown grace period is over: running answers stop at their next piece.
+    cancelling: AtomicBool,
 }
 
 impl ChatStream {
@@ -146,6 +148,7 @@ impl ChatStream {
             metrics: Metrics::default(),
             feedback_lock: Mutex::new(()),
             draining: AtomicBool::new(false),
+            cancelling: AtomicBool::new(false),
         })
     }
 
@@ -299,6 +302,17 @@ impl ChatStream {
     /// Stops admitting new turns (they get 503); running ones go on.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops every running answer at its next piece, with a final chunk or event saying why
+    /// (their callbacks still fire).
+    pub fn cancel_running(&self) {
+        self.cancelling.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether running answers are being cancelled.
+    pub fn is_cancelling(&self) -> bool {
+        self.cancelling.load(Ordering::SeqCst)
     }
 
     /// Whether the server is shutting down.

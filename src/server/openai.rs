@@ -329,6 +329,9 @@ fn run(
     }
     let (mut text, mut chunks, mut gone, mut first_at) = (String::new(), 0usize, false, None);
     let result = worker.generate(&prompt, &c.params, None, &mut |piece| {
+        if cs.is_cancelling() {
+            return false;
+        }
         text.push_str(piece);
         first_at.get_or_insert_with(Instant::now);
         if let Some(s) = stream.as_mut() {
@@ -344,6 +347,17 @@ fn run(
     if let Some(first) = first_at {
         guard.times.ttft = Some(first.duration_since(guard.admitted).as_secs_f64());
     }
+    let cancelled = matches!(
+        result,
+        Ok(GenStats {
+            finish: FinishReason::Cancelled,
+            ..
+        })
+    ) && !gone;
+    let result = match result {
+        Ok(_) if cancelled => Err("cancelled: the server is shutting down".to_string()),
+        other => other,
+    };
     let (finish, usage) = match &result {
         Ok(GenStats {
             finish,
