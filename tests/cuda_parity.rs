@@ -14,6 +14,7 @@ use chatstream::backend::{AttnShape, Backend, RopeShape};
 use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::kv_cache::KvCache;
 use chatstream::model::weights::Tensor;
+use chatstream::model::{ModelConfig, Weights};
 use chatstream::Model;
 use common::{assert_close, rand_vec};
 
@@ -183,8 +184,8 @@ fn rope_and_attention_match_cpu() {
     }
 }
 
-fn forward_logits<B: Backend>(b: B, model: &Model, tokens: &[u32]) -> Vec<f32> {
-    let t = Transformer::new(b, &model.config, &model.weights);
+fn logits_of<B: Backend>(b: B, cfg: &ModelConfig, w: &Weights, tokens: &[u32]) -> Vec<f32> {
+    let t = Transformer::new(b, cfg, w);
     let n = tokens.len();
     let mut st = RunState::new(&t, n, n);
     let mut kv = KvCache::new(&t.backend, &t.cfg, n + 8);
@@ -193,6 +194,10 @@ fn forward_logits<B: Backend>(b: B, model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut out = Vec::new();
     t.backend.read(st.logits(), n * t.cfg.vocab_size, &mut out);
     out
+}
+
+fn forward_logits<B: Backend>(b: B, model: &Model, tokens: &[u32]) -> Vec<f32> {
+    logits_of(b, &model.config, &model.weights, tokens)
 }
 
 #[test]
@@ -287,31 +292,8 @@ fn synthetic_shapes_match_cpu() {
         let tokens: Vec<u32> = (0..9)
             .map(|i| (i * 7919 + 11) % cfg.vocab_size as u32)
             .collect();
-        let run = |logits: &mut Vec<f32>, gpu: bool| {
-            let n = tokens.len();
-            if gpu {
-                let t = Transformer::new(Cuda::new(0).unwrap(), &cfg, &w);
-                let (mut st, mut kv) = (
-                    RunState::new(&t, n, n),
-                    KvCache::new(&t.backend, &cfg, n + 1),
-                );
-                t.forward(&mut st, &mut kv, &tokens, Logits::All, None)
-                    .unwrap();
-                t.backend.read(st.logits(), n * cfg.vocab_size, logits);
-            } else {
-                let t = Transformer::new(Cpu, &cfg, &w);
-                let (mut st, mut kv) = (
-                    RunState::new(&t, n, n),
-                    KvCache::new(&t.backend, &cfg, n + 1),
-                );
-                t.forward(&mut st, &mut kv, &tokens, Logits::All, None)
-                    .unwrap();
-                t.backend.read(st.logits(), n * cfg.vocab_size, logits);
-            }
-        };
-        let (mut cpu, mut gpu_logits) = (Vec::new(), Vec::new());
-        run(&mut cpu, false);
-        run(&mut gpu_logits, true);
+        let cpu = logits_of(Cpu, &cfg, &w, &tokens);
+        let gpu_logits = logits_of(Cuda::new(0).unwrap(), &cfg, &w, &tokens);
         assert_close(
             &format!("{shape} synthetic logits"),
             &gpu_logits,

@@ -53,6 +53,24 @@ impl FinishOutcome {
     }
 }
 
+/// The outcome of a streamed answer: whether everything was delivered, how many chunks
+/// were, and how generation ended.
+pub(super) fn outcome_of(
+    delivered: bool,
+    chunks: usize,
+    result: &Result<GenStats, String>,
+) -> FinishOutcome {
+    match result {
+        _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
+        _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
+        Ok(GenStats {
+            finish: FinishReason::Stop | FinishReason::Length,
+            ..
+        }) => FinishOutcome::Success,
+        Ok(_) | Err(_) => FinishOutcome::UnknownErrorOccurred,
+    }
+}
+
 /// Called once per admitted request with its outcome.
 pub type FinishCallback = Box<dyn FnOnce(FinishOutcome) + Send>;
 
@@ -508,13 +526,5 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     }
     guard.unlock();
     let delivered = !gone && stream.finish().is_ok();
-    guard.outcome = match result {
-        _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
-        _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
-        Ok(GenStats {
-            finish: FinishReason::Stop | FinishReason::Length,
-            ..
-        }) => FinishOutcome::Success,
-        Ok(_) | Err(_) => FinishOutcome::UnknownErrorOccurred,
-    };
+    guard.outcome = outcome_of(delivered, chunks, &result);
 }

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tiny_http::Request;
 
-use super::chat::{FinishOutcome, TurnGuard};
+use super::chat::{outcome_of, FinishOutcome, TurnGuard};
 use super::http::{self, header, BodyError, ChunkedStream};
 use super::model::{ChatWorker, GenParams, GenStats};
 use super::session::new_session_id;
@@ -403,15 +403,7 @@ fn run(
             }
             events += "data: [DONE]\n\n";
             let delivered = !gone && s.chunk(events.as_bytes()).is_ok() && s.finish().is_ok();
-            guard.outcome = match result {
-                _ if !delivered && chunks == 0 => FinishOutcome::ClientDisconnectedBeforeStreaming,
-                _ if !delivered => FinishOutcome::ClientDisconnectedWhileStreaming,
-                Ok(GenStats {
-                    finish: FinishReason::Stop | FinishReason::Length,
-                    ..
-                }) => FinishOutcome::Success,
-                _ => FinishOutcome::UnknownErrorOccurred,
-            };
+            guard.outcome = outcome_of(delivered, chunks, &result);
         }
         (None, Ok(_)) => {
             let body = json!({"id": id, "object": "chat.completion", "created": created, "model": model,
