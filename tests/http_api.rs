@@ -368,14 +368,17 @@ fn generation_params_merge_and_validate() {
         br#"{"top_k": 40}"#,
     );
     assert_eq!(r.status, 200);
-    let p = request(
-        s.addr,
-        "GET",
-        "/get_generation_params",
-        &[("Cookie", &cookie)],
-        b"",
-    )
-    .json();
+    let params_of = |cookie: &str| {
+        request(
+            s.addr,
+            "GET",
+            "/get_generation_params",
+            &[("Cookie", cookie)],
+            b"",
+        )
+        .json()
+    };
+    let p = params_of(&cookie);
     assert_eq!(
         (
             p["temperature"].as_f64().unwrap() as f32,
@@ -405,14 +408,7 @@ fn generation_params_merge_and_validate() {
             r.text()
         );
     }
-    let p2 = request(
-        s.addr,
-        "GET",
-        "/get_generation_params",
-        &[("Cookie", &cookie)],
-        b"",
-    )
-    .json();
+    let p2 = params_of(&cookie);
     assert_eq!(p, p2, "a refused update changes nothing");
     let defaults = request(s.addr, "GET", "/get_generation_params", &[], b"");
     assert!(defaults.cookie().is_none(), "reading creates no session");

@@ -60,14 +60,4 @@ impl<B: Backend> KvPool<B> {
             self.spares.push(cache);
         }
     }
-
-    /// Sessions whose caches are held.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no session cache is held.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }

@@ -113,11 +113,6 @@ impl<B: Backend + 'static> ModelChat<B> {
             pool,
         }
     }
-
-    /// Sessions whose KV caches are kept.
-    pub fn cached_sessions(&self) -> usize {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 /// `MemAvailable` of the host, in bytes.
