@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: fetches the default model if missing, installs what
-# the browser test needs (Debian's chromium, playwright-core from npm) and NVRTC (PyPI) when
-# missing, then builds and runs every test in release mode (the golden tests run a real model).
+# the browser test needs (Debian's chromium, playwright-core from npm), a Python venv with the
+# openai SDK and prometheus_client, and NVRTC (PyPI) when missing, then builds and runs every
+# test in release mode (the golden tests run a real model).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh >/dev/null
@@ -14,6 +15,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 [ -d tests/webui/node_modules/playwright-core ] || npm ci --prefix tests/webui --no-audit --no-fund >/dev/null
+# The real OpenAI SDK and Prometheus parser, for tests/serve_process.rs.
+if [ ! -x .cache/venv/bin/python ] || ! .cache/venv/bin/python -c "import openai, prometheus_client" 2>/dev/null; then
+  python3 -m venv .cache/venv
+  .cache/venv/bin/pip install --quiet --disable-pip-version-check openai prometheus_client >&2
+fi
 # NVRTC from PyPI lets the CUDA kernels' compilation be checked on machines without a GPU.
 nvrtc=.cache/nvrtc/nvidia/cu13/lib
 if [ ! -e "$nvrtc/libnvrtc.so.13" ]; then

@@ -288,9 +288,19 @@ struct ServeArgs {
     /// Seconds a request may wait in the queue; past that it gets the too-many-requests answer.
     #[arg(long, env = "CHATSTREAM_MAX_QUEUE_WAIT")]
     max_queue_wait: Option<f64>,
-    /// Seconds running answers may take to finish after Ctrl-C or SIGTERM.
-    #[arg(long, env = "CHATSTREAM_SHUTDOWN_GRACE", default_value_t = 30)]
+    /// Seconds running answers may take to finish after Ctrl-C or SIGTERM (the rest are then
+    /// cancelled with a final chunk or event).
+    #[arg(
+        long,
+        visible_alias = "drain-timeout",
+        env = "CHATSTREAM_SHUTDOWN_GRACE",
+        default_value_t = 30
+    )]
     shutdown_grace: u64,
+    /// Seconds without a new token, while work is pending, after which /ready answers 503
+    /// (0 = never).
+    #[arg(long, env = "CHATSTREAM_STALL_TIMEOUT", default_value_t = 120.0)]
+    stall_timeout: f64,
     /// Title of the web UI.
     #[arg(long, env = "CHATSTREAM_UI_TITLE", default_value = "chatstream")]
     ui_title: String,
@@ -356,6 +366,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         roles,
         cors_origins: a.cors_origins.clone(),
         max_queue_wait: a.max_queue_wait.map(Duration::from_secs_f64),
+        stall_timeout: (a.stall_timeout > 0.0).then(|| Duration::from_secs_f64(a.stall_timeout)),
         api_key: match &a.api_key {
             Some(k) if k.starts_with('@') => Some(
                 std::fs::read_to_string(&k[1..])
@@ -368,6 +379,10 @@ fn serve(a: ServeArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let kv_budget = a.kv_cache_budget.map(|mb| mb << 20);
+    // Bound before loading, so that /health answers and /ready says "loading" meanwhile.
+    let listener = chatstream::server::bind(&format!("{}:{}", a.host, a.port))
+        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+    let load_started = Instant::now();
     let model: Arc<dyn ChatModel> = match a.mock {
         Some(mode) => Arc::new(MockChat::new(
             mode,
@@ -388,13 +403,16 @@ fn serve(a: ServeArgs) -> Result<()> {
     };
     let (name, device) = (model.name(), model.device());
     let cs = ChatStream::new(cfg, model);
+    cs.metrics
+        .set_model_load_seconds(load_started.elapsed().as_secs_f64());
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
-    let handle = chatstream::server::serve(Arc::clone(&cs), &format!("{}:{}", a.host, a.port))
-        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+    let handle = listener
+        .serve(Arc::clone(&cs))
+        .context("starting the server threads")?;
     eprintln!(
         "chatstream: ready on http://{} model={name} device={device} concurrency={} max_queue={} context_len={} name={}",
         handle.addr, a.concurrency.max(1), a.max_queue, a.model.context_len, a.name

@@ -6,13 +6,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
 use chatstream::server::roles::Roles;
 use chatstream::server::ServerConfig;
 use chatstream::SamplingParams;
-use common::client::{request, TestServer};
+use common::client::{open, request, TestServer};
 use serde_json::{json, Value};
 
 fn server(api_key: Option<&str>, model: Arc<dyn ChatModel>) -> TestServer {
@@ -214,6 +214,38 @@ fn ready_turns_503_while_draining() {
 }
 
 #[test]
+fn ready_turns_503_when_no_token_comes_out_for_the_stall_timeout() {
+    let cfg = ServerConfig {
+        stall_timeout: Some(Duration::from_millis(300)),
+        roles: Roles::open(),
+        ..ServerConfig::default()
+    };
+    // One word after 1.5 s: a stall of the engine as /ready sees it.
+    let slow = Arc::new(MockChat::new(MockMode::Echo, Duration::from_millis(1500)));
+    let s = TestServer::start(cfg, slow);
+    assert_eq!(request(s.addr, "GET", "/ready", &[], b"").status, 200);
+    let addr = s.addr;
+    let pending = std::thread::spawn(move || {
+        let body = json!({"messages": [{"role": "user", "content": "x"}]}).to_string();
+        request(addr, "POST", "/v1/chat/completions", &[], body.as_bytes()).status
+    });
+    let t = Instant::now();
+    let stalled = loop {
+        let r = request(s.addr, "GET", "/ready", &[], b"");
+        if r.status == 503 {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_millis(1400), "never stalled");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(stalled.json()["status"], "stalled");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(pending.join().unwrap(), 200);
+    s.wait_idle();
+    assert_eq!(request(s.addr, "GET", "/ready", &[], b"").status, 200);
+}
+
+#[test]
 fn real_model_answers_as_generate_does() {
     let golden = common::read_json(common::fixtures().join("smollm2/golden.json"));
     let conv = &golden["conversations"][0];
@@ -230,4 +262,99 @@ fn real_model_answers_as_generate_does() {
         conv["greedy"]["text"]
     );
     assert_eq!(v["usage"]["prompt_tokens"], conv["prompt_len"]);
+}
+
+#[test]
+fn a_queued_stream_is_pinged_with_its_place_and_dropped_at_once_when_its_client_leaves() {
+    let cfg = ServerConfig {
+        concurrency: 1,
+        max_queue: 2,
+        roles: Roles::open(),
+        ..ServerConfig::default()
+    };
+    let long = Arc::new(MockChat::new(MockMode::Long, Duration::from_millis(20)));
+    let s = TestServer::start(cfg, long);
+    let body =
+        json!({"messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 250})
+            .to_string();
+    let open = || open(s.addr, "POST", "/v1/chat/completions", &[], body.as_bytes());
+    let mut busy = open();
+    let first = String::from_utf8(busy.next_chunk().unwrap()).unwrap();
+    assert!(first.contains("\"role\":\"assistant\""), "{first}");
+    let mut second = open();
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("X-Accel-Buffering"), Some("no"));
+    let ping = String::from_utf8(second.next_chunk().unwrap()).unwrap();
+    assert_eq!(ping, ": queue position 1\n\n");
+    let mut third = open();
+    let ping = String::from_utf8(third.next_chunk().unwrap()).unwrap();
+    assert_eq!(ping, ": queue position 2\n\n");
+
+    // The second client leaves: its place is freed while the first answer still runs.
+    drop(second);
+    let t = Instant::now();
+    while s.cs.pool.load().waiting != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the queued client was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.cs.pool.load().processing, 1);
+    let metrics = request(s.addr, "GET", "/metrics", &[], b"").text();
+    assert!(
+        metrics.contains("outcome=\"client_disconnected_before_streaming\"} 1"),
+        "{metrics}"
+    );
+    // The third moves up, then streams its answer once the first is done.
+    let moved_up = std::iter::from_fn(|| third.next_chunk())
+        .map(|c| String::from_utf8(c).unwrap())
+        .take_while(|c| c.starts_with(':'))
+        .any(|c| c == ": queue position 1\n\n");
+    assert!(moved_up);
+    let rest = third.finish().text();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    busy.finish();
+    s.wait_idle();
+    let metrics = request(s.addr, "GET", "/metrics", &[], b"").text();
+    // The dropped request never reached the one worker (it was busy all along).
+    assert!(metrics.contains("outcome=\"success\"} 2"), "{metrics}");
+    assert!(metrics.contains("outcome=\"client_disconnected_before_streaming\"} 1"));
+}
+
+/// Parses an SSE body as the spec says: events end at a blank line; `data:` lines of one
+/// event join with newlines; comment lines (`:`) are ignored.
+fn sse_data(body: &str) -> Vec<String> {
+    let mut events = Vec::new();
+    for block in body.split("\n\n").filter(|b| !b.is_empty()) {
+        let data: Vec<&str> = block
+            .lines()
+            .filter(|l| !l.starts_with(':'))
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|v| v.strip_prefix(' ').unwrap_or(v))
+            .collect();
+        if !data.is_empty() {
+            events.push(data.join("\n"));
+        }
+    }
+    events
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(40))]
+    #[test]
+    fn sse_framing_round_trips_any_text(words in proptest::collection::vec(
+        "(data:|\\[DONE\\]|[a-z\"\\\\:{}é🌊\\t]{1,8})", 1..12)) {
+        let s = server(None, echo());
+        let text = words.join(" ");
+        let r = post(&s, None, &json!({"messages": [{"role": "user", "content": text}], "stream": true}));
+        let events = sse_data(&r.text());
+        proptest::prop_assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let mut got = String::new();
+        for e in &events[..events.len() - 1] {
+            let v: Value = serde_json::from_str(e).unwrap();
+            got += v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        }
+        proptest::prop_assert_eq!(got, text);
+    }
 }

@@ -273,7 +273,8 @@ pub fn get_resource_usage(cs: &Arc<ChatStream>, req: Request) {
 
 /// `GET /metrics`: Prometheus text format.
 pub fn metrics(cs: &Arc<ChatStream>, req: Request) {
-    let text = cs.metrics.render(&cs.cfg.name, cs.pool.load());
+    let kv_bytes = cs.model.kv_cache_bytes() as u64;
+    let text = cs.metrics.render(&cs.cfg.name, cs.pool.load(), kv_bytes);
     let resp = tiny_http::Response::from_string(text).with_header(http::header(
         "Content-Type",
         "text/plain; version=0.0.4; charset=utf-8",

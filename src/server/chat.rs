@@ -141,6 +141,9 @@ pub(super) struct TurnGuard {
     /// New, prompt and cached prompt tokens.
     pub(super) tokens: [usize; 3],
     pub(super) times: RequestTimes,
+    /// When the first and the latest piece of the answer went out.
+    first_piece: Option<Instant>,
+    last_piece: Option<Instant>,
 }
 
 impl TurnGuard {
@@ -157,7 +160,21 @@ impl TurnGuard {
             admitted: Instant::now(),
             tokens: [0; 3],
             times: RequestTimes::default(),
+            first_piece: None,
+            last_piece: None,
         }
+    }
+
+    /// Notes that a piece of the answer went out: the engine made progress, and the gap
+    /// since the last piece is an inter-token latency.
+    pub(super) fn piece_out(&mut self) {
+        let now = Instant::now();
+        self.cs.pool.progress();
+        match self.last_piece {
+            Some(prev) => self.cs.metrics.inter_token((now - prev).as_secs_f64()),
+            None => self.first_piece = Some(now),
+        }
+        self.last_piece = Some(now);
     }
 
     /// Ends the session's turn (before the last byte goes out, so that a client that reads
@@ -189,6 +206,12 @@ impl Drop for TurnGuard {
             self.admitted.elapsed().as_millis()
         );
         let total = self.admitted.elapsed().as_secs_f64();
+        if let (Some(first), Some(last)) = (self.first_piece, self.last_piece) {
+            self.times.ttft = Some((first - self.admitted).as_secs_f64());
+            if self.tokens[0] > 1 {
+                self.times.tpot = Some((last - first).as_secs_f64() / (self.tokens[0] - 1) as f64);
+            }
+        }
         self.cs
             .metrics
             .finished(self.outcome, self.tokens, self.times, total);
@@ -249,18 +272,10 @@ impl ChatStream {
         if let Some(role) = phrase_role {
             return self.grant_role(req, &sid, new_cookie, role);
         }
-        let mut guard = TurnGuard {
-            sessions: Arc::clone(&self.sessions),
-            sid: None,
-            ephemeral,
-            reports: false,
-            outcome: FinishOutcome::UnknownErrorOccurred,
-            callback: None,
-            cs: Arc::clone(self),
-            admitted: Instant::now(),
-            tokens: [0; 3],
-            times: RequestTimes::default(),
-        };
+        // Not admitted yet: nothing to report until then.
+        let mut guard = TurnGuard::stateless(self, None);
+        guard.ephemeral = ephemeral;
+        guard.reports = false;
         if !self.sessions.try_lock(&sid) {
             let msg = "a generation is already running in this session; wait for it to finish";
             return self.reply_error(req, 409, "conflict", msg);
@@ -463,7 +478,6 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
         return;
     };
     let (mut answer, mut chunks, mut gone) = (String::new(), 0usize, false);
-    let mut first_chunk: Option<Instant> = None;
     let params: &GenParams = &job.session.params;
     let session = (!job.ephemeral).then_some(job.sid.as_str());
     let result = worker.generate(&job.prompt, params, session, &mut |piece| {
@@ -481,17 +495,11 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
             return false;
         }
         chunks += 1;
-        first_chunk.get_or_insert_with(Instant::now);
+        guard.piece_out();
         true
     });
-    if let Some(first) = first_chunk {
-        guard.times.ttft = Some(first.duration_since(guard.admitted).as_secs_f64());
-    }
     if let Ok(stats) = &result {
         guard.tokens = [stats.tokens, stats.prompt_tokens, stats.cached_tokens];
-        if let (Some(first), true) = (first_chunk, stats.tokens > 1) {
-            guard.times.tpot = Some(first.elapsed().as_secs_f64() / (stats.tokens - 1) as f64);
-        }
     }
     // An error, or a cancellation at shutdown, ends the stream with a last chunk saying so.
     let note = match &result {

@@ -27,6 +27,11 @@ impl<B: Backend> KvPool<B> {
         }
     }
 
+    /// Caches held: sessions' and spares.
+    pub fn caches_held(&self) -> usize {
+        self.entries.len() + self.spares.len()
+    }
+
     /// Takes the session's cache out of the pool, if it is there.
     pub fn take(&mut self, session: &str) -> Option<SeqCache<B>> {
         let i = self.entries.iter().position(|(k, _, _)| k == session)?;

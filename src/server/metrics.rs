@@ -1,6 +1,7 @@
 //! Prometheus metrics: counters of finished requests by outcome, refusals and generated
-//! tokens, gauges of processing and waiting, and histograms of queue wait, time to first
-//! token and time per output token, rendered in the Prometheus text format.
+//! tokens; gauges of processing, waiting and KV-cache bytes, the model's load time and the
+//! build; histograms of queue wait, time to first token, time per output token, inter-token
+//! latency and request duration; rendered in the Prometheus text exposition format.
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -63,6 +64,7 @@ const WAIT_BOUNDS: &[f64] = &[
     0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 const TOKEN_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
+const DURATION_BOUNDS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 #[derive(Debug)]
 struct Inner {
@@ -76,6 +78,9 @@ struct Inner {
     queue_wait: Histogram,
     ttft: Histogram,
     tpot: Histogram,
+    inter_token: Histogram,
+    duration: Histogram,
+    model_load_s: f64,
 }
 
 /// The server's metrics.
@@ -97,6 +102,9 @@ impl Default for Metrics {
                 queue_wait: Histogram::new(WAIT_BOUNDS),
                 ttft: Histogram::new(WAIT_BOUNDS),
                 tpot: Histogram::new(TOKEN_BOUNDS),
+                inter_token: Histogram::new(TOKEN_BOUNDS),
+                duration: Histogram::new(DURATION_BOUNDS),
+                model_load_s: 0.0,
             }),
         }
     }
@@ -116,6 +124,16 @@ pub struct RequestTimes {
 impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the seconds the model took to load.
+    pub fn set_model_load_seconds(&self, s: f64) {
+        self.lock().model_load_s = s;
+    }
+
+    /// Records the gap between two pieces of one answer.
+    pub fn inter_token(&self, s: f64) {
+        self.lock().inter_token.observe(s);
     }
 
     /// Counts a too-many-requests refusal.
@@ -144,6 +162,7 @@ impl Metrics {
         m.prompt_tokens += tokens[1] as u64;
         m.cached_tokens += tokens[2] as u64;
         m.queue_wait.observe(t.queue_wait);
+        m.duration.observe(total_s);
         if let Some(v) = t.ttft {
             m.ttft.observe(v);
         }
@@ -160,10 +179,15 @@ impl Metrics {
         (rounds * per_request).ceil().max(1.0) as u64
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, node: &str, load: LoadSnapshot) -> String {
+    /// The Prometheus text exposition; `kv_bytes` is the KV-cache memory in use.
+    pub fn render(&self, node: &str, load: LoadSnapshot, kv_bytes: u64) -> String {
         let m = self.lock();
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP chatstream_build_info The running build.\n# TYPE chatstream_build_info gauge\nchatstream_build_info{{node=\"{node}\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         out.push_str(
             "# HELP chatstream_requests_finished_total Admitted requests that ended, by outcome.\n",
         );
@@ -175,42 +199,54 @@ impl Metrics {
                 o.as_str()
             );
         }
-        let gauges = [
+        let gauges: [(&str, &str, &str, f64); 8] = [
             (
                 "chatstream_requests_rejected_total",
                 "counter",
                 "Requests refused as too many.",
-                m.rejected,
+                m.rejected as f64,
             ),
             (
                 "chatstream_generated_tokens_total",
                 "counter",
                 "New tokens generated.",
-                m.tokens,
+                m.tokens as f64,
             ),
             (
                 "chatstream_prompt_tokens_total",
                 "counter",
                 "Prompt tokens of finished requests.",
-                m.prompt_tokens,
+                m.prompt_tokens as f64,
             ),
             (
                 "chatstream_cached_prompt_tokens_total",
                 "counter",
                 "Prompt tokens reused from kept KV caches.",
-                m.cached_tokens,
+                m.cached_tokens as f64,
             ),
             (
                 "chatstream_processing",
                 "gauge",
                 "Requests being generated.",
-                load.processing as u64,
+                load.processing as f64,
             ),
             (
                 "chatstream_waiting",
                 "gauge",
                 "Requests waiting for a worker.",
-                load.waiting as u64,
+                load.waiting as f64,
+            ),
+            (
+                "chatstream_kv_cache_bytes",
+                "gauge",
+                "KV-cache memory in use (workers' caches and sessions' kept ones).",
+                kv_bytes as f64,
+            ),
+            (
+                "chatstream_model_load_seconds",
+                "gauge",
+                "Seconds the model took to load.",
+                m.model_load_s,
             ),
         ];
         for (name, kind, help, v) in gauges {
@@ -235,6 +271,18 @@ impl Metrics {
             &mut out,
             "chatstream_time_per_output_token_seconds",
             "Mean time per token after the first.",
+            node,
+        );
+        m.inter_token.render(
+            &mut out,
+            "chatstream_inter_token_latency_seconds",
+            "Time between two pieces of one answer.",
+            node,
+        );
+        m.duration.render(
+            &mut out,
+            "chatstream_request_duration_seconds",
+            "Time from admission to the end of a request.",
             node,
         );
         out

@@ -13,6 +13,7 @@ pub mod openai;
 pub mod pool;
 pub mod roles;
 pub mod session;
+pub mod waiting;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// A request that waited this long without starting is refused as too many.
     pub max_queue_wait: Option<Duration>,
+    /// `/ready` fails when work is pending and no token came out for this long.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +97,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             api_key: None,
             max_queue_wait: None,
+            stall_timeout: Some(Duration::from_secs(120)),
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct ChatStream {
     pub sessions: Arc<dyn SessionStore>,
     /// Counters and histograms for `/metrics`.
     pub metrics: Metrics,
+    /// Streams waiting for a worker, pinged with their place.
+    waiting: waiting::WaitingRoom,
     /// Serialises appends to the feedback file.
     feedback_lock: Mutex<()>,
     /// Set when shutting down: new turns are refused with 503.
@@ -146,6 +152,7 @@ impl ChatStream {
             pool,
             sessions,
             metrics: Metrics::default(),
+            waiting: waiting::WaitingRoom::default(),
             feedback_lock: Mutex::new(()),
             draining: AtomicBool::new(false),
             cancelling: AtomicBool::new(false),
@@ -191,10 +198,7 @@ impl ChatStream {
             "metrics" => api::metrics(self, req),
             "webui_index" => api::webui_index(self, req),
             "webui_js" => api::webui_js(self, req),
-            "ready" if self.is_draining() => {
-                let body = serde_json::json!({"status": "draining"});
-                self.reply_json(req, 503, &body, vec![http::header("Retry-After", "5")])
-            }
+            "ready" => self.ready(req),
             _ => self.reply_json(req, 200, &serde_json::json!({"status": "ok"}), vec![]),
         }
     }
@@ -335,6 +339,20 @@ impl ChatStream {
         }
     }
 
+    /// `/ready`: 200, or 503 while draining or when the engine is stalled.
+    fn ready(&self, req: Request) {
+        let stalled = self.cfg.stall_timeout.is_some_and(|t| self.pool.stalled(t));
+        let status = match (self.is_draining(), stalled) {
+            (true, _) => "draining",
+            (false, true) => "stalled",
+            (false, false) => {
+                return self.reply_json(req, 200, &serde_json::json!({"status": "ok"}), vec![])
+            }
+        };
+        let body = serde_json::json!({"status": status});
+        self.reply_json(req, 503, &body, vec![http::header("Retry-After", "5")]);
+    }
+
     /// Whether the caller's role allows `api` (`health` and `ready` are always allowed).
     pub fn allowed(&self, req: &Request, api: &str) -> bool {
         matches!(api, "health" | "ready") || self.caller_role(req).is_some_and(|r| r.allows(api))
@@ -402,39 +420,109 @@ impl ServerHandle {
     }
 }
 
-/// Binds `addr` and serves `cs` on one acceptor thread.
-pub fn serve(cs: Arc<ChatStream>, addr: &str) -> std::io::Result<ServerHandle> {
+/// A bound socket, answered while the model loads: `/health` is 200, everything else 503
+/// with `Retry-After` (`/ready` says `loading`), until `serve` takes it over.
+pub struct Listener {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    server: Arc<tiny_http::Server>,
+    loading: Arc<AtomicBool>,
+    answerer: Option<JoinHandle<()>>,
+}
+
+/// Binds `addr` and answers as loading until `Listener::serve`.
+pub fn bind(addr: &str) -> std::io::Result<Listener> {
     let server = Arc::new(tiny_http::Server::http(addr).map_err(std::io::Error::other)?);
     let addr = server
         .server_addr()
         .to_ip()
         .ok_or_else(|| std::io::Error::other("not an IP listener"))?;
-    // The acceptor hands each request to a few front threads, so that one client sending
-    // its body slowly holds up one front thread, not every request behind it.
-    let (tx, rx) = crossbeam_channel::unbounded::<Request>();
-    for i in 0..FRONT_THREADS {
-        let (rx, cs) = (rx.clone(), Arc::clone(&cs));
-        std::thread::Builder::new()
-            .name(format!("front-{i}"))
-            .spawn(move || {
-                for req in rx.iter() {
-                    cs.handle(req);
-                }
-            })?;
-    }
-    let s = Arc::clone(&server);
-    let acceptor = std::thread::Builder::new()
-        .name("acceptor".into())
+    let loading = Arc::new(AtomicBool::new(true));
+    let (s, l) = (Arc::clone(&server), Arc::clone(&loading));
+    let answerer = std::thread::Builder::new()
+        .name("loading".into())
         .spawn(move || {
-            for req in s.incoming_requests() {
-                if tx.send(req).is_err() {
-                    break;
+            while l.load(Ordering::SeqCst) {
+                match s.recv_timeout(Duration::from_millis(50)) {
+                    Ok(Some(req)) => answer_loading(req),
+                    Ok(None) => {}
+                    Err(_) => return,
                 }
             }
         })?;
-    Ok(ServerHandle {
+    Ok(Listener {
         addr,
         server,
-        acceptor: Some(acceptor),
+        loading,
+        answerer: Some(answerer),
     })
+}
+
+fn answer_loading(req: Request) {
+    let (status, body) = match req.url() {
+        "/health" => (200, serde_json::json!({"status": "ok"})),
+        "/ready" => (503, serde_json::json!({"status": "loading"})),
+        _ => (
+            503,
+            serde_json::json!({"error": "loading", "message": "the model is loading; retry shortly"}),
+        ),
+    };
+    let resp = tiny_http::Response::from_string(body.to_string())
+        .with_status_code(status)
+        .with_header(http::header("Content-Type", "application/json"))
+        .with_header(http::header("Retry-After", "5"));
+    let _ = req.respond(resp);
+}
+
+/// Binds `addr` and serves `cs` on one acceptor thread.
+pub fn serve(cs: Arc<ChatStream>, addr: &str) -> std::io::Result<ServerHandle> {
+    bind(addr)?.serve(cs)
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.loading.store(false, Ordering::SeqCst);
+        if let Some(t) = self.answerer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Listener {
+    /// Stops answering as loading and serves `cs`.
+    pub fn serve(mut self, cs: Arc<ChatStream>) -> std::io::Result<ServerHandle> {
+        drop(self.answerer.take().map(|t| {
+            self.loading.store(false, Ordering::SeqCst);
+            t.join()
+        }));
+        let (server, addr) = (Arc::clone(&self.server), self.addr);
+        // The acceptor hands each request to a few front threads, so that one client sending
+        // its body slowly holds up one front thread, not every request behind it.
+        let (tx, rx) = crossbeam_channel::unbounded::<Request>();
+        for i in 0..FRONT_THREADS {
+            let (rx, cs) = (rx.clone(), Arc::clone(&cs));
+            std::thread::Builder::new()
+                .name(format!("front-{i}"))
+                .spawn(move || {
+                    for req in rx.iter() {
+                        cs.handle(req);
+                    }
+                })?;
+        }
+        let s = Arc::clone(&server);
+        let acceptor = std::thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || {
+                for req in s.incoming_requests() {
+                    if tx.send(req).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(ServerHandle {
+            addr,
+            server,
+            acceptor: Some(acceptor),
+        })
+    }
 }

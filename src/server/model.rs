@@ -2,6 +2,7 @@
 //! makes workers) and `ChatWorker` (one per pool thread: generates). Implemented by a real
 //! model on a backend and by ChatStream's mock mode (no model, words with a delay).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +55,10 @@ pub trait ChatModel: Send + Sync {
     fn gpus(&self) -> Vec<serde_json::Value> {
         Vec::new()
     }
+    /// Bytes of KV cache allocated: the workers' caches and the sessions' kept ones.
+    fn kv_cache_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// One worker's generator.
@@ -75,6 +80,9 @@ pub struct ModelChat<B: Backend> {
     engine: Arc<Engine<B>>,
     context_len: usize,
     pool: Arc<Mutex<KvPool<B>>>,
+    /// Bytes of one KV cache, and the workers made (each owns one).
+    per_cache: usize,
+    workers: AtomicUsize,
 }
 
 /// Most decode steps coalesced into one forward pass.
@@ -111,6 +119,8 @@ impl<B: Backend + 'static> ModelChat<B> {
             engine,
             context_len,
             pool,
+            per_cache,
+            workers: AtomicUsize::new(0),
         }
     }
 }
@@ -154,10 +164,15 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
             .map(|ids| ids.len())
     }
     fn new_worker(&self) -> Box<dyn ChatWorker> {
+        self.workers.fetch_add(1, Ordering::Relaxed);
         Box::new(ModelWorker {
             gen: Generator::new(Arc::clone(&self.engine), self.context_len),
             pool: Arc::clone(&self.pool),
         })
+    }
+    fn kv_cache_bytes(&self) -> usize {
+        let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        (self.workers.load(Ordering::Relaxed) + pool.caches_held()) * self.per_cache
     }
     fn gpus(&self) -> Vec<serde_json::Value> {
         let b = &self.engine.transformer.backend;

@@ -15,6 +15,7 @@ use super::chat::{outcome_of, FinishOutcome, TurnGuard};
 use super::http::{self, header, BodyError, ChunkedStream};
 use super::model::{ChatWorker, GenParams, GenStats};
 use super::session::new_session_id;
+use super::waiting::Waiter;
 use super::ChatStream;
 use crate::engine::generate::FinishReason;
 use crate::model::ChatMessage;
@@ -28,9 +29,11 @@ fn error(
     param: Option<&str>,
     message: &str,
 ) {
-    let body =
-        json!({"error": {"message": message, "type": kind, "param": param, "code": Value::Null}});
-    cs.reply_json(req, status, &body, vec![]);
+    cs.reply_json(req, status, &error_body(kind, param, message), vec![]);
+}
+
+fn error_body(kind: &str, param: Option<&str>, message: &str) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": Value::Null}})
 }
 
 /// Whether the request carries the configured API key (always, when none is configured).
@@ -204,14 +207,9 @@ fn parse(v: &Value, defaults: &GenParams, max_tokens_cap: usize) -> Result<Compl
 /// `POST /v1/chat/completions`.
 pub fn chat_completions(cs: &Arc<ChatStream>, mut req: Request) {
     if cs.is_draining() {
-        return error(
-            cs,
-            req,
-            503,
-            "server_error",
-            None,
-            "the server is shutting down; retry on another replica",
-        );
+        let msg = "the server is shutting down; retry on another replica";
+        let body = error_body("server_error", None, msg);
+        return cs.reply_json(req, 503, &body, vec![header("Retry-After", "5")]);
     }
     let body = match http::read_body(&mut req, cs.cfg.max_body_bytes) {
         Ok(b) => b,
@@ -263,22 +261,49 @@ pub fn chat_completions(cs: &Arc<ChatStream>, mut req: Request) {
         cs.metrics.rejected();
         return too_many(cs, req);
     };
-    let guard = TurnGuard::stateless(cs, None);
-    let cs = Arc::clone(cs);
-    admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
-        run(worker, req, cs, c, prompt, guard)
+    let mut guard = TurnGuard::stateless(cs, None);
+    let job_cs = Arc::clone(cs);
+    if !c.stream {
+        admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
+            run(worker, Reply::Json(req), job_cs, c, prompt, guard)
+        }));
+        return;
+    }
+    // A stream opens now, so that it can be pinged with its place while it waits.
+    let mut headers = vec![("Content-Type", "text/event-stream".to_string())];
+    headers.extend(cs.cors_headers(&req));
+    let Ok(stream) = ChunkedStream::start(req, 200, &headers) else {
+        guard.outcome = FinishOutcome::ClientDisconnectedBeforeStreaming;
+        return;
+    };
+    let waiter = Waiter::new(stream, guard);
+    let job_waiter = Arc::clone(&waiter);
+    let ticket = admission.submit(Box::new(move |worker: &mut dyn ChatWorker| {
+        if let Some(q) = job_waiter.start() {
+            run(worker, Reply::Stream(q.stream), job_cs, c, prompt, q.guard)
+        }
     }));
+    cs.waiting.enter(ticket, waiter);
+}
+
+/// Where an answer goes: an open event stream, or a request answered with one JSON body.
+enum Reply {
+    Stream(ChunkedStream),
+    Json(Request),
 }
 
 /// OpenAI's 429, with a Retry-After from the queue and the recent time per request.
 fn too_many(cs: &ChatStream, req: Request) {
-    let body = json!({"error": {"message": "too many requests; retry later", "type": "rate_limit_error", "param": null, "code": "too_many_requests"}});
     cs.reply_json(
         req,
         429,
-        &body,
+        &too_many_body(),
         vec![header("Retry-After", &cs.retry_after())],
     );
+}
+
+fn too_many_body() -> Value {
+    json!({"error": {"message": "too many requests; retry later", "type": "rate_limit_error", "param": null, "code": "too_many_requests"}})
 }
 
 fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>) -> Value {
@@ -288,15 +313,23 @@ fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<
 
 fn run(
     worker: &mut dyn ChatWorker,
-    req: Request,
+    reply: Reply,
     cs: Arc<ChatStream>,
     c: Completion,
     prompt: String,
     mut guard: TurnGuard,
 ) {
-    if cs.waited_too_long(&guard) {
-        return too_many(&cs, req);
-    }
+    let late = cs.waited_too_long(&guard);
+    let (mut stream, req) = match reply {
+        Reply::Json(req) if late => return too_many(&cs, req),
+        Reply::Stream(mut s) if late => {
+            let _ = s.chunk(format!("data: {}\n\ndata: [DONE]\n\n", too_many_body()).as_bytes());
+            let _ = s.finish();
+            return;
+        }
+        Reply::Stream(s) => (Some(s), None),
+        Reply::Json(req) => (None, Some(req)),
+    };
     let started = Instant::now();
     guard.times.queue_wait = started.duration_since(guard.admitted).as_secs_f64();
     let id = format!("chatcmpl-{}", new_session_id());
@@ -304,18 +337,7 @@ fn run(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let model = cs.model.name();
-    let mut stream = None;
-    let mut req = Some(req);
-    if let Some(r) = req.take_if(|_| c.stream) {
-        let mut headers = vec![("Content-Type", "text/event-stream".to_string())];
-        headers.extend(cs.cors_headers(&r));
-        match ChunkedStream::start(r, 200, &headers) {
-            Ok(s) => stream = Some(s),
-            Err(_) => {
-                guard.outcome = FinishOutcome::ClientDisconnectedBeforeStreaming;
-                return;
-            }
-        }
+    if let Some(s) = stream.as_mut() {
         let first = chunk_json(
             &id,
             created,
@@ -323,17 +345,15 @@ fn run(
             json!({"role": "assistant", "content": ""}),
             None,
         );
-        let _ = stream
-            .as_mut()
-            .map(|s| s.chunk(format!("data: {first}\n\n").as_bytes()));
+        let _ = s.chunk(format!("data: {first}\n\n").as_bytes());
     }
-    let (mut text, mut chunks, mut gone, mut first_at) = (String::new(), 0usize, false, None);
+    let (mut text, mut chunks, mut gone) = (String::new(), 0usize, false);
     let result = worker.generate(&prompt, &c.params, None, &mut |piece| {
         if cs.is_cancelling() {
             return false;
         }
         text.push_str(piece);
-        first_at.get_or_insert_with(Instant::now);
+        guard.piece_out();
         if let Some(s) = stream.as_mut() {
             let ev = chunk_json(&id, created, &model, json!({"content": piece}), None);
             if s.chunk(format!("data: {ev}\n\n").as_bytes()).is_err() {
@@ -344,9 +364,6 @@ fn run(
         }
         true
     });
-    if let Some(first) = first_at {
-        guard.times.ttft = Some(first.duration_since(guard.admitted).as_secs_f64());
-    }
     let cancelled = matches!(
         result,
         Ok(GenStats {
@@ -366,9 +383,6 @@ fn run(
             cached_tokens,
         }) => {
             guard.tokens = [*tokens, *prompt_tokens, *cached_tokens];
-            if let (Some(first), true) = (first_at, *tokens > 1) {
-                guard.times.tpot = Some(first.elapsed().as_secs_f64() / (*tokens - 1) as f64);
-            }
             let reason = if *finish == FinishReason::Length {
                 "length"
             } else {
@@ -397,7 +411,7 @@ fn run(
                 }
                 Err(e) => {
                     eprintln!("chatstream: generation failed: {e}");
-                    let err = json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}});
+                    let err = error_body("server_error", None, e);
                     events += &format!("data: {err}\n\n");
                 }
             }
@@ -409,14 +423,14 @@ fn run(
             let body = json!({"id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": usage});
-            if let Some(r) = req.take() {
+            if let Some(r) = req {
                 cs.reply_json(r, 200, &body, vec![]);
             }
             guard.outcome = FinishOutcome::Success;
         }
         (None, Err(e)) => {
             eprintln!("chatstream: generation failed: {e}");
-            if let Some(r) = req.take() {
+            if let Some(r) = req {
                 error(&cs, r, 500, "server_error", None, e);
             }
             guard.outcome = FinishOutcome::UnknownErrorOccurred;

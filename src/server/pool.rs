@@ -2,11 +2,18 @@
 //! its generator, fed through a crossbeam channel. At most `concurrency + max_queue`
 //! requests are in the system; past that `try_submit` refuses at once. A panicking job is
 //! caught, so a worker never dies and its slot is always released.
+//!
+//! Each submitted job has a `Ticket`: it tells the job's place in the queue, and lets a
+//! waiting job be abandoned (its client left), which frees its place at once; a worker that
+//! later takes an abandoned job drops it unrun. The pool also notes when the engine last made
+//! progress (a job started or ended, or a handler reported a token), for `/ready`.
 
+use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
@@ -16,10 +23,89 @@ use super::model::ChatWorker;
 pub type Job = Box<dyn FnOnce(&mut dyn ChatWorker) + Send>;
 
 /// Live counts, shared with the status endpoints.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Load {
     in_system: AtomicUsize,
     processing: AtomicUsize,
+    /// Sequence numbers of the submitted jobs not yet started, in submission order.
+    queued: Mutex<BTreeSet<u64>>,
+    next_seq: AtomicU64,
+    /// When the pool was made; `last_progress_ms` counts from here.
+    epoch: Instant,
+    last_progress_ms: AtomicU64,
+}
+
+impl Load {
+    fn new() -> Load {
+        Load {
+            in_system: AtomicUsize::new(0),
+            processing: AtomicUsize::new(0),
+            queued: Mutex::new(BTreeSet::new()),
+            next_seq: AtomicU64::new(0),
+            epoch: Instant::now(),
+            last_progress_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn progress(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_progress_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+}
+
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// A submitted job's place: its position while it waits, and the way to give it up.
+#[derive(Debug)]
+pub struct Ticket {
+    seq: u64,
+    state: AtomicU8,
+    load: Arc<Load>,
+}
+
+impl Ticket {
+    /// 1 for the next job a worker takes, and so on; `None` once started or abandoned.
+    pub fn position(&self) -> Option<usize> {
+        if self.state.load(Ordering::SeqCst) != QUEUED {
+            return None;
+        }
+        let queued = self.load.queued();
+        queued
+            .contains(&self.seq)
+            .then(|| queued.range(..self.seq).count() + 1)
+    }
+
+    /// Gives up a job that has not started: its place is freed now and no worker will run
+    /// it. False if a worker already took it.
+    pub fn abandon(&self) -> bool {
+        let won = self
+            .state
+            .compare_exchange(QUEUED, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if won {
+            self.load.queued().remove(&self.seq);
+            self.load.in_system.fetch_sub(1, Ordering::SeqCst);
+        }
+        won
+    }
+
+    /// Claims the job for a worker; false if it was abandoned.
+    fn start(&self) -> bool {
+        let won = self
+            .state
+            .compare_exchange(QUEUED, STARTED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if won {
+            self.load.queued().remove(&self.seq);
+        }
+        won
+    }
 }
 
 /// A snapshot of the pool's load.
@@ -33,7 +119,7 @@ pub struct LoadSnapshot {
 
 /// The worker pool.
 pub struct Pool {
-    tx: Option<Sender<Job>>,
+    tx: Option<Sender<(Arc<Ticket>, Job)>>,
     load: Arc<Load>,
     concurrency: usize,
     max_queue: usize,
@@ -43,8 +129,8 @@ pub struct Pool {
 impl Pool {
     /// Starts one thread per worker.
     pub fn new(workers: Vec<Box<dyn ChatWorker>>, max_queue: usize) -> Pool {
-        let (tx, rx): (Sender<Job>, Receiver<Job>) = unbounded();
-        let load = Arc::new(Load::default());
+        let (tx, rx): (Sender<(Arc<Ticket>, Job)>, Receiver<_>) = unbounded();
+        let load = Arc::new(Load::new());
         let concurrency = workers.len();
         let workers = workers
             .into_iter()
@@ -54,11 +140,16 @@ impl Pool {
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
-                        for job in rx.iter() {
+                        for (ticket, job) in rx.iter() {
+                            if !ticket.start() {
+                                continue; // abandoned: its place is already free
+                            }
+                            load.progress();
                             load.processing.fetch_add(1, Ordering::SeqCst);
                             if catch_unwind(AssertUnwindSafe(|| job(w.as_mut()))).is_err() {
                                 eprintln!("chatstream: worker-{i}: a request panicked; the worker goes on");
                             }
+                            load.progress();
                             load.processing.fetch_sub(1, Ordering::SeqCst);
                             load.in_system.fetch_sub(1, Ordering::SeqCst);
                         }
@@ -86,6 +177,11 @@ impl Pool {
                 (n < limit).then_some(n + 1)
             })
             .ok()
+            .map(|before| {
+                if before == 0 {
+                    self.load.progress(); // the stall clock starts with the work
+                }
+            })
             .map(|_| Admission {
                 pool: self,
                 submitted: false,
@@ -100,6 +196,19 @@ impl Pool {
             processing,
             waiting: in_system - processing,
         }
+    }
+
+    /// Notes that the engine made progress (a token came out).
+    pub fn progress(&self) {
+        self.load.progress();
+    }
+
+    /// Whether work is pending and the engine made no progress for `timeout`.
+    pub fn stalled(&self, timeout: Duration) -> bool {
+        let idle = self.load.in_system.load(Ordering::SeqCst) == 0;
+        let now = self.load.epoch.elapsed().as_millis() as u64;
+        let last = self.load.last_progress_ms.load(Ordering::Relaxed);
+        !idle && now.saturating_sub(last) > timeout.as_millis() as u64
     }
 
     /// Workers (the most requests generated at once).
@@ -130,12 +239,24 @@ pub struct Admission<'a> {
 
 impl Admission<'_> {
     /// Queues the job for the next free worker.
-    pub fn submit(mut self, job: Job) {
+    pub fn submit(mut self, job: Job) -> Arc<Ticket> {
+        let load = &self.pool.load;
+        let seq = load.next_seq.fetch_add(1, Ordering::SeqCst);
+        let ticket = Arc::new(Ticket {
+            seq,
+            state: AtomicU8::new(QUEUED),
+            load: Arc::clone(load),
+        });
+        load.queued().insert(seq);
         if let Some(tx) = &self.pool.tx {
-            if tx.send(job).is_ok() {
+            if tx.send((Arc::clone(&ticket), job)).is_ok() {
                 self.submitted = true;
             }
         }
+        if !self.submitted {
+            load.queued().remove(&seq);
+        }
+        ticket
     }
 }
 

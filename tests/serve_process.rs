@@ -1,0 +1,285 @@
+//! The real binary as an operator runs it (`chatstream serve`, a child process): the real
+//! `openai` Python SDK and `prometheus_client`'s parser against `--mock` and against the
+//! default model (`tests/python/sdk_check.py`), /health and /ready while the model loads,
+//! and SIGTERM draining running answers, finishing them or cutting them at `--drain-timeout`
+//! with a final event, then exiting 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::client::{open, request};
+use serde_json::json;
+
+/// A `chatstream serve` child on a free port; killed when dropped.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("ready on http://").nth(1) {
+                    let _ = tx.send(rest.split(' ').next().unwrap().parse::<SocketAddr>());
+                }
+                l.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no ready line: {}", log.lock().unwrap()))
+            .unwrap();
+        Served { child, addr, log }
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the process to exit (at most `limit`) and returns its exit code.
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(t.elapsed() < limit, "still running: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python that has `openai` and `prometheus_client` (scripts/test.sh makes it).
+fn python() -> PathBuf {
+    let p = std::env::var_os("CHATSTREAM_PYTHON").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: scripts/test.sh makes a venv with openai and prometheus_client",
+        p.display()
+    );
+    p
+}
+
+const KEY: &str = "sk-test-key";
+const SCRAPE: &str = "scrape-phrase";
+
+/// Serves with an API key and a roles file that lets a scraper (header phrase) read /metrics.
+fn serve_for_sdk(extra: &[&str]) -> (Served, tempfile_path::TempPath) {
+    let roles = tempfile_path::TempPath::write(
+        "roles.json",
+        &json!({
+            "user": {"apis": {"allow": ["chat_stream"], "auth_method": "nothing", "use_session": true}},
+            "scraper": {"apis": {"allow": ["metrics"], "auth_method": "header_phrase", "header_phrase": SCRAPE, "use_session": false}}
+        })
+        .to_string(),
+    );
+    let mut args = vec!["--api-key", KEY, "--roles", roles.as_str()];
+    args.extend(extra);
+    (Served::start(&args), roles)
+}
+
+fn run_sdk_check(s: &Served, mode: &str) {
+    let out = Command::new(python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_check.py"))
+        .args([&format!("http://{}", s.addr), KEY, SCRAPE, mode])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "sdk_check.py {mode} failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log()
+    );
+}
+
+#[test]
+fn openai_sdk_and_prometheus_parser_against_mock() {
+    let (s, _roles) = serve_for_sdk(&["--mock", "echo", "--mock-token-delay-ms", "1"]);
+    run_sdk_check(&s, "mock");
+}
+
+#[test]
+fn openai_sdk_and_prometheus_parser_against_the_real_model() {
+    let model = common::default_model();
+    let (s, _roles) = serve_for_sdk(&["--model", model.to_str().unwrap(), "--context-len", "512"]);
+    run_sdk_check(&s, "real");
+}
+
+fn sse_body(max_tokens: usize) -> Vec<u8> {
+    json!({"messages": [{"role": "user", "content": "go"}], "stream": true, "max_tokens": max_tokens})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn sigterm_lets_running_answers_finish_refuses_new_ones_and_exits_0() {
+    let mut s = Served::start(&[
+        "--mock",
+        "long",
+        "--mock-token-delay-ms",
+        "10",
+        "--concurrency",
+        "2",
+        "--drain-timeout",
+        "30",
+    ]);
+    let body = sse_body(150);
+    let mut running: Vec<_> = (0..2)
+        .map(|_| open(s.addr, "POST", "/v1/chat/completions", &[], &body))
+        .collect();
+    for r in &mut running {
+        assert!(r.next_chunk().is_some());
+    }
+    s.sigterm();
+    let t = Instant::now();
+    loop {
+        let r = request(s.addr, "GET", "/ready", &[], b"");
+        if r.status == 503 {
+            assert_eq!(r.json()["status"], "draining");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "/ready did not turn 503"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = request(s.addr, "POST", "/v1/chat/completions", &[], &body);
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("Retry-After").is_some());
+    for r in running {
+        let text = r.finish().text();
+        assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = s.log();
+    assert_eq!(log.matches("outcome=success").count(), 2, "{log}");
+    assert!(log.contains("every request accounted for"), "{log}");
+}
+
+#[test]
+fn sigterm_past_the_drain_timeout_cuts_answers_with_a_final_event_and_exits_0() {
+    let mut s = Served::start(&[
+        "--mock",
+        "long",
+        "--mock-token-delay-ms",
+        "20",
+        "--concurrency",
+        "2",
+        "--drain-timeout",
+        "1",
+    ]);
+    let body = sse_body(1000);
+    let mut running: Vec<_> = (0..2)
+        .map(|_| open(s.addr, "POST", "/v1/chat/completions", &[], &body))
+        .collect();
+    for r in &mut running {
+        assert!(r.next_chunk().is_some());
+    }
+    let t = Instant::now();
+    s.sigterm();
+    for r in running {
+        let text = r.finish().text();
+        assert!(
+            text.contains("cancelled: the server is shutting down"),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(8));
+    let log = s.log();
+    assert_eq!(
+        log.matches("outcome=unknown_error_occurred").count(),
+        2,
+        "{log}"
+    );
+}
+
+#[test]
+fn health_answers_and_ready_says_loading_before_the_model_is_in() {
+    let listener = chatstream::server::bind("127.0.0.1:0").unwrap();
+    let addr = listener.addr;
+    assert_eq!(request(addr, "GET", "/health", &[], b"").status, 200);
+    let ready = request(addr, "GET", "/ready", &[], b"");
+    assert_eq!(
+        (ready.status, ready.json()["status"].clone()),
+        (503, json!("loading"))
+    );
+    let chat = request(addr, "POST", "/v1/chat/completions", &[], &sse_body(5));
+    assert_eq!(chat.status, 503);
+    assert!(chat.header("Retry-After").is_some());
+    let model = Arc::new(chatstream::server::model::MockChat::new(
+        chatstream::server::model::MockMode::Echo,
+        Duration::from_millis(1),
+    ));
+    let cs = chatstream::server::ChatStream::new(Default::default(), model);
+    let handle = listener.serve(cs).unwrap();
+    assert_eq!(request(addr, "GET", "/ready", &[], b"").status, 200);
+    handle.shutdown();
+}
+
+/// A file in the temporary folder, removed when dropped.
+mod tempfile_path {
+    pub struct TempPath(std::path::PathBuf);
+
+    impl TempPath {
+        pub fn write(name: &str, text: &str) -> TempPath {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let p =
+                std::env::temp_dir().join(format!("chatstream-{}-{n}-{name}", std::process::id()));
+            std::fs::write(&p, text).unwrap();
+            TempPath(p)
+        }
+        pub fn as_str(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
