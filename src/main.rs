@@ -21,6 +21,7 @@ use chatstream::engine::kv_cache::KvCache;
 use chatstream::model::synthetic::synthetic;
 use chatstream::model::weights::Tensor;
 use chatstream::model::{ModelConfig, Weights};
+use chatstream::server::guard::ConnLimits;
 use chatstream::server::loadgen::{self, LoadSpec};
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
 use chatstream::server::roles::Roles;
@@ -297,6 +298,19 @@ struct ServeArgs {
         default_value_t = 30
     )]
     shutdown_grace: u64,
+    /// Most open connections; past it the longest-idle one is closed, or, when none is idle,
+    /// the newcomer gets a fast 503.
+    #[arg(long, env = "CHATSTREAM_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's head (from its first byte).
+    #[arg(long, env = "CHATSTREAM_HEADER_TIMEOUT", default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, env = "CHATSTREAM_BODY_TIMEOUT", default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Seconds a connection with no request in flight stays open.
+    #[arg(long, env = "CHATSTREAM_KEEP_ALIVE_TIMEOUT", default_value_t = 60.0)]
+    keep_alive_timeout: f64,
     /// Seconds without a new token, while work is pending, after which /ready answers 503
     /// (0 = never).
     #[arg(long, env = "CHATSTREAM_STALL_TIMEOUT", default_value_t = 120.0)]
@@ -380,7 +394,14 @@ fn serve(a: ServeArgs) -> Result<()> {
     };
     let kv_budget = a.kv_cache_budget.map(|mb| mb << 20);
     // Bound before loading, so that /health answers and /ready says "loading" meanwhile.
-    let listener = chatstream::server::bind(&format!("{}:{}", a.host, a.port))
+    let limits = ConnLimits {
+        max_connections: a.max_connections.max(1),
+        head_timeout: Duration::from_secs_f64(a.header_timeout),
+        body_timeout: Duration::from_secs_f64(a.body_timeout),
+        idle_timeout: Duration::from_secs_f64(a.keep_alive_timeout),
+        ..ConnLimits::default()
+    };
+    let listener = chatstream::server::bind(&format!("{}:{}", a.host, a.port), limits)
         .with_context(|| format!("binding {}:{}", a.host, a.port))?;
     let load_started = Instant::now();
     let model: Arc<dyn ChatModel> = match a.mock {

@@ -238,7 +238,7 @@ fn sigterm_past_the_drain_timeout_cuts_answers_with_a_final_event_and_exits_0() 
 
 #[test]
 fn health_answers_and_ready_says_loading_before_the_model_is_in() {
-    let listener = chatstream::server::bind("127.0.0.1:0").unwrap();
+    let listener = chatstream::server::bind("127.0.0.1:0", Default::default()).unwrap();
     let addr = listener.addr;
     assert_eq!(request(addr, "GET", "/health", &[], b"").status, 200);
     let ready = request(addr, "GET", "/ready", &[], b"");

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod chat;
+pub mod guard;
 pub mod http;
 pub mod kv_pool;
 pub mod loadgen;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use tiny_http::{Method, Request};
 
+use guard::{ConnLimits, Guard, SocketDir};
 use metrics::Metrics;
 use model::{ChatModel, GenParams};
 use pool::Pool;
@@ -399,13 +401,18 @@ const FRONT_THREADS: usize = 8;
 pub struct ServerHandle {
     /// The bound address (useful with port 0).
     pub addr: SocketAddr,
+    /// The connection guard in front of tiny_http.
+    pub guard: Guard,
     server: Arc<tiny_http::Server>,
     acceptor: Option<JoinHandle<()>>,
+    /// Last, so that the server is gone before its socket's folder is removed.
+    _dir: SocketDir,
 }
 
 impl ServerHandle {
     /// Stops accepting and waits for the acceptor thread.
     pub fn shutdown(mut self) {
+        self.guard.stop();
         self.server.unblock();
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
@@ -425,18 +432,23 @@ impl ServerHandle {
 pub struct Listener {
     /// The bound address (useful with port 0).
     pub addr: SocketAddr,
+    guard: Option<Guard>,
     server: Arc<tiny_http::Server>,
+    dir: Option<SocketDir>,
     loading: Arc<AtomicBool>,
     answerer: Option<JoinHandle<()>>,
 }
 
-/// Binds `addr` and answers as loading until `Listener::serve`.
-pub fn bind(addr: &str) -> std::io::Result<Listener> {
-    let server = Arc::new(tiny_http::Server::http(addr).map_err(std::io::Error::other)?);
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("not an IP listener"))?;
+/// Binds `addr` with the connection guard's `limits` in front, and answers as loading until
+/// `Listener::serve`.
+pub fn bind(addr: &str, limits: ConnLimits) -> std::io::Result<Listener> {
+    let tcp = std::net::TcpListener::bind(addr)?;
+    let dir = SocketDir::new()?;
+    let unix = std::os::unix::net::UnixListener::bind(dir.socket())?;
+    let server =
+        Arc::new(tiny_http::Server::from_listener(unix, None).map_err(std::io::Error::other)?);
+    let guard = Guard::start(tcp, dir.socket(), limits)?;
+    let addr = guard.addr;
     let loading = Arc::new(AtomicBool::new(true));
     let (s, l) = (Arc::clone(&server), Arc::clone(&loading));
     let answerer = std::thread::Builder::new()
@@ -452,6 +464,8 @@ pub fn bind(addr: &str) -> std::io::Result<Listener> {
         })?;
     Ok(Listener {
         addr,
+        guard: Some(guard),
+        dir: Some(dir),
         server,
         loading,
         answerer: Some(answerer),
@@ -474,9 +488,9 @@ fn answer_loading(req: Request) {
     let _ = req.respond(resp);
 }
 
-/// Binds `addr` and serves `cs` on one acceptor thread.
+/// Binds `addr` (with the default connection limits) and serves `cs`.
 pub fn serve(cs: Arc<ChatStream>, addr: &str) -> std::io::Result<ServerHandle> {
-    bind(addr)?.serve(cs)
+    bind(addr, ConnLimits::default())?.serve(cs)
 }
 
 impl Drop for Listener {
@@ -519,10 +533,14 @@ impl Listener {
                     }
                 }
             })?;
+        let guard = self.guard.take().expect("a listener serves once");
+        let dir = self.dir.take().expect("a listener serves once");
         Ok(ServerHandle {
             addr,
+            guard,
             server,
             acceptor: Some(acceptor),
+            _dir: dir,
         })
     }
 }
