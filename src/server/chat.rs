@@ -71,6 +71,26 @@ pub(super) fn outcome_of(
     }
 }
 
+/// A panic caught in a generation: re-raised once the client has had its last chunk, so that
+/// the pool gives the worker a fresh generator.
+pub(super) type Panic = Box<dyn std::any::Any + Send>;
+
+/// Runs `worker.generate`, turning a panic into an error plus the panic to re-raise.
+pub(super) fn generate_caught(
+    worker: &mut dyn ChatWorker,
+    prompt: &str,
+    params: &GenParams,
+    session: Option<&str>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> (Result<GenStats, String>, Option<Panic>) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        worker.generate(prompt, params, session, on_text)
+    })) {
+        Ok(result) => (result, None),
+        Err(p) => (Err("internal error".to_string()), Some(p)),
+    }
+}
+
 /// Called once per admitted request with its outcome.
 pub type FinishCallback = Box<dyn FnOnce(FinishOutcome) + Send>;
 
@@ -480,7 +500,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     let (mut answer, mut chunks, mut gone) = (String::new(), 0usize, false);
     let params: &GenParams = &job.session.params;
     let session = (!job.ephemeral).then_some(job.sid.as_str());
-    let result = worker.generate(&job.prompt, params, session, &mut |piece| {
+    let (result, panic) = generate_caught(worker, &job.prompt, params, session, &mut |piece| {
         if job.cs.is_cancelling() {
             return false;
         }
@@ -523,7 +543,8 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
             .chunk(format!("{body}{EOS_MARK}").as_bytes())
             .is_err();
     }
-    if chunks > 0 {
+    // A turn that failed is not kept: the history stays as it was before it.
+    if chunks > 0 && result.is_ok() {
         let mut session = job.session;
         session.turns.push(Turn {
             user: job.user,
@@ -535,4 +556,8 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     guard.unlock();
     let delivered = !gone && stream.finish().is_ok();
     guard.outcome = outcome_of(delivered, chunks, &result);
+    if let Some(p) = panic {
+        drop(guard); // reported before the worker is replaced
+        std::panic::resume_unwind(p);
+    }
 }

@@ -143,10 +143,7 @@ impl ChatStream {
 
     /// Starts `cfg.concurrency` workers for `model`.
     pub fn new(cfg: ServerConfig, model: Arc<dyn ChatModel>) -> Arc<ChatStream> {
-        let workers = (0..cfg.concurrency.max(1))
-            .map(|_| model.new_worker())
-            .collect();
-        let pool = Pool::new(workers, cfg.max_queue);
+        let pool = Pool::new(Arc::clone(&model), cfg.concurrency.max(1), cfg.max_queue);
         let sessions = Arc::new(MemoryStore::new(cfg.session_idle_ttl, cfg.max_sessions));
         Arc::new(ChatStream {
             cfg,

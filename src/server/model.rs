@@ -80,9 +80,9 @@ pub struct ModelChat<B: Backend> {
     engine: Arc<Engine<B>>,
     context_len: usize,
     pool: Arc<Mutex<KvPool<B>>>,
-    /// Bytes of one KV cache, and the workers made (each owns one).
+    /// Bytes of one KV cache, and the live workers (each owns one).
     per_cache: usize,
-    workers: AtomicUsize,
+    workers: Arc<AtomicUsize>,
 }
 
 /// Most decode steps coalesced into one forward pass.
@@ -120,7 +120,7 @@ impl<B: Backend + 'static> ModelChat<B> {
             context_len,
             pool,
             per_cache,
-            workers: AtomicUsize::new(0),
+            workers: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -140,6 +140,14 @@ fn host_available_bytes() -> Option<usize> {
 struct ModelWorker<B: Backend> {
     gen: Generator<B>,
     pool: Arc<Mutex<KvPool<B>>>,
+    /// The model's count of live workers (each holds one KV cache).
+    live: Arc<AtomicUsize>,
+}
+
+impl<B: Backend> Drop for ModelWorker<B> {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl<B: Backend + 'static> ChatModel for ModelChat<B> {
@@ -168,6 +176,7 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
         Box::new(ModelWorker {
             gen: Generator::new(Arc::clone(&self.engine), self.context_len),
             pool: Arc::clone(&self.pool),
+            live: Arc::clone(&self.workers),
         })
     }
     fn kv_cache_bytes(&self) -> usize {

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tiny_http::Request;
 
-use super::chat::{outcome_of, FinishOutcome, TurnGuard};
+use super::chat::{generate_caught, outcome_of, FinishOutcome, TurnGuard};
 use super::http::{self, header, BodyError, ChunkedStream};
 use super::model::{ChatWorker, GenParams, GenStats};
 use super::session::new_session_id;
@@ -348,7 +348,7 @@ fn run(
         let _ = s.chunk(format!("data: {first}\n\n").as_bytes());
     }
     let (mut text, mut chunks, mut gone) = (String::new(), 0usize, false);
-    let result = worker.generate(&prompt, &c.params, None, &mut |piece| {
+    let (result, panic) = generate_caught(worker, &prompt, &c.params, None, &mut |piece| {
         if cs.is_cancelling() {
             return false;
         }
@@ -435,5 +435,9 @@ fn run(
             }
             guard.outcome = FinishOutcome::UnknownErrorOccurred;
         }
+    }
+    if let Some(p) = panic {
+        drop(guard); // reported before the worker is replaced
+        std::panic::resume_unwind(p);
     }
 }

@@ -1,7 +1,7 @@
 //! Admission and the worker pool: a fixed set of `concurrency` worker threads, each owning
 //! its generator, fed through a crossbeam channel. At most `concurrency + max_queue`
 //! requests are in the system; past that `try_submit` refuses at once. A panicking job is
-//! caught, so a worker never dies and its slot is always released.
+//! caught, so a worker never dies (it gets a fresh generator) and its slot is always released.
 //!
 //! Each submitted job has a `Ticket`: it tells the job's place in the queue, and lets a
 //! waiting job be abandoned (its client left), which frees its place at once; a worker that
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
-use super::model::ChatWorker;
+use super::model::{ChatModel, ChatWorker};
 
 /// Work for one worker: runs with that worker's generator.
 pub type Job = Box<dyn FnOnce(&mut dyn ChatWorker) + Send>;
@@ -127,19 +127,19 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts one thread per worker.
-    pub fn new(workers: Vec<Box<dyn ChatWorker>>, max_queue: usize) -> Pool {
+    /// Starts `concurrency` worker threads, each with a generator of `model`. A worker whose
+    /// request panicked gets a fresh generator (its old state may be inconsistent), so the
+    /// pool keeps its size.
+    pub fn new(model: Arc<dyn ChatModel>, concurrency: usize, max_queue: usize) -> Pool {
         let (tx, rx): (Sender<(Arc<Ticket>, Job)>, Receiver<_>) = unbounded();
         let load = Arc::new(Load::new());
-        let concurrency = workers.len();
-        let workers = workers
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut w)| {
-                let (rx, load) = (rx.clone(), Arc::clone(&load));
+        let workers = (0..concurrency)
+            .map(|i| {
+                let (rx, load, model) = (rx.clone(), Arc::clone(&load), Arc::clone(&model));
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
+                        let mut w = model.new_worker();
                         for (ticket, job) in rx.iter() {
                             if !ticket.start() {
                                 continue; // abandoned: its place is already free
@@ -147,7 +147,8 @@ impl Pool {
                             load.progress();
                             load.processing.fetch_add(1, Ordering::SeqCst);
                             if catch_unwind(AssertUnwindSafe(|| job(w.as_mut()))).is_err() {
-                                eprintln!("chatstream: worker-{i}: a request panicked; the worker goes on");
+                                eprintln!("chatstream: worker-{i}: a request panicked; the worker starts afresh");
+                                w = model.new_worker();
                             }
                             load.progress();
                             load.processing.fetch_sub(1, Ordering::SeqCst);
