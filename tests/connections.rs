@@ -231,7 +231,7 @@ fn ambiguous_or_oversized_framing_is_refused_before_the_server() {
     let r = send(&big);
     assert!(r.starts_with("HTTP/1.1 431"), "{r}");
     let r = send(b"GET /health HTTP/2.0\r\n\r\n");
-    assert!(r.starts_with("HTTP/1.1 505"), "{r}");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     let r = send(b"\x00\x01garbage\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     // And the server still serves.

@@ -1,6 +1,6 @@
 //! The connection guard: the TCP front of the server. tiny_http gives every connection its
-//! own thread and reads without a time limit, so it listens on a private (abstract) Unix
-//! socket, and this guard accepts the TCP connections and relays each one to it, enforcing:
+//! own thread and reads without a time limit, so it listens on a private Unix socket (in a
+//! folder only this user can enter), and this guard accepts the TCP connections and relays each one to it, enforcing:
 //!
 //! - a cap on open connections: past it, the longest-idle connection is closed to make room,
 //!   and when none is idle the newcomer gets a fast 503 (`Retry-After: 1`);
@@ -10,7 +10,9 @@
 //!   `idle_timeout`;
 //! - request framing: heads over `max_head_bytes` get 431, malformed heads 400, conflicting
 //!   `Content-Length`s 400 and `Transfer-Encoding` 411 (send a length), so no ambiguous
-//!   request reaches the server (no request smuggling).
+//!   request reaches the server (no request smuggling);
+//! - a client that closes its side has left (as nginx takes it): the relay closes the
+//!   server's side too, so the server's next write fails and it stops generating at once.
 //!
 //! Each connection takes three threads (two relaying, one in tiny_http), so the threads stay
 //! under `3 * max_connections` plus a fixed few. The relay parses just enough of both
@@ -419,14 +421,10 @@ fn relay_requests(
             data = &data[used..];
         }
     }
-    // The client is done sending: the server sees the end of the requests, and answers what
-    // is in flight (unless the guard is closing the connection).
-    let closing = conn.state().closing;
-    let _ = server.shutdown(if closing {
-        Shutdown::Both
-    } else {
-        Shutdown::Write
-    });
+    // The client is gone (or done sending, which HTTP clients do only when they leave, as
+    // nginx also takes it): what is in flight is abandoned, so the server's next write fails
+    // and it notices the disconnect at once.
+    let _ = server.shutdown(Shutdown::Both);
 }
 
 /// The end of a head (just past its blank line), searching from near `from`.
@@ -461,7 +459,7 @@ fn check_head(head: &[u8], max: usize) -> Result<RequestHead, (u16, &'static str
         return Err((400, "malformed request line"));
     }
     if parts[2] != "HTTP/1.1" && parts[2] != "HTTP/1.0" {
-        return Err((505, "only HTTP/1.0 and HTTP/1.1 are served"));
+        return Err((400, "only HTTP/1.0 and HTTP/1.1 are served"));
     }
     let mut length: Option<u64> = None;
     for h in lines.take_while(|l| !l.is_empty()) {
@@ -497,7 +495,6 @@ fn error_reply(status: u16, message: &str) -> Vec<u8> {
         408 => "Request Timeout",
         411 => "Length Required",
         431 => "Request Header Fields Too Large",
-        505 => "HTTP Version Not Supported",
         _ => "Service Unavailable",
     };
     let (code, retry) = match status {

@@ -1,6 +1,6 @@
 //! A small HTTP/1.1 client over a real `TcpStream` for the server tests, and a test server
-//! that runs `ChatStream` on 127.0.0.1:0 in its own tiny_http loop, recording every finish
-//! outcome through the library's per-request callback.
+//! that runs `ChatStream` on 127.0.0.1:0 behind the connection guard, in its own tiny_http
+//! loop, recording every finish outcome through the library's per-request callback.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chatstream::server::guard::{ConnLimits, Guard, SocketDir};
 use chatstream::server::model::ChatModel;
 use chatstream::server::{ChatStream, FinishOutcome, ServerConfig};
 use serde_json::Value;
@@ -186,15 +187,30 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub cs: Arc<ChatStream>,
     pub outcomes: Arc<Mutex<Vec<FinishOutcome>>>,
+    pub guard: Guard,
     server: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
+    _dir: SocketDir,
 }
 
 impl TestServer {
+    /// Serves behind the connection guard with its default limits.
     pub fn start(cfg: ServerConfig, model: Arc<dyn ChatModel>) -> TestServer {
+        TestServer::with_limits(cfg, model, ConnLimits::default())
+    }
+
+    pub fn with_limits(
+        cfg: ServerConfig,
+        model: Arc<dyn ChatModel>,
+        limits: ConnLimits,
+    ) -> TestServer {
         let cs = ChatStream::new(cfg, model);
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-        let addr = server.server_addr().to_ip().unwrap();
+        let dir = SocketDir::new().unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(dir.socket()).unwrap();
+        let server = Arc::new(tiny_http::Server::from_listener(unix, None).unwrap());
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guard = Guard::start(tcp, dir.socket(), limits).unwrap();
+        let addr = guard.addr;
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let (s, c, o) = (Arc::clone(&server), Arc::clone(&cs), Arc::clone(&outcomes));
         let thread = std::thread::spawn(move || {
@@ -215,8 +231,10 @@ impl TestServer {
             addr,
             cs,
             outcomes,
+            guard,
             server,
             thread: Some(thread),
+            _dir: dir,
         }
     }
 
@@ -243,6 +261,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        self.guard.stop();
         self.server.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
