@@ -199,7 +199,13 @@ impl Metrics {
                 o.as_str()
             );
         }
-        let gauges: [(&str, &str, &str, f64); 8] = [
+        let gauges: [(&str, &str, &str, f64); 9] = [
+            (
+                "chatstream_requests_admitted_total",
+                "counter",
+                "Requests admitted (each ends with exactly one finished outcome).",
+                load.admitted_total as f64,
+            ),
             (
                 "chatstream_requests_rejected_total",
                 "counter",

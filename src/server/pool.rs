@@ -27,6 +27,8 @@ pub type Job = Box<dyn FnOnce(&mut dyn ChatWorker) + Send>;
 pub struct Load {
     in_system: AtomicUsize,
     processing: AtomicUsize,
+    /// Requests admitted since the start.
+    admitted: AtomicU64,
     /// Sequence numbers of the submitted jobs not yet started, in submission order.
     queued: Mutex<BTreeSet<u64>>,
     next_seq: AtomicU64,
@@ -40,6 +42,7 @@ impl Load {
         Load {
             in_system: AtomicUsize::new(0),
             processing: AtomicUsize::new(0),
+            admitted: AtomicU64::new(0),
             queued: Mutex::new(BTreeSet::new()),
             next_seq: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -115,6 +118,8 @@ pub struct LoadSnapshot {
     pub processing: usize,
     /// Requests admitted and waiting for a worker.
     pub waiting: usize,
+    /// Requests admitted since the start.
+    pub admitted_total: u64,
 }
 
 /// The worker pool.
@@ -179,6 +184,7 @@ impl Pool {
             })
             .ok()
             .map(|before| {
+                self.load.admitted.fetch_add(1, Ordering::SeqCst);
                 if before == 0 {
                     self.load.progress(); // the stall clock starts with the work
                 }
@@ -196,6 +202,7 @@ impl Pool {
         LoadSnapshot {
             processing,
             waiting: in_system - processing,
+            admitted_total: self.load.admitted.load(Ordering::SeqCst),
         }
     }
 
