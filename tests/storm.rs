@@ -123,7 +123,7 @@ fn storm(s: &TestServer, requests: usize, clients: usize) -> Tally {
         .map(|c| {
             let (tally, next, addr) = (Arc::clone(&tally), Arc::clone(&next), s.addr);
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (c as u64 + 1) * 0x1234_5678);
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1234_5678));
                 while next.fetch_add(1, Ordering::SeqCst) < requests {
                     one_client(addr, &mut rng, &tally);
                 }
