@@ -283,3 +283,95 @@ mod tempfile_path {
         }
     }
 }
+
+#[test]
+fn secrets_never_reach_the_log_or_the_prompt() {
+    let (ui, hdr, key, wrong) = (
+        "ui-secret-4e1f",
+        "hdr-secret-9a7c",
+        "sk-secret-77d2",
+        "sk-wrong-5b3e",
+    );
+    let roles = tempfile_path::TempPath::write(
+        "secret-roles.json",
+        &json!({
+            "user": {"apis": {"allow": ["chat_stream", "get_prompt"], "auth_method": "nothing", "use_session": true}},
+            "admin": {"apis": {"allow": "all", "auth_method": "ui_pass_phrase", "ui_pass_phrase": ui, "use_session": true}},
+            "bot": {"apis": {"allow": ["chat_stream"], "auth_method": "header_phrase", "header_phrase": hdr, "use_session": false}}
+        })
+        .to_string(),
+    );
+    let mut s = Served::start(&[
+        "--mock",
+        "echo",
+        "--mock-token-delay-ms",
+        "1",
+        "--api-key",
+        key,
+        "--roles",
+        roles.as_str(),
+    ]);
+    let chat = |cookie: Option<&str>, text: &str| {
+        let headers: Vec<(&str, &str)> = cookie.map(|c| ("Cookie", c)).into_iter().collect();
+        let body = json!({"user_input": text}).to_string();
+        request(s.addr, "POST", "/chat_stream", &headers, body.as_bytes())
+    };
+    let first = chat(None, "hello");
+    let cookie = first.cookie().unwrap();
+    let granted = chat(Some(&cookie), ui).text();
+    assert!(granted.contains("'admin' has been granted"), "{granted}");
+    chat(Some(&cookie), "after the grant");
+    let prompt = request(s.addr, "GET", "/get_prompt", &[("Cookie", &cookie)], b"").json()
+        ["prompt"]
+        .to_string();
+    assert!(prompt.contains("after") && !prompt.contains(ui), "{prompt}");
+    let bot = [
+        ("X-FastSession-Skip", "skip"),
+        ("X-ChatStream-Auth-Header", hdr),
+    ];
+    let body = json!({"user_input": "from the bot"}).to_string();
+    assert_eq!(
+        request(s.addr, "POST", "/chat_stream", &bot, body.as_bytes()).status,
+        200
+    );
+    let bad = [
+        ("X-FastSession-Skip", "skip"),
+        ("X-ChatStream-Auth-Header", wrong),
+    ];
+    assert_eq!(
+        request(s.addr, "POST", "/chat_stream", &bad, body.as_bytes()).status,
+        403
+    );
+    let v1 = json!({"messages": [{"role": "user", "content": "x"}]}).to_string();
+    let auth = format!("Bearer {key}");
+    assert_eq!(
+        request(
+            s.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &auth)],
+            v1.as_bytes()
+        )
+        .status,
+        200
+    );
+    let auth = format!("Bearer {wrong}");
+    assert_eq!(
+        request(
+            s.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &auth)],
+            v1.as_bytes()
+        )
+        .status,
+        401
+    );
+    s.sigterm();
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = s.log();
+    assert!(log.contains("outcome=success"), "{log}");
+    for secret in [ui, hdr, key, wrong] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}

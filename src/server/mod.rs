@@ -222,25 +222,31 @@ impl ChatStream {
         }
     }
 
-    /// CORS headers for a request whose `Origin` is one of `--cors-origin` (or any, with `*`).
+    /// CORS headers for a request whose `Origin` is one of `--cors-origin`: that origin, with
+    /// credentials (the session cookie). With `*` any other origin gets `*` and no
+    /// credentials, so a wildcard never lets another site use a visitor's session.
     pub fn cors_headers(&self, req: &Request) -> Vec<(&'static str, String)> {
         let Some(origin) = http::header_value(req, "Origin") else {
             return vec![];
         };
-        let allowed = self
-            .cfg
-            .cors_origins
-            .iter()
-            .any(|o| o == "*" || *o == origin);
-        if !allowed {
+        let origins = &self.cfg.cors_origins;
+        let mut headers = if origins.contains(&origin) {
+            vec![
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true".into()),
+            ]
+        } else if origins.iter().any(|o| o == "*") {
+            vec![("Access-Control-Allow-Origin", "*".into())]
+        } else {
             return vec![];
-        }
-        vec![
-            ("Access-Control-Allow-Origin", origin),
-            ("Access-Control-Allow-Credentials", "true".into()),
-            ("Access-Control-Expose-Headers", "X-ChatStream-Last-Generated-Message-Id, X-ChatStream-API-DevTool-Enabled, Retry-After".into()),
-            ("Vary", "Origin".into()),
-        ]
+        };
+        headers.push((
+            "Access-Control-Expose-Headers",
+            "X-ChatStream-Last-Generated-Message-Id, X-ChatStream-API-DevTool-Enabled, Retry-After"
+                .into(),
+        ));
+        headers.push(("Vary", "Origin".into()));
+        headers
     }
 
     /// Sends `resp` with the request's CORS headers added; a client that has gone is no error.
@@ -364,7 +370,7 @@ pub fn is_program(req: &Request) -> bool {
 }
 
 /// Every path: (path, method, API name for the role layer).
-const ROUTES: &[(&str, Method, &str)] = &[
+pub const ROUTES: &[(&str, Method, &str)] = &[
     ("/chat_stream", Method::Post, "chat_stream"),
     ("/clear_context", Method::Post, "clear_context"),
     ("/get_prompt", Method::Get, "get_prompt"),

@@ -3,7 +3,7 @@
 //! used session is evicted first). Ids are opaque random 128-bit values from the OS. A
 //! shared store (Redis) can implement the same trait without touching the handlers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -58,11 +58,63 @@ struct Entry {
     session: Session,
     busy: bool,
     last_used: Instant,
+    /// Its key in `Sessions::by_use`.
+    tick: u64,
+}
+
+/// The sessions, with an index by last use so that expiry and eviction take O(log n).
+#[derive(Default)]
+struct Sessions {
+    map: HashMap<String, Entry>,
+    by_use: BTreeMap<u64, String>,
+    tick: u64,
+}
+
+impl Sessions {
+    /// Marks `id` used now.
+    fn touch(&mut self, id: &str) -> Option<&mut Entry> {
+        let e = self.map.get_mut(id)?;
+        self.by_use.remove(&e.tick);
+        self.tick += 1;
+        e.tick = self.tick;
+        e.last_used = Instant::now();
+        self.by_use.insert(self.tick, id.to_string());
+        Some(e)
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(e) = self.map.remove(id) {
+            self.by_use.remove(&e.tick);
+        }
+    }
+
+    /// Forgets sessions idle past `ttl`, then the least recently used beyond `max - 1`
+    /// (busy ones are kept), making room for one more.
+    fn make_room(&mut self, ttl: Duration, max: usize) {
+        let now = Instant::now();
+        let mut skipped = 0;
+        while let Some((_, id)) = self.by_use.iter().nth(skipped) {
+            let e = &self.map[id];
+            let expired = now.duration_since(e.last_used) >= ttl;
+            if !expired && self.map.len() < max {
+                break;
+            }
+            if e.busy {
+                skipped += 1; // a running turn is never evicted
+                if skipped > 64 {
+                    break;
+                }
+                continue;
+            }
+            let id = id.clone();
+            self.remove(&id);
+        }
+    }
 }
 
 /// Sessions in this process's memory.
 pub struct MemoryStore {
-    map: Mutex<HashMap<String, Entry>>,
+    inner: Mutex<Sessions>,
     idle_ttl: Duration,
     max_sessions: usize,
 }
@@ -80,69 +132,55 @@ impl MemoryStore {
     /// A store that forgets sessions idle for `idle_ttl` and holds at most `max_sessions`.
     pub fn new(idle_ttl: Duration, max_sessions: usize) -> MemoryStore {
         MemoryStore {
-            map: Mutex::new(HashMap::new()),
+            inner: Mutex::default(),
             idle_ttl,
             max_sessions: max_sessions.max(1),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl SessionStore for MemoryStore {
     fn create(&self, params: GenParams) -> String {
         let id = new_session_id();
-        let mut map = self.lock();
-        let now = Instant::now();
-        map.retain(|_, e| e.busy || now.duration_since(e.last_used) < self.idle_ttl);
-        while map.len() >= self.max_sessions {
-            let oldest = map
-                .iter()
-                .filter(|(_, e)| !e.busy)
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => map.remove(&k),
-                None => break,
-            };
-        }
-        map.insert(
-            id.clone(),
-            Entry {
-                session: Session {
-                    turns: Vec::new(),
-                    params,
-                    role: None,
-                },
-                busy: false,
-                last_used: now,
+        let mut s = self.lock();
+        s.make_room(self.idle_ttl, self.max_sessions);
+        let entry = Entry {
+            session: Session {
+                turns: Vec::new(),
+                params,
+                role: None,
             },
-        );
+            busy: false,
+            last_used: Instant::now(),
+            tick: 0,
+        };
+        s.map.insert(id.clone(), entry);
+        s.touch(&id);
         id
     }
 
     fn load(&self, id: &str) -> Option<Session> {
-        let mut map = self.lock();
-        let e = map.get_mut(id)?;
+        let mut s = self.lock();
+        let e = s.map.get(id)?;
         if !e.busy && e.last_used.elapsed() >= self.idle_ttl {
-            map.remove(id);
+            s.remove(id);
             return None;
         }
-        e.last_used = Instant::now();
-        Some(e.session.clone())
+        s.touch(id).map(|e| e.session.clone())
     }
 
     fn save(&self, id: &str, session: Session) {
-        if let Some(e) = self.lock().get_mut(id) {
+        if let Some(e) = self.lock().touch(id) {
             e.session = session;
-            e.last_used = Instant::now();
         }
     }
 
     fn try_lock(&self, id: &str) -> bool {
-        match self.lock().get_mut(id) {
+        match self.lock().map.get_mut(id) {
             Some(e) if !e.busy => {
                 e.busy = true;
                 true
@@ -152,9 +190,8 @@ impl SessionStore for MemoryStore {
     }
 
     fn unlock(&self, id: &str) {
-        if let Some(e) = self.lock().get_mut(id) {
+        if let Some(e) = self.lock().touch(id) {
             e.busy = false;
-            e.last_used = Instant::now();
         }
     }
 
@@ -163,7 +200,7 @@ impl SessionStore for MemoryStore {
     }
 
     fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 }
 
@@ -206,5 +243,22 @@ mod tests {
         s.unlock(&a);
         std::thread::sleep(Duration::from_millis(40));
         assert!(s.load(&a).is_none());
+    }
+
+    #[test]
+    fn a_flood_of_new_sessions_stays_at_the_bound_and_keeps_the_busy_one() {
+        let s = MemoryStore::new(Duration::from_secs(60), 1000);
+        let busy = s.create(params());
+        assert!(s.try_lock(&busy));
+        for _ in 0..100_000 {
+            s.create(params());
+        }
+        assert_eq!(s.len(), 1000);
+        assert!(
+            s.load(&busy).is_some(),
+            "a running turn's session was evicted"
+        );
+        let inner = s.lock();
+        assert_eq!(inner.by_use.len(), inner.map.len());
     }
 }
