@@ -282,7 +282,7 @@ fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<u16>, Strin
                 b = &b[nl + 2..];
                 if size == 0 {
                     return (b == b"\r\n")
-                        .then_some(status)
+                        .then_some(Some(status))
                         .ok_or("chunked trailer".into());
                 }
                 if b.len() < size + 2 || &b[size..size + 2] != b"\r\n" {
