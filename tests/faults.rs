@@ -219,6 +219,7 @@ fn an_sse_stream_that_fails_ends_with_an_error_event_and_done() {
             "{fault:?}: {text}"
         );
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        s.wait_idle();
         let m = request(s.addr, "GET", "/metrics", &[], b"").text();
         assert!(m.contains("outcome=\"unknown_error_occurred\"} 1"), "{m}");
         // The one worker serves the next request.

@@ -93,8 +93,21 @@ impl ChunkedStream {
     }
 
     /// Ends the body.
-    pub fn finish(mut self) -> std::io::Result<()> {
-        self.w.write_all(b"0\r\n\r\n")?;
+    pub fn finish(self) -> std::io::Result<()> {
+        self.finish_with(b"")
+    }
+
+    /// Writes a last chunk and the end of the body in one write, so that a client that stops
+    /// reading at the last chunk has already been sent the end.
+    pub fn finish_with(mut self, last: &[u8]) -> std::io::Result<()> {
+        let mut out = Vec::with_capacity(last.len() + 16);
+        if !last.is_empty() {
+            out.extend_from_slice(format!("{:x}\r\n", last.len()).as_bytes());
+            out.extend_from_slice(last);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        self.w.write_all(&out)?;
         self.w.flush()
     }
 }

@@ -322,9 +322,9 @@ fn run(
     let late = cs.waited_too_long(&guard);
     let (mut stream, req) = match reply {
         Reply::Json(req) if late => return too_many(&cs, req),
-        Reply::Stream(mut s) if late => {
-            let _ = s.chunk(format!("data: {}\n\ndata: [DONE]\n\n", too_many_body()).as_bytes());
-            let _ = s.finish();
+        Reply::Stream(s) if late => {
+            let _ =
+                s.finish_with(format!("data: {}\n\ndata: [DONE]\n\n", too_many_body()).as_bytes());
             return;
         }
         Reply::Stream(s) => (Some(s), None),
@@ -396,7 +396,7 @@ fn run(
         Err(_) => ("stop", Value::Null),
     };
     match (stream, &result) {
-        (Some(mut s), _) => {
+        (Some(s), _) => {
             let mut events = String::new();
             match &result {
                 Ok(_) => {
@@ -416,7 +416,7 @@ fn run(
                 }
             }
             events += "data: [DONE]\n\n";
-            let delivered = !gone && s.chunk(events.as_bytes()).is_ok() && s.finish().is_ok();
+            let delivered = !gone && s.finish_with(events.as_bytes()).is_ok();
             guard.outcome = outcome_of(delivered, chunks, &result);
         }
         (None, Ok(_)) => {

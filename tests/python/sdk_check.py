@@ -9,6 +9,7 @@ model at temperature 0. Exits non-zero with a message on the first failed check.
 
 import json
 import sys
+import time
 import urllib.request
 
 import openai
@@ -111,8 +112,13 @@ except openai.BadRequestError as e:
     err = e.body if isinstance(e.body, dict) else {}
     check(e.status_code == 400 and err.get("param") == "temperature", f"bad field: {e.body}")
 
-after = metrics()
+# A request is counted just after its last byte goes out: wait for the counters to settle.
 done = 'chatstream_requests_finished_total{outcome=success}'
+for _ in range(50):
+    after = metrics()
+    if after[done] - before.get(done, 0) >= ok:
+        break
+    time.sleep(0.1)
 check(after[done] - before.get(done, 0) == ok, f"success counter moved by {ok}: {after[done]}")
 for h in ["queue_wait", "time_to_first_token", "request_duration"]:
     name = f"chatstream_{h}_seconds_count{{}}"
