@@ -9,22 +9,29 @@ use tiny_http::Request;
 
 use super::http::{self, BodyError};
 use super::model::GenParams;
-use super::session::Session;
+use super::session::{Session, StoreDown};
 use super::ChatStream;
 use crate::model::ChatMessage;
 
 /// The caller's session, if its cookie names a live one (never creates one).
-fn session_of(cs: &ChatStream, req: &Request) -> Option<(String, Session)> {
-    let sid = http::cookie(req, "sid")?;
-    let s = cs.sessions.load(&sid)?;
-    Some((sid, s))
+fn session_of(cs: &ChatStream, req: &Request) -> Result<Option<(String, Session)>, StoreDown> {
+    let Some(sid) = http::cookie(req, "sid") else {
+        return Ok(None);
+    };
+    Ok(cs.sessions.load(&sid)?.map(|s| (sid, s)))
 }
 
 /// `POST /clear_context`: forgets the conversation.
 pub fn clear_context(cs: &Arc<ChatStream>, req: Request) {
-    if let Some((sid, mut s)) = session_of(cs, &req) {
-        s.turns.clear();
-        cs.sessions.save(&sid, s);
+    let cleared = session_of(cs, &req).and_then(|found| match found {
+        Some((sid, mut s)) => {
+            s.turns.clear();
+            cs.sessions.save(&sid, s)
+        }
+        None => Ok(()),
+    });
+    if let Err(e) = cleared {
+        return cs.store_down(req, &e);
     }
     cs.reply_json(
         req,
@@ -36,9 +43,10 @@ pub fn clear_context(cs: &Arc<ChatStream>, req: Request) {
 
 /// `GET /get_prompt`: the prompt the next turn would start from, percent-encoded.
 pub fn get_prompt(cs: &Arc<ChatStream>, req: Request) {
-    let turns = session_of(cs, &req)
-        .map(|(_, s)| s.turns)
-        .unwrap_or_default();
+    let turns = match session_of(cs, &req) {
+        Ok(found) => found.map(|(_, s)| s.turns).unwrap_or_default(),
+        Err(e) => return cs.store_down(req, &e),
+    };
     let messages: Vec<ChatMessage> = turns
         .iter()
         .flat_map(|t| {
@@ -73,7 +81,10 @@ fn params_json(p: &GenParams) -> Value {
 
 /// `GET /get_generation_params`: this session's settings (the defaults without a session).
 pub fn get_generation_params(cs: &Arc<ChatStream>, req: Request) {
-    let p = session_of(cs, &req).map_or_else(|| cs.cfg.default_params.clone(), |(_, s)| s.params);
+    let p = match session_of(cs, &req) {
+        Ok(found) => found.map_or_else(|| cs.cfg.default_params.clone(), |(_, s)| s.params),
+        Err(e) => return cs.store_down(req, &e),
+    };
     cs.reply_json(req, 200, &params_json(&p), vec![]);
 }
 
@@ -141,19 +152,28 @@ pub fn set_generation_params(cs: &Arc<ChatStream>, mut req: Request) {
             )
         }
     };
-    let (sid, mut s, new) = match session_of(cs, &req) {
-        Some((sid, s)) => (sid, s, false),
+    let found = session_of(cs, &req).and_then(|found| match found {
+        Some((sid, s)) => Ok((sid, s, false)),
         None => {
-            let sid = cs.sessions.create(cs.cfg.default_params.clone());
-            let s = cs.sessions.load(&sid).expect("just created");
-            (sid, s, true)
+            let sid = cs.sessions.create(cs.cfg.default_params.clone())?;
+            let s = cs
+                .sessions
+                .load(&sid)?
+                .ok_or_else(|| StoreDown("a session vanished as it was made".into()))?;
+            Ok((sid, s, true))
         }
+    });
+    let (sid, mut s, new) = match found {
+        Ok(f) => f,
+        Err(e) => return cs.store_down(req, &e),
     };
     match merge_params(&s.params, &v, cs.cfg.context_len.saturating_sub(1).max(1)) {
         Ok(p) => {
             s.params = p;
             let body = params_json(&s.params);
-            cs.sessions.save(&sid, s);
+            if let Err(e) = cs.sessions.save(&sid, s) {
+                return cs.store_down(req, &e);
+            }
             let mut headers = vec![];
             if new {
                 headers.push(http::header("Set-Cookie", &cs.session_cookie(&sid)));
@@ -215,8 +235,12 @@ pub fn set_feedback(cs: &Arc<ChatStream>, mut req: Request) {
     if !(form_data.is_null() || form_data.is_object()) {
         return cs.reply_error(req, 400, "bad_request", "form_data must be an object");
     }
-    let turn = session_of(cs, &req)
-        .and_then(|(_, s)| s.turns.into_iter().find(|t| t.message_id == message_id));
+    let turn = match session_of(cs, &req) {
+        Ok(found) => {
+            found.and_then(|(_, s)| s.turns.into_iter().find(|t| t.message_id == message_id))
+        }
+        Err(e) => return cs.store_down(req, &e),
+    };
     let Some(turn) = turn else {
         let msg = format!("no answer with message_id '{message_id}' in this session");
         return cs.reply_error(req, 404, "not_found", &msg);

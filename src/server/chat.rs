@@ -280,10 +280,21 @@ impl ChatStream {
         };
         // Programs keep no session: their turn runs in a throw-away one.
         let ephemeral = is_program(&req);
-        let existing =
-            http::cookie(&req, "sid").filter(|sid| !ephemeral && self.sessions.load(sid).is_some());
+        let existing = match http::cookie(&req, "sid").filter(|_| !ephemeral) {
+            Some(sid) => match self.sessions.load(&sid) {
+                Ok(found) => found.map(|_| sid),
+                Err(e) => return self.store_down(req, &e),
+            },
+            None => None,
+        };
         let new_cookie = existing.is_none() && !ephemeral;
-        let sid = existing.unwrap_or_else(|| self.sessions.create(self.cfg.default_params.clone()));
+        let sid = match existing {
+            Some(sid) => sid,
+            None => match self.sessions.create(self.cfg.default_params.clone()) {
+                Ok(sid) => sid,
+                Err(e) => return self.store_down(req, &e),
+            },
+        };
         // A UI pass phrase typed as a message grants its role; it is never stored or logged.
         let phrase_role = match (&body.user_input, ephemeral || body.regenerate) {
             (Some(text), false) => self.cfg.roles.by_ui_phrase(text),
@@ -296,7 +307,11 @@ impl ChatStream {
         let mut guard = TurnGuard::stateless(self, None);
         guard.ephemeral = ephemeral;
         guard.reports = false;
-        if !self.sessions.try_lock(&sid) {
+        let locked = match self.sessions.try_lock(&sid) {
+            Ok(locked) => locked,
+            Err(e) => return self.store_down(req, &e),
+        };
+        if !locked {
             let msg = "a generation is already running in this session; wait for it to finish";
             return self.reply_error(req, 409, "conflict", msg);
         }
@@ -331,9 +346,15 @@ impl ChatStream {
 
     /// Records `role` on the session and answers with ChatStream's grant message.
     fn grant_role(self: &Arc<Self>, req: Request, sid: &str, new_cookie: bool, role: &Role) {
-        if let Some(mut session) = self.sessions.load(sid) {
-            session.role = Some(role.name.clone());
-            self.sessions.save(sid, session);
+        let granted = self.sessions.load(sid).and_then(|found| match found {
+            Some(mut session) => {
+                session.role = Some(role.name.clone());
+                self.sessions.save(sid, session)
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = granted {
+            return self.store_down(req, &e);
         }
         let mut headers = vec![http::header("Content-Type", "text/plain; charset=utf-8")];
         if new_cookie {
@@ -390,11 +411,11 @@ impl ChatStream {
         new_cookie: bool,
         body: ChatBody,
     ) -> Result<TurnJob, (u16, &'static str, String)> {
-        let mut session = self.sessions.load(sid).ok_or((
-            500,
-            "session_lost",
-            "the session expired".to_string(),
-        ))?;
+        let mut session = self
+            .sessions
+            .load(sid)
+            .map_err(|e| (503, "session_store_unavailable", e.to_string()))?
+            .ok_or((500, "session_lost", "the session expired".to_string()))?;
         let user = if body.regenerate {
             let last = session.turns.pop().ok_or((
                 400,
@@ -551,7 +572,10 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
             assistant: answer,
             message_id: job.message_id,
         });
-        job.cs.sessions.save(&job.sid, session);
+        // One write of the whole session: the history never holds half a turn.
+        if let Err(e) = job.cs.sessions.save(&job.sid, session) {
+            eprintln!("chatstream: the turn was answered but not saved: {e}");
+        }
     }
     guard.unlock();
     let delivered = !gone && stream.finish().is_ok();

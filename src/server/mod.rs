@@ -214,7 +214,7 @@ impl ChatStream {
             };
         }
         let granted = http::cookie(req, "sid")
-            .and_then(|sid| self.sessions.load(&sid))
+            .and_then(|sid| self.sessions.load(&sid).ok().flatten())
             .and_then(|s| s.role);
         match granted {
             Some(name) => roles.get(&name),
@@ -274,14 +274,20 @@ impl ChatStream {
         self.respond(req, resp.boxed());
     }
 
-    /// A 4xx/5xx with `{"error": code, "message": message}`.
+    /// A 4xx/5xx with `{"error": code, "message": message}` (a 503 with `Retry-After`).
     pub fn reply_error(&self, req: Request, status: u16, code: &str, message: &str) {
+        let retry = (status == 503).then(|| http::header("Retry-After", "5"));
         self.reply_json(
             req,
             status,
             &serde_json::json!({"error": code, "message": message}),
-            vec![],
+            retry.into_iter().collect(),
         );
+    }
+
+    /// The 503 for a request that needs the session store while it is unreachable.
+    pub fn store_down(&self, req: Request, e: &session::StoreDown) {
+        self.reply_error(req, 503, "session_store_unavailable", &e.to_string());
     }
 
     /// ChatStream's refusal on the role layer.

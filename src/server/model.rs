@@ -16,7 +16,7 @@ use crate::SamplingParams;
 use super::kv_pool::KvPool;
 
 /// Generation settings of one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenParams {
     /// Sampling.
     pub sampling: SamplingParams,

@@ -8,10 +8,12 @@ use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::model::GenParams;
 
 /// One exchange of a conversation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Turn {
     /// The user's message.
     pub user: String,
@@ -22,7 +24,7 @@ pub struct Turn {
 }
 
 /// A user's conversation and settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     /// Earlier exchanges, oldest first.
     pub turns: Vec<Turn>,
@@ -32,25 +34,35 @@ pub struct Session {
     pub role: Option<String>,
 }
 
+/// The session store cannot be reached (a shared store that is down); the request that
+/// needs a session is answered 503 and may be retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the session store is unreachable: {0}")]
+pub struct StoreDown(pub String);
+
 /// Where sessions live.
 pub trait SessionStore: Send + Sync {
     /// A new empty session; returns its id.
-    fn create(&self, params: GenParams) -> String;
+    fn create(&self, params: GenParams) -> Result<String, StoreDown>;
     /// A copy of the session, if it exists (and refreshes its idle timer).
-    fn load(&self, id: &str) -> Option<Session>;
-    /// Replaces the session's contents (if it still exists).
-    fn save(&self, id: &str, session: Session);
+    fn load(&self, id: &str) -> Result<Option<Session>, StoreDown>;
+    /// Replaces the session's contents, whole (if it still exists).
+    fn save(&self, id: &str, session: Session) -> Result<(), StoreDown>;
     /// Marks the session busy for one turn; false if it already is (or is gone).
-    fn try_lock(&self, id: &str) -> bool;
-    /// Ends the turn.
+    fn try_lock(&self, id: &str) -> Result<bool, StoreDown>;
+    /// Ends the turn (best effort: a shared store's lock also expires by itself).
     fn unlock(&self, id: &str);
-    /// Forgets a session.
+    /// Forgets a session (best effort).
     fn remove(&self, id: &str);
-    /// Sessions held.
+    /// Sessions held (0 when it cannot tell).
     fn len(&self) -> usize;
     /// Whether no session is held.
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Whether the store can be reached now (for `/ready`).
+    fn health(&self) -> Result<(), StoreDown> {
+        Ok(())
     }
 }
 
@@ -144,7 +156,7 @@ impl MemoryStore {
 }
 
 impl SessionStore for MemoryStore {
-    fn create(&self, params: GenParams) -> String {
+    fn create(&self, params: GenParams) -> Result<String, StoreDown> {
         let id = new_session_id();
         let mut s = self.lock();
         s.make_room(self.idle_ttl, self.max_sessions);
@@ -160,33 +172,36 @@ impl SessionStore for MemoryStore {
         };
         s.map.insert(id.clone(), entry);
         s.touch(&id);
-        id
+        Ok(id)
     }
 
-    fn load(&self, id: &str) -> Option<Session> {
+    fn load(&self, id: &str) -> Result<Option<Session>, StoreDown> {
         let mut s = self.lock();
-        let e = s.map.get(id)?;
+        let Some(e) = s.map.get(id) else {
+            return Ok(None);
+        };
         if !e.busy && e.last_used.elapsed() >= self.idle_ttl {
             s.remove(id);
-            return None;
+            return Ok(None);
         }
-        s.touch(id).map(|e| e.session.clone())
+        Ok(s.touch(id).map(|e| e.session.clone()))
     }
 
-    fn save(&self, id: &str, session: Session) {
+    fn save(&self, id: &str, session: Session) -> Result<(), StoreDown> {
         if let Some(e) = self.lock().touch(id) {
             e.session = session;
         }
+        Ok(())
     }
 
-    fn try_lock(&self, id: &str) -> bool {
-        match self.lock().map.get_mut(id) {
+    fn try_lock(&self, id: &str) -> Result<bool, StoreDown> {
+        Ok(match self.lock().map.get_mut(id) {
             Some(e) if !e.busy => {
                 e.busy = true;
                 true
             }
             _ => false,
-        }
+        })
     }
 
     fn unlock(&self, id: &str) {
@@ -227,37 +242,36 @@ mod tests {
     #[test]
     fn bound_evicts_the_least_recently_used() {
         let s = MemoryStore::new(Duration::from_secs(60), 2);
-        let a = s.create(params());
-        let b = s.create(params());
-        s.load(&a);
-        let c = s.create(params());
+        let a = s.create(params()).unwrap();
+        let b = s.create(params()).unwrap();
+        s.load(&a).unwrap();
+        let c = s.create(params()).unwrap();
         assert_eq!(s.len(), 2);
-        assert!(s.load(&b).is_none() && s.load(&a).is_some() && s.load(&c).is_some());
+        let live = |id: &str| s.load(id).unwrap().is_some();
+        assert!(!live(&b) && live(&a) && live(&c));
     }
 
     #[test]
     fn idle_sessions_expire_and_locks_are_exclusive() {
         let s = MemoryStore::new(Duration::from_millis(30), 10);
-        let a = s.create(params());
-        assert!(s.try_lock(&a) && !s.try_lock(&a));
+        let a = s.create(params()).unwrap();
+        assert!(s.try_lock(&a).unwrap() && !s.try_lock(&a).unwrap());
         s.unlock(&a);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(s.load(&a).is_none());
+        assert!(s.load(&a).unwrap().is_none());
     }
 
     #[test]
     fn a_flood_of_new_sessions_stays_at_the_bound_and_keeps_the_busy_one() {
         let s = MemoryStore::new(Duration::from_secs(60), 1000);
-        let busy = s.create(params());
-        assert!(s.try_lock(&busy));
+        let busy = s.create(params()).unwrap();
+        assert!(s.try_lock(&busy).unwrap());
         for _ in 0..100_000 {
-            s.create(params());
+            s.create(params()).unwrap();
         }
         assert_eq!(s.len(), 1000);
-        assert!(
-            s.load(&busy).is_some(),
-            "a running turn's session was evicted"
-        );
+        let kept = s.load(&busy).unwrap();
+        assert!(kept.is_some(), "a running turn's session was evicted");
         let inner = s.lock();
         assert_eq!(inner.by_use.len(), inner.map.len());
     }
