@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: fetches the default model if missing, installs what
-# the browser test needs (Debian's chromium, playwright-core from npm), a Python venv with the
-# openai SDK and prometheus_client, and NVRTC (PyPI) when missing, then builds and runs every
-# test in release mode (the golden tests run a real model).
+# the tests need when missing (Debian's chromium, redis-server and nginx; playwright-core from
+# npm; a Python venv with the openai SDK and prometheus_client; NVRTC from PyPI), then builds
+# and runs every test in release mode (the golden tests run a real model).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh >/dev/null
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the tests drive: chromium (web UI), redis-server and nginx (scale-out).
+missing=""
+for cmd in chromium redis-server nginx; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing="$missing $cmd"
+done
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
   else
-    echo "test.sh: the web UI test needs Debian's chromium: sudo apt-get install chromium" >&2
+    echo "test.sh: the tests need Debian's$missing: sudo apt-get install$missing" >&2
     exit 1
   fi
 fi

@@ -24,7 +24,9 @@ use chatstream::model::{ModelConfig, Weights};
 use chatstream::server::guard::ConnLimits;
 use chatstream::server::loadgen::{self, LoadSpec};
 use chatstream::server::model::{ChatModel, GenParams, MockChat, MockMode, ModelChat};
+use chatstream::server::redis_store::RedisStore;
 use chatstream::server::roles::Roles;
+use chatstream::server::session::SessionStore;
 use chatstream::server::{ChatStream, ServerConfig};
 use chatstream::{ChatMessage, Model, SamplingParams};
 
@@ -49,7 +51,7 @@ enum Cmd {
     /// Chat with the model in the console, keeping the conversation.
     Chat(ChatArgs),
     /// Serve ChatStream's HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure prefill and decode speed of the forward pass (a real or a synthetic model).
     Bench(BenchArgs),
 }
@@ -258,6 +260,10 @@ struct ServeArgs {
     /// Seconds a session may stay idle before it is forgotten.
     #[arg(long, env = "CHATSTREAM_SESSION_IDLE_TTL", default_value_t = 3600)]
     session_idle_ttl: u64,
+    /// Where sessions live: `memory` (this process) or `redis://HOST:PORT/DB` (shared by
+    /// replicas; the KV caches stay local).
+    #[arg(long, env = "CHATSTREAM_SESSION_STORE", default_value = "memory")]
+    session_store: String,
     /// Most sessions held (the least recently used is evicted).
     #[arg(long, env = "CHATSTREAM_MAX_SESSIONS", default_value_t = 10_000)]
     max_sessions: usize,
@@ -336,6 +342,18 @@ fn parse_refusal_status(s: &str) -> Result<u16, String> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    // The name goes into a header, log lines and metric labels.
+    if a.name.is_empty()
+        || !a
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        bail!(
+            "--name must be printable ASCII without spaces, quotes or backslashes, got {:?}",
+            a.name
+        );
+    }
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -392,6 +410,18 @@ fn serve(a: ServeArgs) -> Result<()> {
         },
         ..ServerConfig::default()
     };
+    let sessions: Option<Arc<dyn SessionStore>> = match a.session_store.as_str() {
+        "memory" => None,
+        url if url.starts_with("redis://") => {
+            let store = RedisStore::new(url, Duration::from_secs(a.session_idle_ttl))
+                .map_err(anyhow::Error::msg)?;
+            if let Err(e) = store.health() {
+                eprintln!("chatstream: warning: {e}; session requests get 503 until it answers");
+            }
+            Some(Arc::new(store))
+        }
+        other => bail!("--session-store must be memory or redis://HOST:PORT/DB, got {other:?}"),
+    };
     let kv_budget = a.kv_cache_budget.map(|mb| mb << 20);
     // Bound before loading, so that /health answers and /ready says "loading" meanwhile.
     let limits = ConnLimits {
@@ -423,7 +453,10 @@ fn serve(a: ServeArgs) -> Result<()> {
         },
     };
     let (name, device) = (model.name(), model.device());
-    let cs = ChatStream::new(cfg, model);
+    let cs = match sessions {
+        Some(store) => ChatStream::with_sessions(cfg, model, store),
+        None => ChatStream::new(cfg, model),
+    };
     cs.metrics
         .set_model_load_seconds(load_started.elapsed().as_secs_f64());
     let stop = Arc::new(AtomicBool::new(false));
@@ -442,8 +475,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "chatstream: shutting down: no new turns; waiting up to {}s for running ones",
-        a.shutdown_grace
+        "chatstream: node={} shutting down: no new turns; waiting up to {}s for running ones",
+        a.name, a.shutdown_grace
     );
     cs.start_draining();
     let mut finished = cs.wait_idle(Duration::from_secs(a.shutdown_grace));
@@ -454,7 +487,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     handle.shutdown();
     eprintln!(
-        "chatstream: stopped ({})",
+        "chatstream: node={} stopped ({})",
+        a.name,
         if finished {
             "every request accounted for"
         } else {
@@ -738,7 +772,7 @@ fn main() -> ExitCode {
             Loaded::Cpu(g) => chat(a, g),
             Loaded::Cuda(g) => chat(a, g),
         }),
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Bench(a) => bench(a),
     };
     match result {

@@ -6,82 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::client::{open, request};
+use common::process::{Served, TempPath};
 use serde_json::json;
-
-/// A `chatstream serve` child on a free port; killed when dropped.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Served {
-    fn start(args: &[&str]) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
-            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let l = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("ready on http://").nth(1) {
-                    let _ = tx.send(rest.split(' ').next().unwrap().parse::<SocketAddr>());
-                }
-                l.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no ready line: {}", log.lock().unwrap()))
-            .unwrap();
-        Served { child, addr, log }
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Waits for the process to exit (at most `limit`) and returns its exit code.
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(t.elapsed() < limit, "still running: {}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The Python that has `openai` and `prometheus_client` (scripts/test.sh makes it).
 fn python() -> PathBuf {
@@ -101,8 +33,8 @@ const KEY: &str = "sk-test-key";
 const SCRAPE: &str = "scrape-phrase";
 
 /// Serves with an API key and a roles file that lets a scraper (header phrase) read /metrics.
-fn serve_for_sdk(extra: &[&str]) -> (Served, tempfile_path::TempPath) {
-    let roles = tempfile_path::TempPath::write(
+fn serve_for_sdk(extra: &[&str]) -> (Served, TempPath) {
+    let roles = TempPath::write(
         "roles.json",
         &json!({
             "user": {"apis": {"allow": ["chat_stream"], "auth_method": "nothing", "use_session": true}},
@@ -259,31 +191,6 @@ fn health_answers_and_ready_says_loading_before_the_model_is_in() {
     handle.shutdown();
 }
 
-/// A file in the temporary folder, removed when dropped.
-mod tempfile_path {
-    pub struct TempPath(std::path::PathBuf);
-
-    impl TempPath {
-        pub fn write(name: &str, text: &str) -> TempPath {
-            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let p =
-                std::env::temp_dir().join(format!("chatstream-{}-{n}-{name}", std::process::id()));
-            std::fs::write(&p, text).unwrap();
-            TempPath(p)
-        }
-        pub fn as_str(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
 #[test]
 fn secrets_never_reach_the_log_or_the_prompt() {
     let (ui, hdr, key, wrong) = (
@@ -292,7 +199,7 @@ fn secrets_never_reach_the_log_or_the_prompt() {
         "sk-secret-77d2",
         "sk-wrong-5b3e",
     );
-    let roles = tempfile_path::TempPath::write(
+    let roles = TempPath::write(
         "secret-roles.json",
         &json!({
             "user": {"apis": {"allow": ["chat_stream", "get_prompt"], "auth_method": "nothing", "use_session": true}},

@@ -251,7 +251,7 @@ pub fn set_feedback(cs: &Arc<ChatStream>, mut req: Request) {
         "user": turn.user, "assistant": turn.assistant,
     });
     if let Err(e) = cs.record_feedback(&line) {
-        eprintln!("chatstream: writing feedback: {e}");
+        log!("writing feedback: {e}");
         return cs.reply_error(
             req,
             500,

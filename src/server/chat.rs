@@ -216,9 +216,8 @@ impl Drop for TurnGuard {
         if !self.reports {
             return;
         }
-        eprintln!(
-            "chatstream: node={} finished outcome={} tokens={} prompt_tokens={} cached_tokens={} duration_ms={}",
-            self.cs.cfg.name,
+        log!(
+            "finished outcome={} tokens={} prompt_tokens={} cached_tokens={} duration_ms={}",
             self.outcome.as_str(),
             self.tokens[0],
             self.tokens[1],
@@ -238,8 +237,8 @@ impl Drop for TurnGuard {
         if let Some(cb) = self.callback.take() {
             let outcome = self.outcome;
             if catch_unwind(AssertUnwindSafe(|| cb(outcome))).is_err() {
-                eprintln!(
-                    "chatstream: the finish callback panicked (outcome={})",
+                log!(
+                    "the finish callback panicked (outcome={})",
                     outcome.as_str()
                 );
             }
@@ -385,8 +384,8 @@ impl ChatStream {
         let late = self.cfg.max_queue_wait.is_some_and(|max| waited > max);
         if late {
             self.metrics.rejected();
-            eprintln!(
-                "chatstream: refused after {} ms in the queue (--max-queue-wait)",
+            log!(
+                "refused after {} ms in the queue (--max-queue-wait)",
                 waited.as_millis()
             );
         }
@@ -545,7 +544,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
     // An error, or a cancellation at shutdown, ends the stream with a last chunk saying so.
     let note = match &result {
         Err(e) => {
-            eprintln!("chatstream: generation failed: {e}");
+            log!("generation failed: {e}");
             Some(format!("error: {e}"))
         }
         Ok(GenStats {
@@ -574,7 +573,7 @@ fn run_turn(worker: &mut dyn ChatWorker, req: Request, job: TurnJob, mut guard: 
         });
         // One write of the whole session: the history never holds half a turn.
         if let Err(e) = job.cs.sessions.save(&job.sid, session) {
-            eprintln!("chatstream: the turn was answered but not saved: {e}");
+            log!("the turn was answered but not saved: {e}");
         }
     }
     guard.unlock();

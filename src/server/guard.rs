@@ -283,7 +283,7 @@ fn accept_loop(
         let id = next_id;
         lock(&table).insert(id, Arc::clone(&conn));
         if let Err(e) = spawn_relays(id, client, server, conn, &table, &limits, &stats) {
-            eprintln!("chatstream: could not start a connection's threads: {e}");
+            log!("could not start a connection's threads: {e}");
             lock(&table).remove(&id);
         }
     }

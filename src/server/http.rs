@@ -71,7 +71,7 @@ impl ChunkedStream {
             200 => "OK",
             _ => "Status",
         };
-        let mut head = format!("HTTP/1.1 {status} {reason}\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+        let mut head = format!("HTTP/1.1 {status} {reason}\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nX-ChatStream-Node: {}\r\n", super::node());
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }

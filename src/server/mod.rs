@@ -2,6 +2,13 @@
 //! acceptor that routes each request. Cheap endpoints are answered on the acceptor thread;
 //! a chat turn is admitted into the pool or refused at once. `serve` binds and runs it.
 
+/// Prints one log line carrying the node name (`--name`), so replicas can be told apart.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("chatstream: node={} {}", $crate::server::node(), format_args!($($arg)*))
+    };
+}
+
 pub mod api;
 pub mod chat;
 pub mod guard;
@@ -12,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod pool;
+pub mod redis_store;
 pub mod roles;
 pub mod session;
 pub mod waiting;
@@ -33,6 +41,13 @@ use roles::{Role, Roles};
 use session::{MemoryStore, SessionStore};
 
 pub use chat::{FinishCallback, FinishOutcome};
+
+static NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The node name log lines carry: the first server's `--name` in this process.
+pub fn node() -> &'static str {
+    NODE.get().map_or("node:0", String::as_str)
+}
 
 /// Server settings (the `serve` options).
 #[derive(Debug, Clone)]
@@ -141,10 +156,21 @@ impl ChatStream {
         writeln!(f, "{line}")
     }
 
-    /// Starts `cfg.concurrency` workers for `model`.
+    /// Starts `cfg.concurrency` workers for `model`, with sessions in this process's memory.
     pub fn new(cfg: ServerConfig, model: Arc<dyn ChatModel>) -> Arc<ChatStream> {
-        let pool = Pool::new(Arc::clone(&model), cfg.concurrency.max(1), cfg.max_queue);
         let sessions = Arc::new(MemoryStore::new(cfg.session_idle_ttl, cfg.max_sessions));
+        ChatStream::with_sessions(cfg, model, sessions)
+    }
+
+    /// Starts `cfg.concurrency` workers for `model`, with sessions in `sessions` (e.g. Redis,
+    /// shared by several replicas).
+    pub fn with_sessions(
+        cfg: ServerConfig,
+        model: Arc<dyn ChatModel>,
+        sessions: Arc<dyn SessionStore>,
+    ) -> Arc<ChatStream> {
+        let _ = NODE.set(cfg.name.clone());
+        let pool = Pool::new(Arc::clone(&model), cfg.concurrency.max(1), cfg.max_queue);
         Arc::new(ChatStream {
             cfg,
             model,
@@ -249,8 +275,10 @@ impl ChatStream {
         headers
     }
 
-    /// Sends `resp` with the request's CORS headers added; a client that has gone is no error.
+    /// Sends `resp` with the node name and the request's CORS headers added; a client that has
+    /// gone is no error.
     pub fn respond(&self, req: Request, mut resp: tiny_http::ResponseBox) {
+        resp.add_header(http::header("X-ChatStream-Node", &self.cfg.name));
         for (k, v) in self.cors_headers(&req) {
             resp.add_header(http::header(k, &v));
         }
@@ -350,15 +378,18 @@ impl ChatStream {
         }
     }
 
-    /// `/ready`: 200, or 503 while draining or when the engine is stalled.
+    /// `/ready`: 200, or 503 while draining, when the engine is stalled or when the session
+    /// store cannot be reached.
     fn ready(&self, req: Request) {
-        let stalled = self.cfg.stall_timeout.is_some_and(|t| self.pool.stalled(t));
-        let status = match (self.is_draining(), stalled) {
-            (true, _) => "draining",
-            (false, true) => "stalled",
-            (false, false) => {
-                return self.reply_json(req, 200, &serde_json::json!({"status": "ok"}), vec![])
-            }
+        let stalled = || self.cfg.stall_timeout.is_some_and(|t| self.pool.stalled(t));
+        let status = if self.is_draining() {
+            "draining"
+        } else if stalled() {
+            "stalled"
+        } else if self.sessions.health().is_err() {
+            "session_store_unavailable"
+        } else {
+            return self.reply_json(req, 200, &serde_json::json!({"status": "ok"}), vec![]);
         };
         let body = serde_json::json!({"status": status});
         self.reply_json(req, 503, &body, vec![http::header("Retry-After", "5")]);

@@ -410,7 +410,7 @@ fn run(
                     }
                 }
                 Err(e) => {
-                    eprintln!("chatstream: generation failed: {e}");
+                    log!("generation failed: {e}");
                     let err = error_body("server_error", None, e);
                     events += &format!("data: {err}\n\n");
                 }
@@ -429,7 +429,7 @@ fn run(
             guard.outcome = FinishOutcome::Success;
         }
         (None, Err(e)) => {
-            eprintln!("chatstream: generation failed: {e}");
+            log!("generation failed: {e}");
             if let Some(r) = req {
                 error(&cs, r, 500, "server_error", None, e);
             }

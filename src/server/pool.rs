@@ -152,7 +152,7 @@ impl Pool {
                             load.progress();
                             load.processing.fetch_add(1, Ordering::SeqCst);
                             if catch_unwind(AssertUnwindSafe(|| job(w.as_mut()))).is_err() {
-                                eprintln!("chatstream: worker-{i}: a request panicked; the worker starts afresh");
+                                log!("worker-{i}: a request panicked; the worker starts afresh");
                                 w = model.new_worker();
                             }
                             load.progress();

@@ -68,7 +68,7 @@ impl Default for WaitingRoom {
             .name("waiting-room".into())
             .spawn(move || ping_loop(weak));
         if let Err(e) = spawned {
-            eprintln!("chatstream: no waiting-room thread ({e}); queued streams get no pings");
+            log!("no waiting-room thread ({e}); queued streams get no pings");
         }
         WaitingRoom { entries }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod process;
 
 use std::path::PathBuf;
 use std::sync::Arc;
