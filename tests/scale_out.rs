@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::client::{final_answer, open, request, Resp};
+use common::client::{chat, final_answer, open, request, Resp};
 use common::process::{Served, TempPath};
 use serde_json::json;
 
@@ -208,17 +208,6 @@ impl Cluster {
     }
 }
 
-fn chat_at(addr: SocketAddr, cookie: Option<&str>, body: serde_json::Value) -> Resp {
-    let headers: Vec<(&str, &str)> = cookie.map(|c| ("Cookie", c)).into_iter().collect();
-    request(
-        addr,
-        "POST",
-        "/chat_stream",
-        &headers,
-        body.to_string().as_bytes(),
-    )
-}
-
 fn node(r: &Resp) -> String {
     r.header("X-ChatStream-Node").unwrap_or("?").to_string()
 }
@@ -233,7 +222,7 @@ fn prompt_at(addr: SocketAddr, cookie: &str) -> String {
 fn a_conversation_survives_the_loss_of_its_replica() {
     let mut c = Cluster::start();
     let via = c.nginx.addr;
-    let first = chat_at(via, None, json!({"user_input": "alpha"}));
+    let first = chat(via, None, &json!({"user_input": "alpha"}));
     assert_eq!(
         (first.status, final_answer(&first.text())),
         (200, "alpha".to_string())
@@ -242,7 +231,7 @@ fn a_conversation_survives_the_loss_of_its_replica() {
     let served_first = node(&first);
     c.kill(&served_first);
 
-    let second = chat_at(via, Some(&cookie), json!({"user_input": "bravo"}));
+    let second = chat(via, Some(&cookie), &json!({"user_input": "bravo"}));
     assert_eq!(
         (second.status, final_answer(&second.text())),
         (200, "bravo".to_string()),
@@ -253,9 +242,9 @@ fn a_conversation_survives_the_loss_of_its_replica() {
     let p = prompt_at(via, &cookie);
     assert!(p.contains("alpha") && p.contains("bravo"), "{p}");
 
-    let third = chat_at(via, Some(&cookie), json!({"user_input": "charlie"}));
+    let third = chat(via, Some(&cookie), &json!({"user_input": "charlie"}));
     assert_eq!(final_answer(&third.text()), "charlie");
-    let again = chat_at(via, Some(&cookie), json!({"regenerate": true}));
+    let again = chat(via, Some(&cookie), &json!({"regenerate": true}));
     assert_eq!(
         (again.status, final_answer(&again.text())),
         (200, "charlie".to_string())
@@ -275,7 +264,7 @@ fn a_conversation_survives_the_loss_of_its_replica() {
 fn two_clients_racing_one_session_on_two_replicas_get_one_stream_and_one_409() {
     let c = Cluster::start();
     let (a, b) = (c.addr_of("replica-a"), c.addr_of("replica-b"));
-    let first = chat_at(a, None, json!({"user_input": "hello"}));
+    let first = chat(a, None, &json!({"user_input": "hello"}));
     let cookie = first.cookie().unwrap();
     // A long answer on replica A (200 words, 5 ms each) ...
     let long = json!({"user_input": "word ".repeat(200)}).to_string();
@@ -289,11 +278,11 @@ fn two_clients_racing_one_session_on_two_replicas_get_one_stream_and_one_409() {
     assert_eq!(streaming.status, 200);
     assert!(streaming.next_chunk().is_some());
     // ... while the same session's next turn reaches replica B.
-    let racing = chat_at(b, Some(&cookie), json!({"user_input": "me too"}));
+    let racing = chat(b, Some(&cookie), &json!({"user_input": "me too"}));
     assert_eq!(racing.status, 409, "{}", racing.text());
     assert!(streaming.finish().text().ends_with("<::EOS::>"));
     // The lock is released with the turn: B may go on now.
-    let after = chat_at(b, Some(&cookie), json!({"user_input": "now"}));
+    let after = chat(b, Some(&cookie), &json!({"user_input": "now"}));
     assert_eq!(
         (after.status, final_answer(&after.text())),
         (200, "now".to_string())
@@ -304,11 +293,11 @@ fn two_clients_racing_one_session_on_two_replicas_get_one_stream_and_one_409() {
 fn with_redis_down_sessions_get_503_v1_goes_on_and_all_recovers_when_it_is_back() {
     let mut c = Cluster::start();
     let a = c.addr_of("replica-a");
-    let before = chat_at(a, None, json!({"user_input": "before"}));
+    let before = chat(a, None, &json!({"user_input": "before"}));
     assert_eq!(before.status, 200);
     c.redis.stop();
 
-    let down = chat_at(a, None, json!({"user_input": "during"}));
+    let down = chat(a, None, &json!({"user_input": "during"}));
     assert_eq!(down.status, 503, "{}", down.text());
     assert_eq!(down.json()["error"], "session_store_unavailable");
     assert!(down.header("Retry-After").is_some());
@@ -331,7 +320,7 @@ fn with_redis_down_sessions_get_503_v1_goes_on_and_all_recovers_when_it_is_back(
     c.redis.restart();
     let t = Instant::now();
     loop {
-        let r = chat_at(a, None, json!({"user_input": "after"}));
+        let r = chat(a, None, &json!({"user_input": "after"}));
         if r.status == 200 {
             assert_eq!(final_answer(&r.text()), "after");
             break;

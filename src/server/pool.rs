@@ -87,12 +87,8 @@ impl Ticket {
     /// Gives up a job that has not started: its place is freed now and no worker will run
     /// it. False if a worker already took it.
     pub fn abandon(&self) -> bool {
-        let won = self
-            .state
-            .compare_exchange(QUEUED, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok();
+        let won = self.leave_queue(ABANDONED);
         if won {
-            self.load.queued().remove(&self.seq);
             self.load.in_system.fetch_sub(1, Ordering::SeqCst);
         }
         won
@@ -100,9 +96,14 @@ impl Ticket {
 
     /// Claims the job for a worker; false if it was abandoned.
     fn start(&self) -> bool {
+        self.leave_queue(STARTED)
+    }
+
+    /// Moves a waiting job to `state` (exactly one of start and abandon wins).
+    fn leave_queue(&self, state: u8) -> bool {
         let won = self
             .state
-            .compare_exchange(QUEUED, STARTED, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(QUEUED, state, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok();
         if won {
             self.load.queued().remove(&self.seq);

@@ -88,6 +88,20 @@ impl RedisStore {
         self.idle_ttl.as_millis().max(1) as u64
     }
 
+    /// `SET key value <NX|XX> PX ttl`: whether it was set.
+    fn set(&self, key: &str, value: &str, when: &str, ttl_ms: u64) -> Result<bool, StoreDown> {
+        let set = self.with(|c| {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg(when)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query::<Option<String>>(c)
+        })?;
+        Ok(set.is_some())
+    }
+
     fn tokens(&self) -> MutexGuard<'_, HashMap<String, String>> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -109,18 +123,12 @@ impl SessionStore for RedisStore {
             role: None,
         };
         let id = new_session_id();
-        let key = format!("{SESSION_KEY}{id}");
-        let json = to_json(&session);
-        let ttl = self.ttl_ms();
-        self.with(|c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(&json)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl)
-                .query::<Option<String>>(c)
-        })?;
+        self.set(
+            &format!("{SESSION_KEY}{id}"),
+            &to_json(&session),
+            "NX",
+            self.ttl_ms(),
+        )?;
         Ok(id)
     }
 
@@ -139,38 +147,24 @@ impl SessionStore for RedisStore {
     }
 
     fn save(&self, id: &str, session: Session) -> Result<(), StoreDown> {
-        let key = format!("{SESSION_KEY}{id}");
-        let json = to_json(&session);
-        let ttl = self.ttl_ms();
-        self.with(|c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(&json)
-                .arg("XX")
-                .arg("PX")
-                .arg(ttl)
-                .query::<Option<String>>(c)
-        })?;
+        // XX: a session that expired meanwhile is not brought back.
+        self.set(
+            &format!("{SESSION_KEY}{id}"),
+            &to_json(&session),
+            "XX",
+            self.ttl_ms(),
+        )?;
         Ok(())
     }
 
     fn try_lock(&self, id: &str) -> Result<bool, StoreDown> {
-        let key = format!("{LOCK_KEY}{id}");
         let token = new_session_id();
         let ttl = LOCK_TTL.as_millis() as u64;
-        let got = self.with(|c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(&token)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl)
-                .query::<Option<String>>(c)
-        })?;
-        if got.is_some() {
+        let locked = self.set(&format!("{LOCK_KEY}{id}"), &token, "NX", ttl)?;
+        if locked {
             self.tokens().insert(id.to_string(), token);
         }
-        Ok(got.is_some())
+        Ok(locked)
     }
 
     fn unlock(&self, id: &str) {
