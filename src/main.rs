@@ -314,6 +314,9 @@ struct ServeArgs {
     /// Seconds a client may take to send a request's body.
     #[arg(long, env = "CHATSTREAM_BODY_TIMEOUT", default_value_t = 30.0)]
     body_timeout: f64,
+    /// Seconds a client may take no bytes of its answer before it counts as gone.
+    #[arg(long, env = "CHATSTREAM_WRITE_TIMEOUT", default_value_t = 30.0)]
+    write_timeout: f64,
     /// Seconds a connection with no request in flight stays open.
     #[arg(long, env = "CHATSTREAM_KEEP_ALIVE_TIMEOUT", default_value_t = 60.0)]
     keep_alive_timeout: f64,
@@ -429,6 +432,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         head_timeout: Duration::from_secs_f64(a.header_timeout),
         body_timeout: Duration::from_secs_f64(a.body_timeout),
         idle_timeout: Duration::from_secs_f64(a.keep_alive_timeout),
+        write_timeout: Duration::from_secs_f64(a.write_timeout),
         ..ConnLimits::default()
     };
     let listener = chatstream::server::bind(&format!("{}:{}", a.host, a.port), limits)

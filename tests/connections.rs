@@ -263,3 +263,52 @@ fn a_client_leaving_mid_stream_is_detected_through_the_guard() {
         "{m}"
     );
 }
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_and_frees_its_worker() {
+    let limits = ConnLimits {
+        write_timeout: Duration::from_millis(500),
+        ..limits()
+    };
+    let cfg = ServerConfig {
+        roles: Roles::open(),
+        default_params: chatstream::server::model::GenParams {
+            sampling: chatstream::SamplingParams::default(),
+            max_new_tokens: 1800,
+            stop: vec![],
+        },
+        ..ServerConfig::default()
+    };
+    let long = Arc::new(MockChat::new(MockMode::Long, Duration::ZERO));
+    let cs = ChatStream::new(cfg, long);
+    let h = bind("127.0.0.1:0", limits)
+        .unwrap()
+        .serve(Arc::clone(&cs))
+        .unwrap();
+    // Each chunk is the whole answer so far: megabytes the client never reads.
+    let mut s = connect(h.addr);
+    let body = json!({"user_input": "go"}).to_string();
+    let req = format!(
+        "POST /chat_stream HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let t = Instant::now();
+    while cs.pool.load().processing == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while cs.pool.load().processing != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the worker is still held by a reader that stalled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = request(h.addr, "GET", "/metrics", &[], b"").text();
+    assert!(
+        m.contains("outcome=\"client_disconnected_while_streaming\"} 1"),
+        "{m}"
+    );
+    drop(s);
+}

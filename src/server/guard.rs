@@ -7,7 +7,8 @@
 //! - a deadline for a request's head (`head_timeout`, from its first byte; 408 past it) and
 //!   its body (`body_timeout`), so a client sending slowly (slowloris) cannot hold a thread;
 //! - an idle keep-alive timeout: a connection with no request in flight is closed after
-//!   `idle_timeout`;
+//!   `idle_timeout`, and a client that takes no bytes of its answer for `write_timeout` is
+//!   dropped (its generation stops at the next token);
 //! - request framing: heads over `max_head_bytes` get 431, malformed heads 400, conflicting
 //!   `Content-Length`s 400 and `Transfer-Encoding` 411 (send a length), so no ambiguous
 //!   request reaches the server (no request smuggling);
@@ -42,6 +43,9 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
     /// Largest request head (request line and headers).
     pub max_head_bytes: usize,
+    /// A client that takes no bytes of its answer for this long has left (so a reader that
+    /// stalls cannot hold a worker).
+    pub write_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -52,6 +56,7 @@ impl Default for ConnLimits {
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_head_bytes: 64 << 10,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -95,12 +100,13 @@ impl Conn {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes the client side; the relays notice and end.
+    /// Closes the client side; the relays notice and end. A last reply is written without
+    /// blocking (a client that does not read gets what fits), so closing never waits on one.
     fn close(&self, reply: Option<&[u8]>) {
-        let mut st = self.state();
-        st.closing = true;
+        self.state().closing = true;
         if let Some(bytes) = reply {
-            let _ = (&self.client).write_all(bytes);
+            let _ = self.client.set_nonblocking(true);
+            let _ = (&self.client).write(bytes);
         }
         let _ = self.client.shutdown(Shutdown::Both);
     }
@@ -253,6 +259,7 @@ fn accept_loop(
             continue;
         };
         let _ = client.set_nodelay(true);
+        let _ = client.set_write_timeout(Some(limits.write_timeout));
         if !make_room(&table, limits.max_connections, &stats) {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
