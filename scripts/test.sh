@@ -32,4 +32,4 @@ if [ ! -e "$nvrtc/libnvrtc.so.13" ]; then
     || echo "test.sh: could not install NVRTC; the kernel compilation test will say it skipped" >&2
 fi
 export LD_LIBRARY_PATH="$PWD/$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo test --release --all-targets "$@"
+cargo test --release --all-targets --no-fail-fast "$@"
