@@ -92,6 +92,9 @@ struct BenchArgs {
     /// Memory bandwidth in GB/s to report decode's share of (default 4800, an H200, on CUDA).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
+    /// CPU decode with int8 activations (faster, not exact; see --int8-activations of serve).
+    #[arg(long)]
+    int8_activations: bool,
 }
 
 /// Prefill and decode timings of one backend, as a JSON object.
@@ -176,6 +179,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             .build_global()
             .context("setting up threads")?;
     }
+    chatstream::backend::cpu::q8act::set_enabled(a.int8_activations);
     let (cfg, weights, name) = match &a.synthetic {
         Some(shape) => {
             let (c, w) = synthetic(shape, 1).map_err(anyhow::Error::msg)?;
@@ -516,6 +520,10 @@ struct ModelArgs {
     /// Tokens of context (prompt plus answer) to allocate the KV cache for.
     #[arg(long, env = "CHATSTREAM_CONTEXT_LEN", default_value_t = 4096)]
     context_len: usize,
+    /// CPU decode of Q4_1/Q8_0 models with int8 activations, as llama.cpp does: faster, but
+    /// the logits move a little (measured in tests/int8_activations.rs); off by default.
+    #[arg(long, env = "CHATSTREAM_INT8_ACTIVATIONS")]
+    int8_activations: bool,
 }
 
 #[derive(Args)]
@@ -626,6 +634,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             .build_global()
             .context("setting up threads")?;
     }
+    chatstream::backend::cpu::q8act::set_enabled(args.int8_activations);
     // An explicit CUDA device is opened first (fail fast); `auto` looks for one after the
     // model loaded, so a bad model path is the one error reported.
     let mut gpu = match args.device.as_str() {

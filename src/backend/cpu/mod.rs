@@ -4,6 +4,7 @@
 
 pub mod naive;
 pub mod ops;
+pub mod q8act;
 pub mod quant;
 
 use super::{AttnShape, Backend, RopeShape};

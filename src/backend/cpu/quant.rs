@@ -283,6 +283,9 @@ const MAX_BLOCKS: usize = 1024;
 
 /// out (rows) = W x for a block-quantized W, rows split between rayon threads.
 pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
+    if super::q8act::enabled() {
+        return super::q8act::matvec(out, x, w);
+    }
     let nb = w.cols / QK;
     assert!(
         nb <= MAX_BLOCKS && x.len() >= w.cols && out.len() >= w.rows,
