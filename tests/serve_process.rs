@@ -82,25 +82,36 @@ fn sse_body(max_tokens: usize) -> Vec<u8> {
         .into_bytes()
 }
 
-#[test]
-fn sigterm_lets_running_answers_finish_refuses_new_ones_and_exits_0() {
-    let mut s = Served::start(&[
+/// A `--mock long` server with two SSE answers of `tokens` running (their first event read).
+fn two_running_answers(
+    delay_ms: &str,
+    drain_timeout: &str,
+    tokens: usize,
+) -> (Served, Vec<common::client::Stream>) {
+    let s = Served::start(&[
         "--mock",
         "long",
         "--mock-token-delay-ms",
-        "10",
+        delay_ms,
         "--concurrency",
         "2",
         "--drain-timeout",
-        "30",
+        drain_timeout,
     ]);
-    let body = sse_body(150);
+    let body = sse_body(tokens);
     let mut running: Vec<_> = (0..2)
         .map(|_| open(s.addr, "POST", "/v1/chat/completions", &[], &body))
         .collect();
     for r in &mut running {
         assert!(r.next_chunk().is_some());
     }
+    (s, running)
+}
+
+#[test]
+fn sigterm_lets_running_answers_finish_refuses_new_ones_and_exits_0() {
+    let (mut s, running) = two_running_answers("10", "30", 150);
+    let body = sse_body(150);
     s.sigterm();
     let t = Instant::now();
     loop {
@@ -131,23 +142,7 @@ fn sigterm_lets_running_answers_finish_refuses_new_ones_and_exits_0() {
 
 #[test]
 fn sigterm_past_the_drain_timeout_cuts_answers_with_a_final_event_and_exits_0() {
-    let mut s = Served::start(&[
-        "--mock",
-        "long",
-        "--mock-token-delay-ms",
-        "20",
-        "--concurrency",
-        "2",
-        "--drain-timeout",
-        "1",
-    ]);
-    let body = sse_body(1000);
-    let mut running: Vec<_> = (0..2)
-        .map(|_| open(s.addr, "POST", "/v1/chat/completions", &[], &body))
-        .collect();
-    for r in &mut running {
-        assert!(r.next_chunk().is_some());
-    }
+    let (mut s, running) = two_running_answers("20", "1", 1000);
     let t = Instant::now();
     s.sigterm();
     for r in running {

@@ -133,14 +133,8 @@ fn dot_q8_portable(qs: &[u8], scales: &[f32], _mins: &[f32], x: &QuantX, nb: usi
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::quant::avx2::hsum;
     use super::QuantX;
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
-    }
 
     pub fn q4_entry(qs: &[u8], scales: &[f32], mins: &[f32], x: &QuantX, nb: usize) -> f32 {
         assert!(qs.len() >= nb * 16 && scales.len() >= nb && mins.len() >= nb);
