@@ -18,7 +18,7 @@ use chatstream::server::model::{
 use chatstream::server::roles::Roles;
 use chatstream::server::{FinishOutcome, ServerConfig};
 use chatstream::ChatMessage;
-use common::client::{chat, final_answer, open, request, TestServer};
+use common::client::{chat, completions, final_answer, open, request, TestServer};
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -206,13 +206,7 @@ fn an_sse_stream_that_fails_ends_with_an_error_event_and_done() {
         let echo = Arc::new(MockChat::new(MockMode::Echo, Duration::from_millis(1)));
         let s = TestServer::start(cfg(1), faulty(echo, 1, 2, fault));
         let body = json!({"messages": [{"role": "user", "content": "one two three four"}], "stream": true});
-        let r = request(
-            s.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[],
-            body.to_string().as_bytes(),
-        );
+        let r = completions(s.addr, &[], &body);
         let text = r.text();
         assert!(
             text.contains("\"type\":\"server_error\""),
@@ -224,13 +218,7 @@ fn an_sse_stream_that_fails_ends_with_an_error_event_and_done() {
         assert!(m.contains("outcome=\"unknown_error_occurred\"} 1"), "{m}");
         // The one worker serves the next request.
         let body = json!({"messages": [{"role": "user", "content": "after"}]});
-        let r = request(
-            s.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[],
-            body.to_string().as_bytes(),
-        );
+        let r = completions(s.addr, &[], &body);
         assert_eq!(r.json()["choices"][0]["message"]["content"], "after");
         s.wait_idle(); // and its slot is freed
     }
@@ -244,21 +232,9 @@ fn on_the_real_model_a_replaced_worker_gives_the_golden_answer() {
     let model = Arc::new(ModelChat::new(engine, 1024, Some(64 << 20)));
     let s = TestServer::start(cfg(1), faulty(model, 1, 3, Fault::Panic));
     let body = json!({"messages": conv["messages"], "max_tokens": 48, "temperature": 0});
-    let r = request(
-        s.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    );
+    let r = completions(s.addr, &[], &body);
     assert_eq!(r.status, 500, "{}", r.text());
-    let r = request(
-        s.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    );
+    let r = completions(s.addr, &[], &body);
     assert_eq!(
         r.json()["choices"][0]["message"]["content"],
         conv["greedy"]["text"],

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::client::{chat, final_answer, open, request, Resp};
+use common::client::{chat, completions, final_answer, open, request, Resp};
 use common::process::{Served, TempPath};
 use serde_json::json;
 
@@ -307,14 +307,8 @@ fn with_redis_down_sessions_get_503_v1_goes_on_and_all_recovers_when_it_is_back(
         (503, json!("session_store_unavailable"))
     );
     assert_eq!(request(a, "GET", "/health", &[], b"").status, 200);
-    let v1 = json!({"messages": [{"role": "user", "content": "stateless"}]}).to_string();
-    let r = request(
-        c.nginx.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        v1.as_bytes(),
-    );
+    let v1 = json!({"messages": [{"role": "user", "content": "stateless"}]});
+    let r = completions(c.nginx.addr, &[], &v1);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "stateless");
 
     c.redis.restart();
@@ -338,16 +332,10 @@ fn with_redis_down_sessions_get_503_v1_goes_on_and_all_recovers_when_it_is_back(
 #[test]
 fn cookie_less_stateless_requests_spread_over_both_replicas() {
     let c = Cluster::start();
-    let v1 = json!({"messages": [{"role": "user", "content": "spread"}]}).to_string();
+    let v1 = json!({"messages": [{"role": "user", "content": "spread"}]});
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..10 {
-        let r = request(
-            c.nginx.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[],
-            v1.as_bytes(),
-        );
+        let r = completions(c.nginx.addr, &[], &v1);
         assert_eq!(r.status, 200);
         *seen.entry(node(&r)).or_default() += 1;
     }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::client::{open, request};
+use common::client::{completions, open, request};
 use common::process::{Served, TempPath};
 use serde_json::json;
 
@@ -244,29 +244,15 @@ fn secrets_never_reach_the_log_or_the_prompt() {
         request(s.addr, "POST", "/chat_stream", &bad, body.as_bytes()).status,
         403
     );
-    let v1 = json!({"messages": [{"role": "user", "content": "x"}]}).to_string();
+    let v1 = json!({"messages": [{"role": "user", "content": "x"}]});
     let auth = format!("Bearer {key}");
     assert_eq!(
-        request(
-            s.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("Authorization", &auth)],
-            v1.as_bytes()
-        )
-        .status,
+        completions(s.addr, &[("Authorization", &auth)], &v1).status,
         200
     );
     let auth = format!("Bearer {wrong}");
     assert_eq!(
-        request(
-            s.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("Authorization", &auth)],
-            v1.as_bytes()
-        )
-        .status,
+        completions(s.addr, &[("Authorization", &auth)], &v1).status,
         401
     );
     s.sigterm();

@@ -173,6 +173,18 @@ pub fn chat(addr: SocketAddr, cookie: Option<&str>, body: &Value) -> Resp {
     )
 }
 
+/// POST /v1/chat/completions with a JSON body and extra headers.
+pub fn completions(addr: SocketAddr, headers: &[(&str, &str)], body: &Value) -> Resp {
+    let body = body.to_string();
+    request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        headers,
+        body.as_bytes(),
+    )
+}
+
 /// The last `<::EOS::>`-terminated chunk of a ChatStream body: the whole answer.
 pub fn final_answer(body: &str) -> String {
     body.trim_end_matches("<::EOS::>")

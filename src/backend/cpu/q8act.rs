@@ -8,8 +8,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rayon::prelude::*;
-
 use crate::model::dequant::{QuantMatrix, QK};
 
 static ON: AtomicBool = AtomicBool::new(false);
@@ -84,19 +82,11 @@ pub fn matvec(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     let xq = &xq;
     let dot = dot_fn(w.eight_bit);
     let rb = w.row_bytes();
-    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8)).clamp(16, 512);
-    out[..w.rows]
-        .par_chunks_mut(rows_per_task)
-        .enumerate()
-        .for_each(|(c, o)| {
-            for (j, o) in o.iter_mut().enumerate() {
-                let r = c * rows_per_task + j;
-                let qs = &w.qs[r * rb..(r + 1) * rb];
-                let sc = &w.scales[r * nb..(r + 1) * nb];
-                let mn = &w.mins[r * nb..(r + 1) * nb];
-                *o = dot(qs, sc, mn, xq, nb);
-            }
-        });
+    super::quant::par_rows(&mut out[..w.rows], |r| {
+        let qs = &w.qs[r * rb..(r + 1) * rb];
+        let sc = &w.scales[r * nb..(r + 1) * nb];
+        dot(qs, sc, &w.mins[r * nb..(r + 1) * nb], xq, nb)
+    });
 }
 
 /// 4-bit blocks (low nibbles are values 0..16, high ones 16..32) against int8 `x`.

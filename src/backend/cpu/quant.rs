@@ -299,19 +299,24 @@ pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     let xsum = &xsum[..nb];
     let k = kernels();
     let rb = w.row_bytes();
-    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8)).clamp(16, 512);
-    out[..w.rows]
-        .par_chunks_mut(rows_per_task)
+    par_rows(&mut out[..w.rows], |r| {
+        let (qs, sc) = (&w.qs[r * rb..(r + 1) * rb], &w.scales[r * nb..(r + 1) * nb]);
+        if w.eight_bit {
+            (k.q8)(qs, sc, x)
+        } else {
+            (k.q4)(qs, sc, &w.mins[r * nb..(r + 1) * nb], x, xsum)
+        }
+    });
+}
+
+/// `out[r] = row(r)` for every row, rows split between rayon threads in chunks.
+pub(super) fn par_rows(out: &mut [f32], row: impl Fn(usize) -> f32 + Sync) {
+    let rows_per_task = (out.len() / (rayon::current_num_threads() * 8)).clamp(16, 512);
+    out.par_chunks_mut(rows_per_task)
         .enumerate()
         .for_each(|(c, o)| {
             for (j, o) in o.iter_mut().enumerate() {
-                let r = c * rows_per_task + j;
-                let (qs, sc) = (&w.qs[r * rb..(r + 1) * rb], &w.scales[r * nb..(r + 1) * nb]);
-                *o = if w.eight_bit {
-                    (k.q8)(qs, sc, x)
-                } else {
-                    (k.q4)(qs, sc, &w.mins[r * nb..(r + 1) * nb], x, xsum)
-                };
+                *o = row(c * rows_per_task + j);
             }
         });
 }
