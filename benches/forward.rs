@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chatstream::backend::cpu::Cpu;
+use chatstream::backend::Backend;
 use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::generate::PREFILL_CHUNK;
 use chatstream::engine::kv_cache::KvCache;
@@ -70,5 +71,47 @@ fn forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, forward);
+/// Coalesced decode steps (`forward_batch`) of 1, 2 and 4 sequences, each with its own
+/// cache after a 64-token prompt: elements/s is the aggregate decode tokens/s, so the ratio
+/// of the 4-row and the 1-row figures is the scaling four concurrent streams can reach.
+fn batched(c: &mut Criterion) {
+    let model = Model::load(&model_path()).expect("run scripts/fetch-model.sh first");
+    let t = Transformer::new(Cpu, &model.config, &model.weights);
+    let mut g = c.benchmark_group("batched_decode");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(2));
+    const STEPS: usize = 32;
+    for n in [1usize, 2, 4] {
+        let mut st = RunState::new(&t, PREFILL_CHUNK, n);
+        let mut kvs: Vec<KvCache<Cpu>> = (0..n).map(|_| KvCache::new(&Cpu, &t.cfg, 256)).collect();
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            t.prefill(&mut st, kv, &prompt(&t, 64 + i)).unwrap();
+        }
+        g.throughput(Throughput::Elements((n * STEPS) as u64));
+        g.bench_function(format!("{n}_rows"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    for (i, kv) in kvs.iter_mut().enumerate() {
+                        kv.truncate(64 + i);
+                    }
+                    let start = Instant::now();
+                    for s in 0..STEPS {
+                        let tokens: Vec<u32> = (0..n).map(|i| (s * 13 + i * 7) as u32).collect();
+                        let mut refs: Vec<&mut KvCache<Cpu>> = kvs.iter_mut().collect();
+                        // as the server's engine thread runs it: inside the thread pool
+                        Cpu.within(|| t.forward_batch(&mut st, &mut refs, &tokens))
+                            .unwrap();
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, forward, batched);
 criterion_main!(benches);

@@ -190,29 +190,31 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
         let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
         let mut w = vec![0f32; rows * cols];
         dequantize(ty, &bytes, &mut w);
-        for n in [2, 5, quant::MAX_ROWS] {
+        for n in [2, 3, 4, 5, 8, 9, quant::MAX_ROWS] {
             let x = rand_vec(n * cols, 32);
             let (mut fast, mut slow) = (vec![0.0; n * rows], vec![0.0; n * rows]);
             quant::matmul_q(&mut fast, &x, &q, n);
             naive::matmul(&mut slow, &x, &w, n, cols, rows);
             assert_close(&format!("{ty:?} matmul_q n={n}"), &fast, &slow, 1e-4);
-            let mut portable = vec![0.0; n];
-            quant::rows_portable(
-                q.eight_bit,
-                &q.qs[..q.row_bytes()],
-                &q.scales[..cols / 32],
-                &q.mins[..cols / 32],
-                &x,
-                cols,
-                &mut portable,
-            );
             let first_row: Vec<f32> = (0..n).map(|i| slow[i * rows]).collect();
-            assert_close(
-                &format!("{ty:?} rows_portable n={n}"),
-                &portable,
-                &first_row,
-                1e-4,
-            );
+            for (name, kernel) in quant::rows_kernels() {
+                let mut one = vec![0.0; n];
+                kernel(
+                    q.eight_bit,
+                    &q.qs[..q.row_bytes()],
+                    &q.scales[..cols / 32],
+                    &q.mins[..cols / 32],
+                    &x,
+                    cols,
+                    &mut one,
+                );
+                assert_close(
+                    &format!("{ty:?} rows kernel {name} n={n}"),
+                    &one,
+                    &first_row,
+                    1e-4,
+                );
+            }
         }
     }
 }

@@ -94,6 +94,13 @@ pub trait Backend: Send + Sync {
     fn memory(&self) -> Option<(usize, usize)> {
         None
     }
+    /// Runs `f`, a whole forward pass, where this backend's ops start fastest. By default in
+    /// place; the CPU backend runs it inside its thread pool, so that each op splits its
+    /// work among the pool's threads without waking them from outside (a few microseconds
+    /// per op, and a decode step has hundreds of ops).
+    fn within<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
 }
 
 /// CUDA kernel sources embedded by `build.rs` from `kernels/*.cu`.

@@ -133,11 +133,13 @@ fn run<B: Backend>(
             .map(|s| std::mem::replace(&mut s.kv, KvCache::placeholder()))
             .collect();
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let mut refs: Vec<&mut KvCache<B>> = kvs.iter_mut().collect();
-            t.forward_batch(st, &mut refs, &tokens)?;
-            t.backend
-                .read(st.logits(), tokens.len() * t.cfg.vocab_size, &mut host);
-            Ok(())
+            t.backend.within(|| {
+                let mut refs: Vec<&mut KvCache<B>> = kvs.iter_mut().collect();
+                t.forward_batch(st, &mut refs, &tokens)?;
+                t.backend
+                    .read(st.logits(), tokens.len() * t.cfg.vocab_size, &mut host);
+                Ok(())
+            })
         }))
         .unwrap_or_else(|_| {
             Err(InferenceError::Decode(

@@ -40,7 +40,7 @@ impl GgmlType {
 
     /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn byte_len(self, n: usize) -> Option<usize> {
-        let block = |bytes: usize| (n % QK == 0).then_some(n / QK * bytes);
+        let block = |bytes: usize| n.is_multiple_of(QK).then_some(n / QK * bytes);
         match self {
             GgmlType::F32 => Some(n * 4),
             GgmlType::F16 | GgmlType::BF16 => Some(n * 2),
@@ -174,7 +174,7 @@ impl QuantMatrix {
     /// Re-packs GGML blocks (`Q8_0`, `Q4_0` or `Q4_1`) of a `rows x cols` matrix; `None` for
     /// other types or shapes.
     pub fn from_ggml(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<QuantMatrix> {
-        if cols % QK != 0 || ty.byte_len(rows * cols) != Some(src.len()) {
+        if !cols.is_multiple_of(QK) || ty.byte_len(rows * cols) != Some(src.len()) {
             return None;
         }
         let (block, eight_bit) = match ty {

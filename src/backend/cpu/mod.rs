@@ -90,6 +90,10 @@ impl Backend for Cpu {
         ops::add(&mut x[..len], &y[..len]);
     }
 
+    fn within<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        rayon::scope(|_| f())
+    }
+
     fn argmax(&self, x: &Vec<f32>, n: usize) -> Option<u32> {
         let x = &x[..n];
         x.iter()

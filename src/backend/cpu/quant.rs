@@ -11,7 +11,9 @@ use crate::model::dequant::{QuantMatrix, QK};
 
 type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
 type Q8Fn = fn(&[u8], &[f32], &[f32]) -> f32;
-type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, &mut [f32]);
+/// One weight row against `out.len()` inputs: `(eight_bit, qs, scales, mins, x, cols, out)`,
+/// input i starting at `x[i * cols]`.
+pub type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, &mut [f32]);
 
 struct Kernels {
     q4: Q4Fn,
@@ -22,22 +24,40 @@ struct Kernels {
 fn kernels() -> &'static Kernels {
     static K: OnceLock<Kernels> = OnceLock::new();
     K.get_or_init(|| {
+        let rows = rows_kernels()[0].1;
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if avx2::detected() {
                 return Kernels {
                     q4: avx2::q4_entry,
                     q8: avx2::q8_entry,
-                    rows: avx2::rows_entry,
+                    rows,
                 };
             }
         }
         Kernels {
             q4: dot_q4_portable,
             q8: dot_q8_portable,
-            rows: rows_portable,
+            rows,
         }
     })
+}
+
+/// Every kernel for one weight row against several inputs that this CPU can run, best
+/// first, with its name (the tests check each against the naive product).
+pub fn rows_kernels() -> Vec<(&'static str, RowsFn)> {
+    let mut all: Vec<(&'static str, RowsFn)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512::detected() {
+            all.push(("avx512", avx512::rows_entry));
+        }
+        if avx2::detected() {
+            all.push(("avx2", avx2::rows_entry));
+        }
+    }
+    all.push(("portable", rows_portable));
+    all
 }
 
 /// One row of 4-bit blocks against `x`: sum over blocks of
@@ -72,6 +92,10 @@ pub fn dot_q8_portable(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
+
+    pub(in crate::backend::cpu) fn detected() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
 
     /// The sum of the 8 lanes.
     #[target_feature(enable = "avx2,fma")]
@@ -113,29 +137,10 @@ pub(super) mod avx2 {
         hsum(acc) + macc
     }
 
-    pub fn rows_entry(
-        eight_bit: bool,
-        qs: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        cols: usize,
-        acc: &mut [f32],
-    ) {
-        let nb = scales.len();
-        assert!(
-            acc.len() <= super::MAX_ROWS
-                && mins.len() >= nb
-                && x.len() >= acc.len() * cols
-                && nb * 32 <= cols
-        );
-        assert!(qs.len() >= nb * if eight_bit { 32 } else { 16 });
-        // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
-        unsafe { rows(eight_bit, qs, scales, mins, x, cols, acc) }
-    }
+    /// Inputs one call of `rows` dots with each block: two accumulators each, in registers.
+    const GROUP: usize = 4;
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows(
+    pub fn rows_entry(
         eight_bit: bool,
         qs: &[u8],
         scales: &[f32],
@@ -144,12 +149,36 @@ pub(super) mod avx2 {
         cols: usize,
         out: &mut [f32],
     ) {
-        let n = out.len();
-        let mut acc = [_mm256_setzero_ps(); super::MAX_ROWS];
+        super::check_rows(eight_bit, qs, scales, mins, x, cols, out.len());
+        for (g, o) in out.chunks_mut(GROUP).enumerate() {
+            let x = &x[g * GROUP * cols..];
+            // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
+            unsafe {
+                match o.len() {
+                    1 => rows::<1>(eight_bit, qs, scales, mins, x, cols, o),
+                    2 => rows::<2>(eight_bit, qs, scales, mins, x, cols, o),
+                    3 => rows::<3>(eight_bit, qs, scales, mins, x, cols, o),
+                    _ => rows::<4>(eight_bit, qs, scales, mins, x, cols, o),
+                }
+            }
+        }
+    }
+
+    /// N inputs: each block is widened to f32 once, then dotted with every input.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const N: usize>(
+        eight_bit: bool,
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
         let mask = _mm_set1_epi8(0x0f);
         for b in 0..scales.len() {
             let d = _mm256_set1_ps(*scales.get_unchecked(b));
-            let m = _mm256_set1_ps(*mins.get_unchecked(b));
             // the block's 32 weights as four f32 vectors
             let w: [__m256; 4] = if eight_bit {
                 let p = qs.as_ptr().add(b * 32) as *const __m128i;
@@ -157,6 +186,7 @@ pub(super) mod avx2 {
                 let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
                 [f(a), f(_mm_srli_si128(a, 8)), f(c), f(_mm_srli_si128(c, 8))]
             } else {
+                let m = _mm256_set1_ps(*mins.get_unchecked(b));
                 let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
                 let lo = _mm_and_si128(raw, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
@@ -169,16 +199,16 @@ pub(super) mod avx2 {
                     f(_mm_srli_si128(hi, 8)),
                 ]
             };
-            for (i, a) in acc.iter_mut().enumerate().take(n) {
+            for (i, a) in acc.iter_mut().enumerate() {
                 let xp = x.as_ptr().add(i * cols + b * 32);
-                let mut s = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), *a);
-                s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), s);
-                *a = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), s);
+                a[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), a[0]);
+                a[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), a[1]);
+                a[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), a[0]);
+                a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a[1]);
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
-            *o = hsum(a);
+            *o = hsum(_mm256_add_ps(a[0], a[1]));
         }
     }
 
@@ -204,6 +234,109 @@ pub(super) mod avx2 {
         }
         hsum(acc)
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    pub fn detected() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// Inputs one call of `rows` dots with each block: two accumulators each, in registers.
+    const GROUP: usize = 8;
+
+    pub fn rows_entry(
+        eight_bit: bool,
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        super::check_rows(eight_bit, qs, scales, mins, x, cols, out.len());
+        for (g, o) in out.chunks_mut(GROUP).enumerate() {
+            let x = &x[g * GROUP * cols..];
+            // SAFETY: selected only when AVX-512F was detected; lengths checked above.
+            unsafe {
+                match o.len() {
+                    1 => rows::<1>(eight_bit, qs, scales, mins, x, cols, o),
+                    2 => rows::<2>(eight_bit, qs, scales, mins, x, cols, o),
+                    3 => rows::<3>(eight_bit, qs, scales, mins, x, cols, o),
+                    4 => rows::<4>(eight_bit, qs, scales, mins, x, cols, o),
+                    5 => rows::<5>(eight_bit, qs, scales, mins, x, cols, o),
+                    6 => rows::<6>(eight_bit, qs, scales, mins, x, cols, o),
+                    7 => rows::<7>(eight_bit, qs, scales, mins, x, cols, o),
+                    _ => rows::<8>(eight_bit, qs, scales, mins, x, cols, o),
+                }
+            }
+        }
+    }
+
+    /// N inputs: each block is widened to two 16-lane f32 vectors once, then dotted with
+    /// every input.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows<const N: usize>(
+        eight_bit: bool,
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        let mask = _mm_set1_epi8(0x0f);
+        for b in 0..scales.len() {
+            let d = _mm512_set1_ps(*scales.get_unchecked(b));
+            let w: [__m512; 2] = if eight_bit {
+                let p = qs.as_ptr().add(b * 32) as *const __m128i;
+                let f = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
+                [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
+            } else {
+                let m = _mm512_set1_ps(*mins.get_unchecked(b));
+                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                let f =
+                    |v: __m128i| _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), d, m);
+                [
+                    f(_mm_and_si128(raw, mask)),
+                    f(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)),
+                ]
+            };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xp = x.as_ptr().add(i * cols + b * 32);
+                a[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp), a[0]);
+                a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp.add(16)), a[1]);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        }
+    }
+}
+
+/// The bounds every SIMD rows kernel relies on.
+#[cfg(target_arch = "x86_64")]
+fn check_rows(
+    eight_bit: bool,
+    qs: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    x: &[f32],
+    cols: usize,
+    n: usize,
+) {
+    let nb = scales.len();
+    assert!(
+        n <= MAX_ROWS
+            && mins.len() >= nb
+            && x.len() >= n * cols
+            && nb * QK <= cols
+            && qs.len() >= nb * if eight_bit { 32 } else { 16 },
+        "rows kernel: shape"
+    );
 }
 
 /// Most input rows `matmul_q` takes at once (one accumulator each).
