@@ -58,8 +58,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Load-test a running server instead (host:port): concurrent streaming chats at each
-    /// of --levels, reporting aggregate tokens/s, time to first token and queue wait.
+    /// Load-test a running server instead (host:port): concurrent streamed chat completions
+    /// (--decode-tokens long) at each of --levels, reporting aggregate tokens/s, time to
+    /// first token and queue wait.
     #[arg(long)]
     url: Option<String>,
     /// Concurrency levels for --url.
@@ -71,6 +72,9 @@ struct BenchArgs {
     /// The user message of each chat, for --url.
     #[arg(long, default_value = "Write a short story about a lighthouse keeper.")]
     prompt: String,
+    /// The server's --api-key, for --url (`@FILE` reads it from a file).
+    #[arg(long, env = "CHATSTREAM_API_KEY")]
+    api_key: Option<String>,
     /// A model folder or .gguf file (default: the fetched SmolLM2 model).
     #[arg(long, env = "CHATSTREAM_MODEL", default_value = DEFAULT_MODEL, conflicts_with = "synthetic")]
     model: PathBuf,
@@ -86,7 +90,7 @@ struct BenchArgs {
     /// Prompt tokens to prefill.
     #[arg(long, default_value_t = 512)]
     prompt_len: usize,
-    /// Tokens to decode (batch 1) after the prompt.
+    /// Tokens to decode (batch 1) after the prompt; with --url, the length of each answer.
     #[arg(long, default_value_t = 256)]
     decode_tokens: usize,
     /// Memory bandwidth in GB/s to report decode's share of (default 4800, an H200, on CUDA).
@@ -160,6 +164,19 @@ fn bench_on<B: Backend>(
     })
 }
 
+/// An `--api-key` value: the key, or `@FILE` to read it from a file.
+fn api_key(arg: &Option<String>) -> Result<Option<String>> {
+    Ok(match arg {
+        Some(k) if k.starts_with('@') => Some(
+            std::fs::read_to_string(&k[1..])
+                .with_context(|| format!("reading the API key from {}", &k[1..]))?
+                .trim()
+                .to_string(),
+        ),
+        other => other.clone(),
+    })
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     if let Some(url) = &a.url {
         let spec = LoadSpec {
@@ -167,6 +184,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             prompt: a.prompt.clone(),
             max_new_tokens: a.decode_tokens,
             rounds: a.rounds.max(1),
+            api_key: api_key(&a.api_key)?,
         };
         for &n in &a.levels {
             println!("{}", loadgen::run_level(&spec, n.max(1)));
@@ -406,15 +424,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         cors_origins: a.cors_origins.clone(),
         max_queue_wait: a.max_queue_wait.map(Duration::from_secs_f64),
         stall_timeout: (a.stall_timeout > 0.0).then(|| Duration::from_secs_f64(a.stall_timeout)),
-        api_key: match &a.api_key {
-            Some(k) if k.starts_with('@') => Some(
-                std::fs::read_to_string(&k[1..])
-                    .with_context(|| format!("reading the API key from {}", &k[1..]))?
-                    .trim()
-                    .to_string(),
-            ),
-            other => other.clone(),
-        },
+        api_key: api_key(&a.api_key)?,
         ..ServerConfig::default()
     };
     let sessions: Option<Arc<dyn SessionStore>> = match a.session_store.as_str() {

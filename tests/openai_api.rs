@@ -262,6 +262,21 @@ fn real_model_answers_as_generate_does() {
         conv["greedy"]["text"]
     );
     assert_eq!(v["usage"]["prompt_tokens"], conv["prompt_len"]);
+    // Every token after the first came from a decode pass of the step coalescer; alone, each
+    // pass carried one row.
+    s.wait_idle();
+    let m = request(s.addr, "GET", "/metrics", &[], b"").text();
+    let counter = |name: &str| -> u64 {
+        let line = format!("{name}{{node=\"node:0\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("{name} missing: {m}"))
+            .parse()
+            .unwrap()
+    };
+    let rows = counter("chatstream_decode_batch_rows_total");
+    assert_eq!(rows + 1, v["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(counter("chatstream_decode_batches_total"), rows);
 }
 
 #[test]

@@ -263,3 +263,42 @@ fn secrets_never_reach_the_log_or_the_prompt() {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+/// `chatstream bench --url` against a server with the default roles (which deny programs
+/// every ChatStream API) and an API key: every chat is answered at the asked length, and
+/// a wrong key is reported as errors, not as speed.
+#[test]
+fn bench_url_load_tests_a_running_server() {
+    let s = Served::start(&["--mock", "long", "--api-key", "k3y", "--concurrency", "2"]);
+    let bench = |key: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+            .args(["bench", "--url", &s.addr.to_string(), "--levels", "1,3"])
+            .args(["--rounds", "2", "--decode-tokens", "7", "--api-key", key])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let levels = bench("k3y");
+    assert_eq!(levels.len(), 2);
+    for (v, n) in levels.iter().zip([1, 3]) {
+        assert_eq!(v["concurrency"], n, "{v}");
+        assert_eq!(v["errors"], 0, "{v}");
+        assert_eq!(v["chats"], 2 * n, "{v}");
+        assert_eq!(v["tokens"], 7 * 2 * n, "{v}");
+        assert!(v["aggregate_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["ttft_p50_s"].as_f64().is_some(), "{v}");
+    }
+    let refused = bench("wrong");
+    assert_eq!(refused[0]["chats"], 0);
+    assert_eq!(refused[0]["errors"], 2);
+    assert!(
+        refused[0]["first_error"].as_str().unwrap().contains("401"),
+        "{}",
+        refused[0]
+    );
+}

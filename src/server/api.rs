@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use tiny_http::Request;
 
 use super::http::{self, BodyError};
+use super::metrics::EngineGauges;
 use super::model::GenParams;
 use super::session::{Session, StoreDown};
 use super::ChatStream;
@@ -297,8 +298,11 @@ pub fn get_resource_usage(cs: &Arc<ChatStream>, req: Request) {
 
 /// `GET /metrics`: Prometheus text format.
 pub fn metrics(cs: &Arc<ChatStream>, req: Request) {
-    let kv_bytes = cs.model.kv_cache_bytes() as u64;
-    let text = cs.metrics.render(&cs.cfg.name, cs.pool.load(), kv_bytes);
+    let engine = EngineGauges {
+        kv_bytes: cs.model.kv_cache_bytes(),
+        decode_batches: cs.model.decode_batches(),
+    };
+    let text = cs.metrics.render(&cs.cfg.name, cs.pool.load(), engine);
     let resp = tiny_http::Response::from_string(text).with_header(http::header(
         "Content-Type",
         "text/plain; version=0.0.4; charset=utf-8",

@@ -1,7 +1,8 @@
-//! The load generator behind `chatstream bench --url`: N concurrent streaming chats against
-//! a running server (each a fresh session), for N = 1, 2, 4, 8 by default, reporting what a
-//! user compares with TGI/vLLM/llama.cpp's own benchmarks: aggregate and per-stream decode
-//! tokens/s, time to first token p50/p99, and mean queue wait (from the server's /metrics).
+//! The load generator behind `chatstream bench --url`: N concurrent streamed chat completions
+//! (the OpenAI endpoint, as vLLM's and TGI's own benchmarks use) against a running server,
+//! for N = 1, 2, 4, 8 by default, reporting what a user compares with them: aggregate and
+//! per-stream decode tokens/s, time to first token p50/p99, and mean queue wait (from the
+//! server's /metrics, when its roles let a program read it).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -16,16 +17,19 @@ pub struct LoadSpec {
     pub addr: SocketAddr,
     /// The user message of every chat.
     pub prompt: String,
-    /// Answer length, set on each session first.
+    /// Answer length (`max_tokens` of each request).
     pub max_new_tokens: usize,
     /// Chats per stream at each concurrency.
     pub rounds: usize,
+    /// The server's `--api-key`, when it has one.
+    pub api_key: Option<String>,
 }
 
 /// One finished chat, seen from the client.
 struct Sample {
     ttft: f64,
     pieces: usize,
+    tokens: usize,
     stream_s: f64,
 }
 
@@ -52,8 +56,8 @@ fn send(
     Ok(BufReader::new(s))
 }
 
-/// Reads the head; returns (status, Set-Cookie sid, chunked).
-fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Option<String>, bool)> {
+/// Reads the head; returns (status, chunked).
+fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status = line
@@ -61,48 +65,46 @@ fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Option<String>, b
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let (mut cookie, mut chunked) = (None, false);
+    let mut chunked = false;
     loop {
         line.clear();
         r.read_line(&mut line)?;
         let l = line.trim_end();
         if l.is_empty() {
-            return Ok((status, cookie, chunked));
+            return Ok((status, chunked));
         }
         let lower = l.to_ascii_lowercase();
-        if lower.starts_with("set-cookie:") {
-            cookie = l[11..].trim().split(';').next().map(str::to_string);
-        }
         chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
     }
 }
 
+/// One streamed chat completion (`/v1/chat/completions`, which every server answers
+/// whatever its roles), timed from the request to the first and the last piece of text.
 fn one_chat(spec: &LoadSpec) -> Result<Sample, String> {
     let io = |e: std::io::Error| e.to_string();
-    // a fresh session with the answer length wanted
-    let mut r = send(
-        spec.addr,
-        "POST",
-        "/set_generation_params",
-        "",
-        &json!({"max_new_tokens": spec.max_new_tokens}).to_string(),
-    )
-    .map_err(io)?;
-    let (_, cookie, _) = head(&mut r).map_err(io)?;
-    let cookie = cookie
-        .map(|c| format!("Cookie: {c}\r\n"))
+    let body = json!({
+        "messages": [{"role": "user", "content": spec.prompt}],
+        "max_tokens": spec.max_new_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let auth = spec
+        .api_key
+        .as_ref()
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
-    let body = json!({"user_input": spec.prompt, "stream": "delta"}).to_string();
     let t0 = Instant::now();
-    let mut r = send(spec.addr, "POST", "/chat_stream", &cookie, &body).map_err(io)?;
-    let (status, _, chunked) = head(&mut r).map_err(io)?;
+    let mut r = send(spec.addr, "POST", "/v1/chat/completions", &auth, &body).map_err(io)?;
+    let (status, chunked) = head(&mut r).map_err(io)?;
     if status != 200 || !chunked {
         let mut rest = String::new();
         let _ = r.read_to_string(&mut rest);
         return Err(format!("status {status}: {}", rest.trim()));
     }
-    let (mut first, mut pieces) = (None, 0usize);
-    loop {
+    let (mut first, mut pieces, mut tokens) = (None, 0usize, None);
+    let mut events = String::new();
+    'body: loop {
         let mut size = String::new();
         r.read_line(&mut size).map_err(io)?;
         let n = usize::from_str_radix(size.trim(), 16)
@@ -112,28 +114,55 @@ fn one_chat(spec: &LoadSpec) -> Result<Sample, String> {
         if n == 0 {
             break;
         }
-        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-        pieces += 1;
+        events.push_str(&String::from_utf8_lossy(&data[..n]));
+        // whole events only: a chunk may end inside one
+        while let Some(end) = events.find("\n\n") {
+            let event: String = events.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue; // a queue-position comment
+            };
+            if data == "[DONE]" {
+                break 'body;
+            }
+            let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+            if let Some(e) = v.get("error") {
+                return Err(e.to_string());
+            }
+            if v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                pieces += 1;
+            }
+            if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = Some(t as usize);
+            }
+        }
     }
     let ttft = first.ok_or("empty answer")?;
     Ok(Sample {
         ttft,
         pieces,
+        tokens: tokens.unwrap_or(pieces),
         stream_s: t0.elapsed().as_secs_f64() - ttft,
     })
 }
 
-/// A counter or histogram sum from the server's /metrics (0 when not readable).
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let Ok(mut r) = send(addr, "GET", "/metrics", "", "") else {
-        return 0.0;
-    };
+/// A counter or histogram sum from the server's /metrics (`None` when its roles deny it).
+fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let mut r = send(addr, "GET", "/metrics", "", "").ok()?;
+    if head(&mut r).ok()?.0 != 200 {
+        return None;
+    }
     let mut text = String::new();
     let _ = r.read_to_string(&mut text);
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -141,12 +170,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs `rounds` chats on each of `n` concurrent streams; one JSON object of results.
+/// Queue wait comes from the server's /metrics, when its roles let a program read it.
 pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
-    let tokens0 = metric(spec.addr, "chatstream_generated_tokens_total");
-    let (wait0, waits0) = (
-        metric(spec.addr, "chatstream_queue_wait_seconds_sum"),
-        metric(spec.addr, "chatstream_queue_wait_seconds_count"),
-    );
+    let waits = || {
+        Some((
+            metric(spec.addr, "chatstream_queue_wait_seconds_sum")?,
+            metric(spec.addr, "chatstream_queue_wait_seconds_count")?,
+        ))
+    };
+    let before = waits();
     let start = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|_| {
@@ -167,23 +199,26 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
     let ok: Vec<&Sample> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft).collect();
     ttft.sort_by(f64::total_cmp);
-    let tokens = metric(spec.addr, "chatstream_generated_tokens_total") - tokens0;
-    let pieces: usize = ok.iter().map(|s| s.pieces).sum();
+    let tokens: usize = ok.iter().map(|s| s.tokens).sum();
     let per_stream: Vec<f64> = ok
         .iter()
         .filter(|s| s.stream_s > 0.0)
         .map(|s| s.pieces.saturating_sub(1) as f64 / s.stream_s)
         .collect();
-    let waits = metric(spec.addr, "chatstream_queue_wait_seconds_count") - waits0;
+    let queue_wait = match (before, waits()) {
+        (Some((s0, n0)), Some((s1, n1))) if n1 > n0 => Some((s1 - s0) / (n1 - n0)),
+        _ => None,
+    };
     json!({
         "concurrency": n,
         "chats": ok.len(),
         "errors": errors.len(),
         "first_error": errors.first(),
-        "aggregate_tokens_per_s": if tokens > 0.0 { tokens } else { pieces as f64 } / wall,
+        "tokens": tokens,
+        "aggregate_tokens_per_s": tokens as f64 / wall,
         "per_stream_pieces_per_s": if per_stream.is_empty() { 0.0 } else { per_stream.iter().sum::<f64>() / per_stream.len() as f64 },
         "ttft_p50_s": ttft.first().map(|_| percentile(&ttft, 0.5)),
         "ttft_p99_s": ttft.first().map(|_| percentile(&ttft, 0.99)),
-        "queue_wait_mean_s": (waits > 0.0).then(|| (metric(spec.addr, "chatstream_queue_wait_seconds_sum") - wait0) / waits),
+        "queue_wait_mean_s": queue_wait,
     })
 }

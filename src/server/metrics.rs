@@ -1,7 +1,8 @@
-//! Prometheus metrics: counters of finished requests by outcome, refusals and generated
-//! tokens; gauges of processing, waiting and KV-cache bytes, the model's load time and the
-//! build; histograms of queue wait, time to first token, time per output token, inter-token
-//! latency and request duration; rendered in the Prometheus text exposition format.
+//! Prometheus metrics: counters of finished requests by outcome, refusals, generated tokens
+//! and coalesced decode passes and their rows; gauges of processing, waiting and KV-cache
+//! bytes, the model's load time and the build; histograms of queue wait, time to first
+//! token, time per output token, inter-token latency and request duration; rendered in the
+//! Prometheus text exposition format.
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -15,6 +16,15 @@ const OUTCOMES: [FinishOutcome; 4] = [
     FinishOutcome::ClientDisconnectedBeforeStreaming,
     FinishOutcome::UnknownErrorOccurred,
 ];
+
+/// What the model reports for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineGauges {
+    /// KV-cache memory in use.
+    pub kv_bytes: usize,
+    /// Coalesced decode passes, and the decode steps they carried.
+    pub decode_batches: (usize, usize),
+}
 
 /// A histogram with fixed upper bounds in seconds.
 #[derive(Debug, Clone)]
@@ -179,8 +189,8 @@ impl Metrics {
         (rounds * per_request).ceil().max(1.0) as u64
     }
 
-    /// The Prometheus text exposition; `kv_bytes` is the KV-cache memory in use.
-    pub fn render(&self, node: &str, load: LoadSnapshot, kv_bytes: u64) -> String {
+    /// The Prometheus text exposition.
+    pub fn render(&self, node: &str, load: LoadSnapshot, engine: EngineGauges) -> String {
         let m = self.lock();
         let mut out = String::new();
         let _ = writeln!(
@@ -199,7 +209,7 @@ impl Metrics {
                 o.as_str()
             );
         }
-        let gauges: [(&str, &str, &str, f64); 9] = [
+        let gauges: [(&str, &str, &str, f64); 11] = [
             (
                 "chatstream_requests_admitted_total",
                 "counter",
@@ -246,7 +256,19 @@ impl Metrics {
                 "chatstream_kv_cache_bytes",
                 "gauge",
                 "KV-cache memory in use (workers' caches and sessions' kept ones).",
-                kv_bytes as f64,
+                engine.kv_bytes as f64,
+            ),
+            (
+                "chatstream_decode_batches_total",
+                "counter",
+                "Coalesced decode passes (one forward pass for the next token of every decoding request).",
+                engine.decode_batches.0 as f64,
+            ),
+            (
+                "chatstream_decode_batch_rows_total",
+                "counter",
+                "Decode steps those passes carried (divided by the passes: the mean batch size).",
+                engine.decode_batches.1 as f64,
             ),
             (
                 "chatstream_model_load_seconds",

@@ -59,6 +59,10 @@ pub trait ChatModel: Send + Sync {
     fn kv_cache_bytes(&self) -> usize {
         0
     }
+    /// Coalesced decode passes run so far, and the decode steps they carried.
+    fn decode_batches(&self) -> (usize, usize) {
+        (0, 0)
+    }
 }
 
 /// One worker's generator.
@@ -182,6 +186,15 @@ impl<B: Backend + 'static> ChatModel for ModelChat<B> {
     fn kv_cache_bytes(&self) -> usize {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         (self.workers.load(Ordering::Relaxed) + pool.caches_held()) * self.per_cache
+    }
+    fn decode_batches(&self) -> (usize, usize) {
+        self.engine.batcher().map_or((0, 0), |b| {
+            let s = b.stats();
+            (
+                s.passes.load(Ordering::Relaxed),
+                s.steps.load(Ordering::Relaxed),
+            )
+        })
     }
     fn gpus(&self) -> Vec<serde_json::Value> {
         let b = &self.engine.transformer.backend;
