@@ -83,33 +83,96 @@ fn rope_table_matches_rope_slow() {
     assert_close("rope", &fast, &slow, 1e-5);
 }
 
+/// Query heads per KV head 1, 3, 8 and 16 (tasks take up to 8 heads that share a KV head);
+/// head sizes 64 and 24 (not a multiple of the SIMD width).
+const ATTN_SHAPES: [(usize, usize, usize); 5] =
+    [(9, 3, 64), (4, 4, 64), (16, 2, 64), (16, 1, 24), (6, 2, 24)];
+
 #[test]
 fn attention_matches_naive_for_prefill_and_decode() {
-    let (n_heads, n_kv_heads, head_dim) = (9, 3, 64);
-    for (n_tokens, pos0) in [(1, 0), (1, 300), (12, 0), (7, 40)] {
+    for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
+        for (n_tokens, pos0) in [(1, 0), (1, 300), (12, 0), (7, 40)] {
+            let s = AttnShape {
+                n_tokens,
+                pos0,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            let positions = pos0 + n_tokens;
+            let q = rand_vec(n_tokens * n_heads * head_dim, 8);
+            let k: Vec<f32> = rand_vec(positions * n_kv_heads * head_dim, 9)
+                .iter()
+                .map(|x| x * 4.0)
+                .collect();
+            let v = rand_vec(positions * n_kv_heads * head_dim, 10);
+            let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            ops::attention(&mut fast, &q, &k, &v, s);
+            naive::attention(&mut slow, &q, &k, &v, s);
+            assert_close(
+                &format!("attention {n_heads}/{n_kv_heads}x{head_dim} n={n_tokens} pos0={pos0}"),
+                &fast,
+                &slow,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_decode_attention_matches_naive_row_by_row() {
+    for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
+        let kv_dim = n_kv_heads * head_dim;
+        let q_dim = n_heads * head_dim;
+        // three sequences at different positions, each with its own cache (longer than used)
+        let pos = [0usize, 130, 37];
+        let caches: Vec<(Vec<f32>, Vec<f32>)> = pos
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let len = (p + 5) * kv_dim;
+                let k = rand_vec(len, 20 + i as u64)
+                    .iter()
+                    .map(|x| x * 4.0)
+                    .collect();
+                (k, rand_vec(len, 30 + i as u64))
+            })
+            .collect();
+        let kv: Vec<(&[f32], &[f32])> = caches
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let q = rand_vec(pos.len() * q_dim, 40);
         let s = AttnShape {
-            n_tokens,
-            pos0,
+            n_tokens: pos.len(),
+            pos0: 0,
             n_heads,
             n_kv_heads,
             head_dim,
         };
-        let positions = pos0 + n_tokens;
-        let q = rand_vec(n_tokens * n_heads * head_dim, 8);
-        let k: Vec<f32> = rand_vec(positions * n_kv_heads * head_dim, 9)
-            .iter()
-            .map(|x| x * 4.0)
-            .collect();
-        let v = rand_vec(positions * n_kv_heads * head_dim, 10);
-        let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-        ops::attention(&mut fast, &q, &k, &v, s);
-        naive::attention(&mut slow, &q, &k, &v, s);
-        assert_close(
-            &format!("attention n={n_tokens} pos0={pos0}"),
-            &fast,
-            &slow,
-            1e-5,
-        );
+        let mut fast = vec![0.0; q.len()];
+        ops::attention_rows(&mut fast, &q, &kv, &pos, s);
+        for (i, &p) in pos.iter().enumerate() {
+            let one = AttnShape {
+                n_tokens: 1,
+                pos0: p,
+                ..s
+            };
+            let mut slow = vec![0.0; q_dim];
+            naive::attention(
+                &mut slow,
+                &q[i * q_dim..(i + 1) * q_dim],
+                kv[i].0,
+                kv[i].1,
+                one,
+            );
+            assert_close(
+                &format!("attention_rows {n_heads}/{n_kv_heads}x{head_dim} row {i}"),
+                &fast[i * q_dim..(i + 1) * q_dim],
+                &slow,
+                1e-5,
+            );
+        }
     }
 }
 
@@ -156,26 +219,23 @@ fn quantized_matvec_matches_the_dequantized_naive_product() {
             assert_close(&format!("{ty:?} matvec {rows}x{cols}"), &fast, &slow, 1e-4);
             let (qs, nb) = (q.row_bytes(), cols / 32);
             let xsum: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
-            let portable: Vec<f32> = (0..rows)
-                .map(|r| {
-                    let (row, sc, mn) = (
-                        &q.qs[r * qs..(r + 1) * qs],
-                        &q.scales[r * nb..(r + 1) * nb],
-                        &q.mins[r * nb..(r + 1) * nb],
-                    );
-                    if q.eight_bit {
-                        quant::dot_q8_portable(row, sc, &x)
-                    } else {
-                        quant::dot_q4_portable(row, sc, mn, &x, &xsum)
-                    }
-                })
-                .collect();
-            assert_close(
-                &format!("{ty:?} portable {rows}x{cols}"),
-                &portable,
-                &slow,
-                1e-4,
-            );
+            for (name, q4, q8) in quant::matvec_kernels() {
+                let dots: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        let (row, sc, mn) = (
+                            &q.qs[r * qs..(r + 1) * qs],
+                            &q.scales[r * nb..(r + 1) * nb],
+                            &q.mins[r * nb..(r + 1) * nb],
+                        );
+                        if q.eight_bit {
+                            q8(row, sc, &x)
+                        } else {
+                            q4(row, sc, mn, &x, &xsum)
+                        }
+                    })
+                    .collect();
+                assert_close(&format!("{ty:?} {name} {rows}x{cols}"), &dots, &slow, 1e-4);
+            }
         }
     }
 }

@@ -83,6 +83,34 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         s: AttnShape,
     );
+    /// Batched decode attention: row i of q (rows, n_heads * head_dim), at position
+    /// `pos[i]` of its own sequence, attends over positions 0..=pos[i] of that sequence's
+    /// cache `kv(i) = (k, v)`, into row i of out. `s.n_tokens` and `s.pos0` are not used.
+    /// `scratch` is two one-row buffers (n_heads * head_dim) for the default, which runs
+    /// `attention` row by row.
+    fn attention_rows<'c>(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        kv: &dyn Fn(usize) -> (&'c Self::Buf, &'c Self::Buf),
+        pos: &[usize],
+        s: AttnShape,
+        scratch: [&mut Self::Buf; 2],
+    ) {
+        let q_dim = s.n_heads * s.head_dim;
+        let [row_q, row_att] = scratch;
+        for (i, &p) in pos.iter().enumerate() {
+            let (k, v) = kv(i);
+            self.copy(row_q, 0, q, i * q_dim, q_dim);
+            let one = AttnShape {
+                n_tokens: 1,
+                pos0: p,
+                ..s
+            };
+            self.attention(row_att, row_q, k, v, one);
+            self.copy(out, i * q_dim, row_att, 0, q_dim);
+        }
+    }
     /// gate (len) = silu(gate) * up.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
     /// x (len) += y.

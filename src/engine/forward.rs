@@ -13,6 +13,9 @@ use super::kv_cache::KvCache;
 /// Longest position the RoPE tables cover when a model claims a huge context.
 const MAX_ROPE_POSITIONS: usize = 1 << 17;
 
+/// Most sequences one `forward_batch` call takes.
+pub const MAX_BATCH: usize = 64;
+
 /// One decoder layer's weights on the device.
 struct Layer<B: Backend> {
     attn_norm: B::Weight,
@@ -287,7 +290,7 @@ impl<B: Backend> Transformer<B> {
         let b = &self.backend;
         let n = tokens.len();
         assert!(
-            n == caches.len() && n <= st.max_tokens && n <= st.logit_rows,
+            n == caches.len() && n <= MAX_BATCH && n <= st.max_tokens && n <= st.logit_rows,
             "forward_batch: {n} rows"
         );
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
@@ -306,11 +309,13 @@ impl<B: Backend> Transformer<B> {
             }
         }
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let mut pos_of = [0usize; MAX_BATCH];
         b.embed(&mut st.x, &self.embed, tokens);
         for (l, w) in self.layers.iter().enumerate() {
             self.qkv(st, w, n);
             for (i, kv) in caches.iter_mut().enumerate() {
                 let pos = kv.len();
+                pos_of[i] = pos;
                 // row i of q and k, rotated by its own position (via the one-row buffers)
                 b.copy(&mut st.row_q, 0, &st.q, i * q_dim, q_dim);
                 b.copy(&mut st.row_k, 0, &st.k, i * kv_dim, kv_dim);
@@ -330,18 +335,25 @@ impl<B: Backend> Transformer<B> {
                         ..one
                     },
                 );
+                b.copy(&mut st.q, i * q_dim, &st.row_q, 0, q_dim);
                 b.copy(&mut kv.k[l], pos * kv_dim, &st.row_k, 0, kv_dim);
                 b.copy(&mut kv.v[l], pos * kv_dim, &st.v, i * kv_dim, kv_dim);
-                let shape = AttnShape {
-                    n_tokens: 1,
-                    pos0: pos,
-                    n_heads: c.n_heads,
-                    n_kv_heads: c.n_kv_heads,
-                    head_dim: c.head_dim,
-                };
-                b.attention(&mut st.row_att, &st.row_q, &kv.k[l], &kv.v[l], shape);
-                b.copy(&mut st.att, i * q_dim, &st.row_att, 0, q_dim);
             }
+            let shape = AttnShape {
+                n_tokens: n,
+                pos0: 0,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+            };
+            b.attention_rows(
+                &mut st.att,
+                &st.q,
+                &|i| (&caches[i].k[l], &caches[i].v[l]),
+                &pos_of[..n],
+                shape,
+                [&mut st.row_q, &mut st.row_att],
+            );
             self.out_and_mlp(st, w, n);
         }
         for kv in caches.iter_mut() {

@@ -82,6 +82,23 @@ impl Backend for Cpu {
         ops::attention(out, q, k, v, s);
     }
 
+    fn attention_rows<'c>(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        kv: &dyn Fn(usize) -> (&'c Vec<f32>, &'c Vec<f32>),
+        pos: &[usize],
+        s: AttnShape,
+        _scratch: [&mut Vec<f32>; 2],
+    ) {
+        let mut rows: [(&[f32], &[f32]); ops::MAX_ATTN_ROWS] = [(&[], &[]); ops::MAX_ATTN_ROWS];
+        for (i, r) in rows.iter_mut().enumerate().take(pos.len()) {
+            let (k, v) = kv(i);
+            *r = (k, v);
+        }
+        ops::attention_rows(out, q, &rows[..pos.len()], pos, s);
+    }
+
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
         ops::silu_mul(&mut gate[..len], &up[..len]);
     }

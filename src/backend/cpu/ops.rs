@@ -255,54 +255,179 @@ pub fn rope_half(x: &mut [f32], cos: &[f32], sin: &[f32], s: RopeShape) {
 /// Keys scored per tile of the attention loop.
 const KEY_TILE: usize = 128;
 
-/// Causal attention, one (token, head) pair per task: out = softmax(q k^T / sqrt(d)) v over
-/// positions 0..=pos. Keys are taken in tiles: a tile's scores are computed first, then the
-/// running maximum, sum and output are rescaled once per tile (online softmax), so no score
-/// buffer beyond one tile on the stack is needed and nothing is allocated.
+/// Causal attention: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos, one task per
+/// token and group of query heads that share a KV head (see `attend`).
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    let d = s.head_dim;
-    let kv_dim = s.n_kv_heads * d;
-    let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    out[..s.n_tokens * s.n_heads * d]
-        .par_chunks_mut(d)
+    let width = heads_per_task(&s) * s.head_dim;
+    let attend = attend_kernel();
+    out[..s.n_tokens * s.n_heads * s.head_dim]
+        .par_chunks_mut(width)
+        .zip(q.par_chunks(width))
         .enumerate()
-        .for_each(|(i, o)| {
-            let (t, h) = (i / s.n_heads, i % s.n_heads);
-            let positions = s.pos0 + t + 1;
-            let qh = &q[i * d..(i + 1) * d];
-            let off = (h / group) * d;
-            let mut acc = [0f32; MAX_HEAD_DIM];
-            let acc = &mut acc[..d];
-            let mut scores = [0f32; KEY_TILE];
-            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for j0 in (0..positions).step_by(KEY_TILE) {
-                let tile = &mut scores[..KEY_TILE.min(positions - j0)];
-                let mut tile_max = f32::NEG_INFINITY;
-                for (jj, sc) in tile.iter_mut().enumerate() {
-                    let row = (j0 + jj) * kv_dim + off;
-                    *sc = dot(qh, &k[row..row + d]) * scale;
-                    tile_max = tile_max.max(*sc);
-                }
-                if tile_max > max {
-                    // Rescale what was accumulated under the old maximum.
-                    let r = (max - tile_max).exp();
-                    sum *= r;
-                    acc.iter_mut().for_each(|a| *a *= r);
-                    max = tile_max;
-                }
-                for (jj, &sc) in tile.iter().enumerate() {
-                    let p = (sc - max).exp();
-                    sum += p;
-                    let row = (j0 + jj) * kv_dim + off;
-                    axpy(acc, p, &v[row..row + d]);
-                }
-            }
-            let inv = 1.0 / sum;
-            for (o, a) in o.iter_mut().zip(acc.iter()) {
-                *o = a * inv;
-            }
+        .for_each(|(i, (o, qg))| {
+            let first = i * width / s.head_dim;
+            let (t, h) = (first / s.n_heads, first % s.n_heads);
+            attend(o, qg, k, v, HeadAttn::of(&s, h, s.pos0 + t + 1));
         });
+}
+
+/// Most rows `attention_rows` takes (one per sequence of a batched decode step).
+pub const MAX_ATTN_ROWS: usize = 64;
+
+/// Batched decode attention: row i of q, at position `pos[i]` of its own sequence, attends
+/// over positions 0..=pos[i] of that sequence's cache `kv[i] = (k, v)`; out row i. One task
+/// per row and group of query heads that share a KV head. `s.n_tokens` and `s.pos0` are not
+/// used.
+pub fn attention_rows(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &[(&[f32], &[f32])],
+    pos: &[usize],
+    s: AttnShape,
+) {
+    let rows = kv.len();
+    assert!(
+        rows == pos.len() && rows <= MAX_ATTN_ROWS,
+        "attention_rows: rows"
+    );
+    let width = heads_per_task(&s) * s.head_dim;
+    let attend = attend_kernel();
+    out[..rows * s.n_heads * s.head_dim]
+        .par_chunks_mut(width)
+        .zip(q.par_chunks(width))
+        .enumerate()
+        .for_each(|(i, (o, qg))| {
+            let first = i * width / s.head_dim;
+            let (r, h) = (first / s.n_heads, first % s.n_heads);
+            attend(o, qg, kv[r].0, kv[r].1, HeadAttn::of(&s, h, pos[r] + 1));
+        });
+}
+
+/// Query heads one attention task takes at most.
+const MAX_GROUP: usize = 8;
+
+/// Heads per attention task: the largest divisor of the GQA group size (query heads per KV
+/// head) up to `MAX_GROUP`, so that a task's heads share one KV head and read it once.
+fn heads_per_task(s: &AttnShape) -> usize {
+    let group = s.n_heads / s.n_kv_heads;
+    (1..=MAX_GROUP.min(group))
+        .rev()
+        .find(|&c| group.is_multiple_of(c))
+        .unwrap_or(1)
+}
+
+/// Where query heads read the cache: their KV head's offset in a cache row, the cache row
+/// width, the head size, how many positions they attend over, and the score scale.
+#[derive(Clone, Copy)]
+struct HeadAttn {
+    off: usize,
+    kv_dim: usize,
+    head_dim: usize,
+    positions: usize,
+    scale: f32,
+}
+
+impl HeadAttn {
+    /// For query head `head` (and the ones after it in its task).
+    fn of(s: &AttnShape, head: usize, positions: usize) -> HeadAttn {
+        let d = s.head_dim;
+        HeadAttn {
+            off: head / (s.n_heads / s.n_kv_heads) * d,
+            kv_dim: s.n_kv_heads * d,
+            head_dim: d,
+            positions,
+            scale: 1.0 / (d as f32).sqrt(),
+        }
+    }
+}
+
+type AttendFn = fn(&mut [f32], &[f32], &[f32], &[f32], HeadAttn);
+
+/// The attention routine for this CPU, chosen once per call (not per key).
+fn attend_kernel() -> AttendFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return attend_avx2_entry;
+        }
+    }
+    |o, qh, k, v, a| attend(o, qh, k, v, a, dot_portable, axpy_portable)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn attend_avx2_entry(o: &mut [f32], qh: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+    // SAFETY: selected only when AVX2 and FMA were detected at run time.
+    unsafe { attend_avx2(o, qh, k, v, a) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(o: &mut [f32], qh: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+    // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
+    attend(
+        o,
+        qh,
+        k,
+        v,
+        a,
+        |x, y| unsafe { dot_avx2(x, y) },
+        |y, s, x| unsafe { axpy_avx2(y, s, x) },
+    )
+}
+
+/// Query heads `q` (heads, d) that share one KV head, over their positions, with the dot
+/// and axpy given (inlined into each SIMD variant). Keys are taken in tiles; each head
+/// scores the tile and then the running maximum, sum and output are rescaled once per tile
+/// (online softmax), so only one tile of scores per head sits on the stack and nothing is
+/// allocated. A tile of keys and values is read from memory by the first head and from
+/// cache by the others.
+#[inline(always)]
+fn attend(
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: HeadAttn,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[f32]),
+) {
+    let d = a.head_dim;
+    let heads = q.len() / d;
+    let mut acc = [0f32; MAX_GROUP * MAX_HEAD_DIM];
+    let mut scores = [0f32; KEY_TILE];
+    let mut max = [f32::NEG_INFINITY; MAX_GROUP];
+    let mut sum = [0f32; MAX_GROUP];
+    for j0 in (0..a.positions).step_by(KEY_TILE) {
+        let tile = &mut scores[..KEY_TILE.min(a.positions - j0)];
+        for h in 0..heads {
+            let (qh, acc) = (&q[h * d..(h + 1) * d], &mut acc[h * d..(h + 1) * d]);
+            let mut tile_max = f32::NEG_INFINITY;
+            for (jj, sc) in tile.iter_mut().enumerate() {
+                let row = (j0 + jj) * a.kv_dim + a.off;
+                *sc = dot(qh, &k[row..row + d]) * a.scale;
+                tile_max = tile_max.max(*sc);
+            }
+            if tile_max > max[h] {
+                // Rescale what was accumulated under the old maximum.
+                let r = (max[h] - tile_max).exp();
+                sum[h] *= r;
+                acc.iter_mut().for_each(|a| *a *= r);
+                max[h] = tile_max;
+            }
+            for (jj, &sc) in tile.iter().enumerate() {
+                let p = (sc - max[h]).exp();
+                sum[h] += p;
+                let row = (j0 + jj) * a.kv_dim + a.off;
+                axpy(acc, p, &v[row..row + d]);
+            }
+        }
+    }
+    for (h, o) in o.chunks_exact_mut(d).enumerate() {
+        let inv = 1.0 / sum[h];
+        for (o, a) in o.iter_mut().zip(&acc[h * d..(h + 1) * d]) {
+            *o = a * inv;
+        }
+    }
 }
 
 /// gate = silu(gate) * up, where silu(x) = x / (1 + e^-x).
