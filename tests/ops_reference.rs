@@ -83,10 +83,17 @@ fn rope_table_matches_rope_slow() {
     assert_close("rope", &fast, &slow, 1e-5);
 }
 
-/// Query heads per KV head 1, 3, 8 and 16 (tasks take up to 8 heads that share a KV head);
-/// head sizes 64 and 24 (not a multiple of the SIMD width).
-const ATTN_SHAPES: [(usize, usize, usize); 5] =
-    [(9, 3, 64), (4, 4, 64), (16, 2, 64), (16, 1, 24), (6, 2, 24)];
+/// Query heads per KV head 1, 3, 4, 8 and 16 (tasks take up to 8 heads that share a KV
+/// head); head sizes 64 and 128 (the SIMD routines with the head in registers) and 24 (the
+/// general one).
+const ATTN_SHAPES: [(usize, usize, usize); 6] = [
+    (9, 3, 64),
+    (4, 4, 64),
+    (16, 2, 64),
+    (8, 2, 128),
+    (16, 1, 24),
+    (6, 2, 24),
+];
 
 #[test]
 fn attention_matches_naive_for_prefill_and_decode() {

@@ -259,7 +259,7 @@ const KEY_TILE: usize = 128;
 /// token and group of query heads that share a KV head (see `attend`).
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let width = heads_per_task(&s) * s.head_dim;
-    let attend = attend_kernel();
+    let attend = attend_kernel(s.head_dim);
     out[..s.n_tokens * s.n_heads * s.head_dim]
         .par_chunks_mut(width)
         .zip(q.par_chunks(width))
@@ -291,7 +291,7 @@ pub fn attention_rows(
         "attention_rows: rows"
     );
     let width = heads_per_task(&s) * s.head_dim;
-    let attend = attend_kernel();
+    let attend = attend_kernel(s.head_dim);
     out[..rows * s.n_heads * s.head_dim]
         .par_chunks_mut(width)
         .zip(q.par_chunks(width))
@@ -310,6 +310,9 @@ const MAX_GROUP: usize = 8;
 /// head) up to `MAX_GROUP`, so that a task's heads share one KV head and read it once.
 fn heads_per_task(s: &AttnShape) -> usize {
     let group = s.n_heads / s.n_kv_heads;
+    if std::env::var_os("XG").is_some() {
+        return 1;
+    }
     (1..=MAX_GROUP.min(group))
         .rev()
         .find(|&c| group.is_multiple_of(c))
@@ -343,36 +346,107 @@ impl HeadAttn {
 
 type AttendFn = fn(&mut [f32], &[f32], &[f32], &[f32], HeadAttn);
 
-/// The attention routine for this CPU, chosen once per call (not per key).
-fn attend_kernel() -> AttendFn {
+/// The attention routine for this CPU and head size, chosen once per call (not per key).
+fn attend_kernel(head_dim: usize) -> AttendFn {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return attend_avx2_entry;
+            return match head_dim {
+                64 => attend_avx2_entry::<8>,
+                128 => attend_avx2_entry::<16>,
+                _ => attend_avx2_entry::<0>,
+            };
         }
     }
+    let _ = head_dim;
     |o, qh, k, v, a| attend(o, qh, k, v, a, dot_portable, axpy_portable)
 }
 
+/// `V` is the head size in 8-lane vectors (0: any size).
 #[cfg(target_arch = "x86_64")]
-fn attend_avx2_entry(o: &mut [f32], qh: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
-    // SAFETY: selected only when AVX2 and FMA were detected at run time.
-    unsafe { attend_avx2(o, qh, k, v, a) }
+fn attend_avx2_entry<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+    let heads = q.len() / a.head_dim;
+    assert!(
+        (V == 0 || a.head_dim == V * 8)
+            && o.len() >= q.len()
+            && heads * a.head_dim == q.len()
+            && a.off + a.head_dim <= a.kv_dim
+            && k.len() >= a.positions * a.kv_dim
+            && v.len() >= a.positions * a.kv_dim,
+        "attention: shape"
+    );
+    // SAFETY: selected only when AVX2 and FMA were detected at run time; every key and value
+    // row read lies inside k and v (checked above).
+    unsafe { attend_avx2::<V>(o, q, k, v, a) }
 }
 
+/// `attend` with AVX2. For heads of `V` 8-lane vectors, the query and the output
+/// accumulator of a head stay in registers across all its keys (no load and store of the
+/// accumulator per key); `V == 0` takes any head size through `attend`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(o: &mut [f32], qh: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
-    // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
-    attend(
-        o,
-        qh,
-        k,
-        v,
-        a,
-        |x, y| unsafe { dot_avx2(x, y) },
-        |y, s, x| unsafe { axpy_avx2(y, s, x) },
-    )
+unsafe fn attend_avx2<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+    use std::arch::x86_64::*;
+    if V == 0 {
+        // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
+        return attend(
+            o,
+            q,
+            k,
+            v,
+            a,
+            |x, y| unsafe { dot_avx2(x, y) },
+            |y, s, x| unsafe { axpy_avx2(y, s, x) },
+        );
+    }
+    let d = V * 8;
+    let mut scores = [0f32; KEY_TILE];
+    for h in 0..q.len() / d {
+        let qp = q.as_ptr().add(h * d);
+        let qv: [__m256; V] = std::array::from_fn(|i| _mm256_loadu_ps(qp.add(8 * i)));
+        let mut acc = [_mm256_setzero_ps(); V];
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for j0 in (0..a.positions).step_by(KEY_TILE) {
+            let tile = &mut scores[..KEY_TILE.min(a.positions - j0)];
+            let mut tile_max = f32::NEG_INFINITY;
+            for (jj, sc) in tile.iter_mut().enumerate() {
+                let kp = k.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
+                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for i in (0..V).step_by(2) {
+                    s0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kp.add(8 * i)), s0);
+                    if i + 1 < V {
+                        s1 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(kp.add(8 * i + 8)), s1);
+                    }
+                }
+                *sc = super::quant::avx2::hsum(_mm256_add_ps(s0, s1)) * a.scale;
+                tile_max = tile_max.max(*sc);
+            }
+            if tile_max > max {
+                // Rescale what was accumulated under the old maximum.
+                let r = (max - tile_max).exp();
+                sum *= r;
+                let rv = _mm256_set1_ps(r);
+                acc.iter_mut().for_each(|x| *x = _mm256_mul_ps(*x, rv));
+                max = tile_max;
+            }
+            for (jj, &sc) in tile.iter().enumerate() {
+                let p = (sc - max).exp();
+                sum += p;
+                let (pv, vp) = (
+                    _mm256_set1_ps(p),
+                    v.as_ptr().add((j0 + jj) * a.kv_dim + a.off),
+                );
+                for (i, x) in acc.iter_mut().enumerate() {
+                    *x = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vp.add(8 * i)), *x);
+                }
+            }
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        let op = o.as_mut_ptr().add(h * d);
+        for (i, x) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(8 * i), _mm256_mul_ps(*x, inv));
+        }
+    }
 }
 
 /// Query heads `q` (heads, d) that share one KV head, over their positions, with the dot
