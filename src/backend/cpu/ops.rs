@@ -1,7 +1,8 @@
 //! The fast CPU ops over plain slices: SIMD dot products (AVX2+FMA detected at run time,
 //! portable fallback), a row-parallel matrix-vector product for decode, a cache-blocked
-//! SGEMM split across rayon threads for prefill, and the element-wise, RoPE and attention
-//! ops. Each has an obviously-correct twin in `naive.rs` that the tests compare against.
+//! SGEMM split across rayon threads for prefill, the element-wise and RoPE ops, and
+//! attention (prefill, and batched decode over several sequences' caches in one dispatch).
+//! Each has an obviously-correct twin in `naive.rs` that the tests compare against.
 
 use std::sync::OnceLock;
 
@@ -258,17 +259,7 @@ const KEY_TILE: usize = 128;
 /// Causal attention: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos, one task per
 /// token and group of query heads that share a KV head (see `attend`).
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    let width = heads_per_task(&s) * s.head_dim;
-    let attend = attend_kernel(s.head_dim);
-    out[..s.n_tokens * s.n_heads * s.head_dim]
-        .par_chunks_mut(width)
-        .zip(q.par_chunks(width))
-        .enumerate()
-        .for_each(|(i, (o, qg))| {
-            let first = i * width / s.head_dim;
-            let (t, h) = (first / s.n_heads, first % s.n_heads);
-            attend(o, qg, k, v, HeadAttn::of(&s, h, s.pos0 + t + 1));
-        });
+    attention_tasks(out, q, s, s.n_tokens, |t| (k, v, s.pos0 + t + 1));
 }
 
 /// Most rows `attention_rows` takes (one per sequence of a batched decode step).
@@ -290,6 +281,18 @@ pub fn attention_rows(
         rows == pos.len() && rows <= MAX_ATTN_ROWS,
         "attention_rows: rows"
     );
+    attention_tasks(out, q, s, rows, |r| (kv[r].0, kv[r].1, pos[r] + 1));
+}
+
+/// `rows` rows of query heads split into tasks of heads that share a KV head; `row(r)` gives
+/// row r's keys, values and number of positions.
+fn attention_tasks<'a>(
+    out: &mut [f32],
+    q: &[f32],
+    s: AttnShape,
+    rows: usize,
+    row: impl Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync,
+) {
     let width = heads_per_task(&s) * s.head_dim;
     let attend = attend_kernel(s.head_dim);
     out[..rows * s.n_heads * s.head_dim]
@@ -299,7 +302,8 @@ pub fn attention_rows(
         .for_each(|(i, (o, qg))| {
             let first = i * width / s.head_dim;
             let (r, h) = (first / s.n_heads, first % s.n_heads);
-            attend(o, qg, kv[r].0, kv[r].1, HeadAttn::of(&s, h, pos[r] + 1));
+            let (k, v, positions) = row(r);
+            attend(o, qg, k, v, HeadAttn::of(&s, h, positions));
         });
 }
 

@@ -1,7 +1,9 @@
-//! Decode-path matrix-vector products straight from 4- and 8-bit blocks (`QuantMatrix`):
-//! per block, `scale * sum(q * x) + min * sum(x)`, with the block sums of `x` computed once per
-//! call. f32 activations and accumulation, so the result equals the dequantized f32 product up
-//! to rounding. AVX2+FMA kernels are chosen at run time; the portable ones are plain loops.
+//! Decode-path products straight from 4- and 8-bit blocks (`QuantMatrix`): one input (per
+//! block, `scale * sum(q * x) + min * sum(x)`, with the block sums of `x` computed once per
+//! call) or several (batched decode: each block widened to f32 once and dotted with every
+//! input). f32 activations and accumulation, so the result equals the dequantized f32 product
+//! up to rounding. AVX-512 and AVX2+FMA kernels are chosen at run time; the portable ones are
+//! plain loops.
 
 use std::sync::OnceLock;
 
