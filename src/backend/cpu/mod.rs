@@ -7,6 +7,8 @@ pub mod ops;
 pub mod q8act;
 pub mod quant;
 
+use rayon::prelude::*;
+
 use super::{AttnShape, Backend, RopeShape};
 use crate::model::weights::Tensor;
 
@@ -100,7 +102,12 @@ impl Backend for Cpu {
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
-        ops::silu_mul(&mut gate[..len], &up[..len]);
+        // One exp per value: a batched step's few thousand are worth splitting.
+        const CHUNK: usize = 2048;
+        gate[..len]
+            .par_chunks_mut(CHUNK)
+            .zip(up[..len].par_chunks(CHUNK))
+            .for_each(|(g, u)| ops::silu_mul(g, u));
     }
 
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
