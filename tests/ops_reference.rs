@@ -113,15 +113,18 @@ fn attention_matches_naive_for_prefill_and_decode() {
                 .map(|x| x * 4.0)
                 .collect();
             let v = rand_vec(positions * n_kv_heads * head_dim, 10);
-            let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            ops::attention(&mut fast, &q, &k, &v, s);
+            let mut slow = vec![0.0; q.len()];
             naive::attention(&mut slow, &q, &k, &v, s);
-            assert_close(
-                &format!("attention {n_heads}/{n_kv_heads}x{head_dim} n={n_tokens} pos0={pos0}"),
-                &fast,
-                &slow,
-                1e-5,
-            );
+            for simd in ops::attention_simd() {
+                let mut fast = vec![0.0; q.len()];
+                ops::attention_using(simd, &mut fast, &q, &k, &v, s);
+                assert_close(
+                    &format!("attention {simd:?} {n_heads}/{n_kv_heads}x{head_dim} n={n_tokens} pos0={pos0}"),
+                    &fast,
+                    &slow,
+                    1e-5,
+                );
+            }
         }
     }
 }

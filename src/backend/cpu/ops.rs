@@ -259,7 +259,40 @@ const KEY_TILE: usize = 128;
 /// Causal attention: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos, one task per
 /// token and group of query heads that share a KV head (see `attend`).
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_tasks(out, q, s, s.n_tokens, |t| (k, v, s.pos0 + t + 1));
+    attention_using(attention_simd()[0], out, q, k, v, s);
+}
+
+/// An instruction set the attention routines can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// 16-lane vectors (head sizes 64 and 128; others go to AVX2).
+    Avx512,
+    /// 8-lane vectors with FMA.
+    Avx2,
+    /// Plain loops.
+    Portable,
+}
+
+/// The instruction sets this CPU can run attention with, best first (the tests check each).
+pub fn attention_simd() -> Vec<Simd> {
+    let mut all = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            all.push(Simd::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            all.push(Simd::Avx2);
+        }
+    }
+    all.push(Simd::Portable);
+    all
+}
+
+/// `attention` with the given instruction set (one `attention_simd` gave).
+pub fn attention_using(simd: Simd, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    let attend = attend_kernel(simd, s.head_dim);
+    attention_tasks(out, q, s, attend, s.n_tokens, |t| (k, v, s.pos0 + t + 1));
 }
 
 /// Most rows `attention_rows` takes (one per sequence of a batched decode step).
@@ -281,20 +314,21 @@ pub fn attention_rows(
         rows == pos.len() && rows <= MAX_ATTN_ROWS,
         "attention_rows: rows"
     );
-    attention_tasks(out, q, s, rows, |r| (kv[r].0, kv[r].1, pos[r] + 1));
+    let attend = attend_kernel(attention_simd()[0], s.head_dim);
+    attention_tasks(out, q, s, attend, rows, |r| (kv[r].0, kv[r].1, pos[r] + 1));
 }
 
-/// `rows` rows of query heads split into tasks of heads that share a KV head; `row(r)` gives
-/// row r's keys, values and number of positions.
+/// `rows` rows of query heads split into tasks of heads that share a KV head, each run by
+/// `attend`; `row(r)` gives row r's keys, values and number of positions.
 fn attention_tasks<'a>(
     out: &mut [f32],
     q: &[f32],
     s: AttnShape,
+    attend: AttendFn,
     rows: usize,
     row: impl Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync,
 ) {
     let width = heads_per_task(&s) * s.head_dim;
-    let attend = attend_kernel(s.head_dim);
     out[..rows * s.n_heads * s.head_dim]
         .par_chunks_mut(width)
         .zip(q.par_chunks(width))
@@ -350,108 +384,177 @@ impl HeadAttn {
 
 type AttendFn = fn(&mut [f32], &[f32], &[f32], &[f32], HeadAttn);
 
-/// The attention routine for this CPU and head size, chosen once per call (not per key).
-fn attend_kernel(head_dim: usize) -> AttendFn {
+/// The attention routine for an instruction set and head size, chosen once per call (not
+/// per key).
+fn attend_kernel(simd: Simd, head_dim: usize) -> AttendFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return match head_dim {
-                64 => attend_avx2_entry::<8>,
-                128 => attend_avx2_entry::<16>,
-                _ => attend_avx2_entry::<0>,
-            };
+        match (simd, head_dim) {
+            (Simd::Avx512, 64) => return attend_avx512_entry::<4>,
+            (Simd::Avx512, 128) => return attend_avx512_entry::<8>,
+            (Simd::Avx2, 64) => return attend_avx2_entry::<8>,
+            (Simd::Avx2, 128) => return attend_avx2_entry::<16>,
+            (Simd::Avx512 | Simd::Avx2, _) => return attend_avx2_entry::<0>,
+            (Simd::Portable, _) => {}
         }
     }
-    let _ = head_dim;
+    let _ = (simd, head_dim);
     |o, qh, k, v, a| attend(o, qh, k, v, a, dot_portable, axpy_portable)
 }
 
-/// `V` is the head size in 8-lane vectors (0: any size).
+/// The bounds the SIMD attention routines rely on: every key and value row read lies inside
+/// k and v, and a head of `lanes * vectors` values when `vectors` is not 0.
 #[cfg(target_arch = "x86_64")]
-fn attend_avx2_entry<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
-    let heads = q.len() / a.head_dim;
+fn check_attend(o: &[f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn, width: usize) {
     assert!(
-        (V == 0 || a.head_dim == V * 8)
+        (width == 0 || a.head_dim == width)
             && o.len() >= q.len()
-            && heads * a.head_dim == q.len()
+            && q.len().is_multiple_of(a.head_dim)
             && a.off + a.head_dim <= a.kv_dim
             && k.len() >= a.positions * a.kv_dim
             && v.len() >= a.positions * a.kv_dim,
         "attention: shape"
     );
-    // SAFETY: selected only when AVX2 and FMA were detected at run time; every key and value
-    // row read lies inside k and v (checked above).
-    unsafe { attend_avx2::<V>(o, q, k, v, a) }
 }
 
-/// `attend` with AVX2. For heads of `V` 8-lane vectors, the query and the output
-/// accumulator of a head stay in registers across all its keys (no load and store of the
-/// accumulator per key); `V == 0` takes any head size through `attend`.
+/// `V` is the head size in 8-lane vectors (0: any size).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
-    use std::arch::x86_64::*;
-    if V == 0 {
-        // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
-        return attend(
-            o,
-            q,
-            k,
-            v,
-            a,
-            |x, y| unsafe { dot_avx2(x, y) },
-            |y, s, x| unsafe { axpy_avx2(y, s, x) },
-        );
-    }
-    let d = V * 8;
-    let mut scores = [0f32; KEY_TILE];
-    for h in 0..q.len() / d {
-        let qp = q.as_ptr().add(h * d);
-        let qv: [__m256; V] = std::array::from_fn(|i| _mm256_loadu_ps(qp.add(8 * i)));
-        let mut acc = [_mm256_setzero_ps(); V];
-        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for j0 in (0..a.positions).step_by(KEY_TILE) {
-            let tile = &mut scores[..KEY_TILE.min(a.positions - j0)];
-            let mut tile_max = f32::NEG_INFINITY;
-            for (jj, sc) in tile.iter_mut().enumerate() {
-                let kp = k.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                for i in (0..V).step_by(2) {
-                    s0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kp.add(8 * i)), s0);
-                    if i + 1 < V {
-                        s1 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(kp.add(8 * i + 8)), s1);
-                    }
-                }
-                *sc = super::quant::avx2::hsum(_mm256_add_ps(s0, s1)) * a.scale;
-                tile_max = tile_max.max(*sc);
-            }
-            if tile_max > max {
-                // Rescale what was accumulated under the old maximum.
-                let r = (max - tile_max).exp();
-                sum *= r;
-                let rv = _mm256_set1_ps(r);
-                acc.iter_mut().for_each(|x| *x = _mm256_mul_ps(*x, rv));
-                max = tile_max;
-            }
-            for (jj, &sc) in tile.iter().enumerate() {
-                let p = (sc - max).exp();
-                sum += p;
-                let (pv, vp) = (
-                    _mm256_set1_ps(p),
-                    v.as_ptr().add((j0 + jj) * a.kv_dim + a.off),
-                );
-                for (i, x) in acc.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vp.add(8 * i)), *x);
-                }
-            }
-        }
-        let inv = _mm256_set1_ps(1.0 / sum);
-        let op = o.as_mut_ptr().add(h * d);
-        for (i, x) in acc.iter().enumerate() {
-            _mm256_storeu_ps(op.add(8 * i), _mm256_mul_ps(*x, inv));
+fn attend_avx2_entry<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+    check_attend(o, q, k, v, a, 8 * V);
+    // SAFETY: selected only when AVX2 and FMA were detected at run time; shapes checked.
+    unsafe {
+        if V == 0 {
+            attend_avx2_any(o, q, k, v, a)
+        } else {
+            attend_avx2::<V>(o, q, k, v, a)
         }
     }
 }
+
+/// `V` is the head size in 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+fn attend_avx512_entry<const V: usize>(
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: HeadAttn,
+) {
+    check_attend(o, q, k, v, a, 16 * V);
+    // SAFETY: selected only when AVX-512F was detected at run time; shapes checked.
+    unsafe { attend_avx512::<V>(o, q, k, v, a) }
+}
+
+/// `attend` with AVX2 dot products and axpys, for any head size.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2_any(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+    // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
+    attend(
+        o,
+        q,
+        k,
+        v,
+        a,
+        |x, y| unsafe { dot_avx2(x, y) },
+        |y, s, x| unsafe { axpy_avx2(y, s, x) },
+    )
+}
+
+/// `attend` for heads of `V` SIMD vectors, with the query and the output accumulator of a
+/// head held in registers across all its keys (no load and store of the accumulator per
+/// key). One body for each instruction set: its vector type, lane count and intrinsics.
+macro_rules! attend_in_registers {
+    ($name:ident, $features:literal, $vec:ty, $lanes:literal, $load:path, $store:path,
+     $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path, $hsum:path) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const V: usize>(
+            o: &mut [f32],
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            a: HeadAttn,
+        ) {
+            let d = V * $lanes;
+            let mut scores = [0f32; KEY_TILE];
+            for h in 0..q.len() / d {
+                let qp = q.as_ptr().add(h * d);
+                let qv: [$vec; V] = std::array::from_fn(|i| $load(qp.add($lanes * i)));
+                let mut acc: [$vec; V] = [$zero(); V];
+                let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+                for j0 in (0..a.positions).step_by(KEY_TILE) {
+                    let tile = &mut scores[..KEY_TILE.min(a.positions - j0)];
+                    let mut tile_max = f32::NEG_INFINITY;
+                    for (jj, sc) in tile.iter_mut().enumerate() {
+                        let kp = k.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
+                        let (mut s0, mut s1) = ($zero(), $zero());
+                        for i in (0..V).step_by(2) {
+                            s0 = $fmadd(qv[i], $load(kp.add($lanes * i)), s0);
+                            if i + 1 < V {
+                                s1 = $fmadd(qv[i + 1], $load(kp.add($lanes * (i + 1))), s1);
+                            }
+                        }
+                        *sc = $hsum($add(s0, s1)) * a.scale;
+                        tile_max = tile_max.max(*sc);
+                    }
+                    if tile_max > max {
+                        // Rescale what was accumulated under the old maximum.
+                        let r = (max - tile_max).exp();
+                        sum *= r;
+                        let rv = $set1(r);
+                        acc.iter_mut().for_each(|x| *x = $mul(*x, rv));
+                        max = tile_max;
+                    }
+                    for (jj, &sc) in tile.iter().enumerate() {
+                        let p = (sc - max).exp();
+                        sum += p;
+                        let pv = $set1(p);
+                        let vp = v.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
+                        for (i, x) in acc.iter_mut().enumerate() {
+                            *x = $fmadd(pv, $load(vp.add($lanes * i)), *x);
+                        }
+                    }
+                }
+                let inv = $set1(1.0 / sum);
+                let op = o.as_mut_ptr().add(h * d);
+                for (i, x) in acc.iter().enumerate() {
+                    $store(op.add($lanes * i), $mul(*x, inv));
+                }
+            }
+        }
+    };
+}
+
+attend_in_registers!(
+    attend_avx2,
+    "avx2,fma",
+    std::arch::x86_64::__m256,
+    8,
+    std::arch::x86_64::_mm256_loadu_ps,
+    std::arch::x86_64::_mm256_storeu_ps,
+    std::arch::x86_64::_mm256_set1_ps,
+    std::arch::x86_64::_mm256_setzero_ps,
+    std::arch::x86_64::_mm256_fmadd_ps,
+    std::arch::x86_64::_mm256_mul_ps,
+    std::arch::x86_64::_mm256_add_ps,
+    super::quant::avx2::hsum
+);
+
+attend_in_registers!(
+    attend_avx512,
+    "avx512f",
+    std::arch::x86_64::__m512,
+    16,
+    std::arch::x86_64::_mm512_loadu_ps,
+    std::arch::x86_64::_mm512_storeu_ps,
+    std::arch::x86_64::_mm512_set1_ps,
+    std::arch::x86_64::_mm512_setzero_ps,
+    std::arch::x86_64::_mm512_fmadd_ps,
+    std::arch::x86_64::_mm512_mul_ps,
+    std::arch::x86_64::_mm512_add_ps,
+    std::arch::x86_64::_mm512_reduce_add_ps
+);
 
 /// Query heads `q` (heads, d) that share one KV head, over their positions, with the dot
 /// and axpy given (inlined into each SIMD variant). Keys are taken in tiles; each head
