@@ -49,6 +49,16 @@ fn every_route_is_under_the_role_layer_for_every_role() {
         ..ServerConfig::default()
     };
     let s = TestServer::start(cfg, echo());
+    // A program's request without a header phrase.
+    let without_phrase = |method: &str, path: &str| {
+        request(
+            s.addr,
+            method,
+            path,
+            &[("X-FastSession-Skip", "skip")],
+            b"{}",
+        )
+    };
     let mut checked = 0;
     for (path, method, api) in ROUTES {
         if OUTSIDE_ROLES.contains(api) {
@@ -77,13 +87,7 @@ fn every_route_is_under_the_role_layer_for_every_role() {
             checked += 1;
         }
         // No phrase, or a wrong one: no program role at all.
-        let r = request(
-            s.addr,
-            method.as_str(),
-            path,
-            &[("X-FastSession-Skip", "skip")],
-            b"{}",
-        );
+        let r = without_phrase(method.as_str(), path);
         assert_eq!(r.status, 403, "{path} open without a role");
         let wrong = [
             ("X-FastSession-Skip", "skip"),
@@ -97,13 +101,7 @@ fn every_route_is_under_the_role_layer_for_every_role() {
     assert!(checked >= API_NAMES.len() * API_NAMES.len(), "{checked}");
     for api in OUTSIDE_ROLES {
         let (path, method, _) = ROUTES.iter().find(|r| r.2 == *api).unwrap();
-        let r = request(
-            s.addr,
-            method.as_str(),
-            path,
-            &[("X-FastSession-Skip", "skip")],
-            b"{}",
-        );
+        let r = without_phrase(method.as_str(), path);
         assert_ne!(r.status, 403, "{path}");
     }
 }

@@ -12,43 +12,25 @@ use crate::backend::{AttnShape, RopeShape};
 use crate::model::config::MAX_HEAD_DIM;
 
 type DotFn = fn(&[f32], &[f32]) -> f32;
-type AxpyFn = fn(&mut [f32], f32, &[f32]);
 
-/// The SIMD kernels chosen once for this CPU.
-struct Kernels {
-    dot: DotFn,
-    axpy: AxpyFn,
-}
-
-fn kernels() -> &'static Kernels {
-    static K: OnceLock<Kernels> = OnceLock::new();
-    K.get_or_init(|| {
+/// The dot product chosen once for this CPU.
+fn dot_kernel() -> DotFn {
+    static K: OnceLock<DotFn> = OnceLock::new();
+    *K.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Kernels {
-                    dot: dot_avx2_entry,
-                    axpy: axpy_avx2_entry,
-                };
+                return dot_avx2_entry;
             }
         }
-        Kernels {
-            dot: dot_portable,
-            axpy: axpy_portable,
-        }
+        dot_portable
     })
 }
 
 /// The dot product of two equal-length slices, with the best SIMD the CPU has.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    (kernels().dot)(a, b)
-}
-
-/// y += a * x, with the best SIMD the CPU has.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    (kernels().axpy)(y, a, x)
+    dot_kernel()(a, b)
 }
 
 /// Portable axpy (plain multiply-add: `mul_add` without hardware FMA is a slow libm call).
@@ -56,12 +38,6 @@ pub fn axpy_portable(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn axpy_avx2_entry(y: &mut [f32], a: f32, x: &[f32]) {
-    // SAFETY: selected only when AVX2 and FMA were detected at run time.
-    unsafe { axpy_avx2(y, a, x) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -259,7 +235,7 @@ const KEY_TILE: usize = 128;
 /// Causal attention: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos, one task per
 /// token and group of query heads that share a KV head (see `attend`).
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_using(attention_simd()[0], out, q, k, v, s);
+    attention_using(best_simd(), out, q, k, v, s);
 }
 
 /// An instruction set the attention routines can use.
@@ -289,6 +265,12 @@ pub fn attention_simd() -> Vec<Simd> {
     all
 }
 
+/// The best of `attention_simd`, found once (attention runs in every layer of every step).
+fn best_simd() -> Simd {
+    static BEST: OnceLock<Simd> = OnceLock::new();
+    *BEST.get_or_init(|| attention_simd()[0])
+}
+
 /// `attention` with the given instruction set (one `attention_simd` gave).
 pub fn attention_using(simd: Simd, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let attend = attend_kernel(simd, s.head_dim);
@@ -314,7 +296,7 @@ pub fn attention_rows(
         rows == pos.len() && rows <= MAX_ATTN_ROWS,
         "attention_rows: rows"
     );
-    let attend = attend_kernel(attention_simd()[0], s.head_dim);
+    let attend = attend_kernel(best_simd(), s.head_dim);
     attention_tasks(out, q, s, attend, rows, |r| (kv[r].0, kv[r].1, pos[r] + 1));
 }
 
