@@ -291,6 +291,10 @@ fn bench_url_load_tests_a_running_server() {
         assert_eq!(v["chats"], 2 * n, "{v}");
         assert_eq!(v["tokens"], 7 * 2 * n, "{v}");
         assert!(v["aggregate_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(
+            v["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
         assert!(v["ttft_p50_s"].as_f64().is_some(), "{v}");
     }
     let refused = bench("wrong");

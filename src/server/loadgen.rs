@@ -1,8 +1,9 @@
 //! The load generator behind `chatstream bench --url`: N concurrent streamed chat completions
 //! (the OpenAI endpoint, as vLLM's and TGI's own benchmarks use) against a running server,
-//! for N = 1, 2, 4, 8 by default, reporting what a user compares with them: aggregate and
-//! per-stream decode tokens/s, time to first token p50/p99, and mean queue wait (from the
-//! server's /metrics, when its roles let a program read it).
+//! for N = 1, 2, 4, 8 by default, reporting what a user compares with them: aggregate
+//! tokens/s end to end, aggregate and per-stream decode tokens/s, time to first token
+//! p50/p99, and mean queue wait (from the server's /metrics, when its roles let a program
+//! read it).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -31,6 +32,8 @@ struct Sample {
     pieces: usize,
     tokens: usize,
     stream_s: f64,
+    /// When its first and last pieces came, in seconds since the level started.
+    decoding: (f64, f64),
 }
 
 /// Resolves `host:port` (an `http://` prefix is allowed).
@@ -80,7 +83,7 @@ fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
 
 /// One streamed chat completion (`/v1/chat/completions`, which every server answers
 /// whatever its roles), timed from the request to the first and the last piece of text.
-fn one_chat(spec: &LoadSpec) -> Result<Sample, String> {
+fn one_chat(spec: &LoadSpec, level_start: Instant) -> Result<Sample, String> {
     let io = |e: std::io::Error| e.to_string();
     let body = json!({
         "messages": [{"role": "user", "content": spec.prompt}],
@@ -141,11 +144,14 @@ fn one_chat(spec: &LoadSpec) -> Result<Sample, String> {
         }
     }
     let ttft = first.ok_or("empty answer")?;
+    let since_start = (t0 - level_start).as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
     Ok(Sample {
         ttft,
         pieces,
         tokens: tokens.unwrap_or(pieces),
-        stream_s: t0.elapsed().as_secs_f64() - ttft,
+        stream_s: total - ttft,
+        decoding: (since_start + ttft, since_start + total),
     })
 }
 
@@ -163,6 +169,24 @@ fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum(),
     )
+}
+
+/// How long at least one of the intervals was open (their union's length): the time in
+/// which some stream was decoding.
+fn covered_seconds(mut spans: Vec<(f64, f64)>) -> f64 {
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut total = 0.0;
+    let mut open: Option<(f64, f64)> = None;
+    for (s, e) in spans {
+        match open {
+            Some((os, oe)) if s <= oe => open = Some((os, oe.max(e))),
+            _ => {
+                total += open.map_or(0.0, |(os, oe)| oe - os);
+                open = Some((s, e));
+            }
+        }
+    }
+    total + open.map_or(0.0, |(s, e)| e - s)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -185,7 +209,7 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
             let spec = spec.clone();
             std::thread::spawn(move || {
                 (0..spec.rounds)
-                    .map(|_| one_chat(&spec))
+                    .map(|_| one_chat(&spec, start))
                     .collect::<Vec<_>>()
             })
         })
@@ -200,6 +224,10 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
     let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft).collect();
     ttft.sort_by(f64::total_cmp);
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
+    // Decode throughput counts the tokens after each chat's first over the time in which some
+    // chat was decoding: prefill that runs while nothing decodes is time to first token.
+    let decode_tokens: usize = ok.iter().map(|s| s.tokens.saturating_sub(1)).sum();
+    let decoding = covered_seconds(ok.iter().map(|s| s.decoding).collect());
     let per_stream: Vec<f64> = ok
         .iter()
         .filter(|s| s.stream_s > 0.0)
@@ -216,9 +244,24 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
         "first_error": errors.first(),
         "tokens": tokens,
         "aggregate_tokens_per_s": tokens as f64 / wall,
+        "aggregate_decode_tokens_per_s": if decoding > 0.0 { decode_tokens as f64 / decoding } else { 0.0 },
         "per_stream_pieces_per_s": if per_stream.is_empty() { 0.0 } else { per_stream.iter().sum::<f64>() / per_stream.len() as f64 },
         "ttft_p50_s": ttft.first().map(|_| percentile(&ttft, 0.5)),
         "ttft_p99_s": ttft.first().map(|_| percentile(&ttft, 0.99)),
         "queue_wait_mean_s": queue_wait,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covered_seconds;
+
+    #[test]
+    fn decoding_time_is_the_union_of_the_streams() {
+        assert_eq!(covered_seconds(vec![]), 0.0);
+        assert_eq!(covered_seconds(vec![(1.0, 3.0)]), 2.0);
+        // overlapping, nested, touching and apart, in any order
+        let spans = vec![(5.0, 6.0), (0.0, 2.0), (1.0, 4.0), (1.5, 1.7), (4.0, 4.5)];
+        assert_eq!(covered_seconds(spans), 5.5);
+    }
 }
