@@ -255,33 +255,38 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
     use chatstream::backend::cpu::quant;
     use chatstream::model::dequant::{dequantize, QuantMatrix};
     for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
-        let (rows, cols) = (96, 576);
+        let (rows, cols) = (100, 576);
         let bytes = random_blocks(ty, rows, cols, 31);
         let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
         let mut w = vec![0f32; rows * cols];
         dequantize(ty, &bytes, &mut w);
-        for n in [2, 3, 4, 5, 8, 9, quant::MAX_ROWS] {
+        for n in [1, 2, 3, 4, 5, 8, 9, quant::MAX_ROWS] {
             let x = rand_vec(n * cols, 32);
             let (mut fast, mut slow) = (vec![0.0; n * rows], vec![0.0; n * rows]);
             quant::matmul_q(&mut fast, &x, &q, n);
             naive::matmul(&mut slow, &x, &w, n, cols, rows);
             assert_close(&format!("{ty:?} matmul_q n={n}"), &fast, &slow, 1e-4);
-            let first_row: Vec<f32> = (0..n).map(|i| slow[i * rows]).collect();
+            // the kernels' layout: row after row, the n inputs' sums of each
+            let by_row: Vec<f32> = (0..rows)
+                .flat_map(|r| (0..n).map(move |i| (r, i)))
+                .map(|(r, i)| slow[i * rows + r])
+                .collect();
             for (name, kernel) in quant::rows_kernels() {
-                let mut one = vec![0.0; n];
+                let mut got = vec![0.0; rows * n];
                 kernel(
                     q.eight_bit,
-                    &q.qs[..q.row_bytes()],
-                    &q.scales[..cols / 32],
-                    &q.mins[..cols / 32],
+                    &q.qs,
+                    &q.scales,
+                    &q.mins,
                     &x,
                     cols,
-                    &mut one,
+                    n,
+                    &mut got,
                 );
                 assert_close(
                     &format!("{ty:?} rows kernel {name} n={n}"),
-                    &one,
-                    &first_row,
+                    &got,
+                    &by_row,
                     1e-4,
                 );
             }

@@ -15,9 +15,11 @@ use crate::model::dequant::{QuantMatrix, QK};
 pub type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
 /// One row of 8-bit blocks against x: `(qs, scales, x)`.
 pub type Q8Fn = fn(&[u8], &[f32], &[f32]) -> f32;
-/// One weight row against `out.len()` inputs: `(eight_bit, qs, scales, mins, x, cols, out)`,
-/// input i starting at `x[i * cols]`.
-pub type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, &mut [f32]);
+/// Consecutive weight rows against n inputs: `(eight_bit, qs, scales, mins, x, cols, n,
+/// out)`. `qs`, `scales` and `mins` start at the first row; input i starts at `x[i * cols]`;
+/// `out[r * n + i]` receives row r dotted with input i, for `out.len() / n` rows. The loop
+/// over rows is inside the kernel: a call per row cost 50% more at one input.
+pub type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, usize, &mut [f32]);
 
 struct Kernels {
     q4: Q4Fn,
@@ -163,6 +165,7 @@ pub(super) mod avx2 {
     /// Inputs one call of `rows` dots with each block: two accumulators each, in registers.
     const GROUP: usize = 4;
 
+    #[allow(clippy::too_many_arguments)]
     pub fn rows_entry(
         eight_bit: bool,
         qs: &[u8],
@@ -170,40 +173,78 @@ pub(super) mod avx2 {
         mins: &[f32],
         x: &[f32],
         cols: usize,
+        n: usize,
         out: &mut [f32],
     ) {
-        super::check_rows(eight_bit, qs, scales, mins, x, cols, out.len());
-        for (g, o) in out.chunks_mut(GROUP).enumerate() {
-            let x = &x[g * GROUP * cols..];
+        super::check_rows(eight_bit, qs, scales, mins, x, cols, n, out.len());
+        for g in (0..n).step_by(GROUP) {
+            let x = &x[g * cols..];
+            let kernel = if eight_bit {
+                pick::<true>(n - g)
+            } else {
+                pick::<false>(n - g)
+            };
             // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
-            unsafe {
-                match o.len() {
-                    1 => rows::<1>(eight_bit, qs, scales, mins, x, cols, o),
-                    2 => rows::<2>(eight_bit, qs, scales, mins, x, cols, o),
-                    3 => rows::<3>(eight_bit, qs, scales, mins, x, cols, o),
-                    _ => rows::<4>(eight_bit, qs, scales, mins, x, cols, o),
-                }
-            }
+            unsafe { kernel(qs, scales, mins, x, cols, n, g, out) }
         }
     }
 
-    /// N inputs: each block is widened to f32 once, then dotted with every input.
+    /// `rows` for `k` inputs (at most GROUP) of 8-bit (E) or 4-bit blocks.
+    fn pick<const E: bool>(k: usize) -> super::GroupFn {
+        match k {
+            1 => rows::<1, E>,
+            2 => rows::<2, E>,
+            3 => rows::<3, E>,
+            _ => rows::<4, E>,
+        }
+    }
+
+    /// Inputs g..g + N against every row (see `RowsFn`).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const N: usize>(
-        eight_bit: bool,
+    unsafe fn rows<const N: usize, const E: bool>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
         x: &[f32],
         cols: usize,
+        n: usize,
+        g: usize,
         out: &mut [f32],
     ) {
+        let nb = cols / super::QK;
+        let rb = nb * if E { 32 } else { 16 };
+        for r in 0..out.len() / n {
+            let sums = row::<N, E>(
+                qs.get_unchecked(r * rb..),
+                scales.get_unchecked(r * nb..(r + 1) * nb),
+                mins.get_unchecked(r * nb..),
+                x,
+                cols,
+            );
+            for (i, v) in sums.into_iter().enumerate() {
+                *out.get_unchecked_mut(r * n + g + i) = v;
+            }
+        }
+    }
+
+    /// One row against N inputs: each block is widened to f32 once, then dotted with every
+    /// input.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row<const N: usize, const E: bool>(
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+    ) -> [f32; N] {
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         let mask = _mm_set1_epi8(0x0f);
         for b in 0..scales.len() {
             let d = _mm256_set1_ps(*scales.get_unchecked(b));
             // the block's 32 weights as four f32 vectors
-            let w: [__m256; 4] = if eight_bit {
+            let w: [__m256; 4] = if E {
                 let p = qs.as_ptr().add(b * 32) as *const __m128i;
                 let (a, c) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
                 let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
@@ -230,9 +271,7 @@ pub(super) mod avx2 {
                 a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a[1]);
             }
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = hsum(_mm256_add_ps(a[0], a[1]));
-        }
+        acc.map(|a| hsum(_mm256_add_ps(a[0], a[1])))
     }
 
     pub fn q8_entry(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
@@ -270,6 +309,7 @@ mod avx512 {
     /// Inputs one call of `rows` dots with each block: two accumulators each, in registers.
     const GROUP: usize = 8;
 
+    #[allow(clippy::too_many_arguments)]
     pub fn rows_entry(
         eight_bit: bool,
         qs: &[u8],
@@ -277,42 +317,79 @@ mod avx512 {
         mins: &[f32],
         x: &[f32],
         cols: usize,
+        n: usize,
         out: &mut [f32],
     ) {
-        super::check_rows(eight_bit, qs, scales, mins, x, cols, out.len());
-        for (g, o) in out.chunks_mut(GROUP).enumerate() {
-            let x = &x[g * GROUP * cols..];
+        super::check_rows(eight_bit, qs, scales, mins, x, cols, n, out.len());
+        for g in (0..n).step_by(GROUP) {
+            let x = &x[g * cols..];
+            let kernel = if eight_bit {
+                pick::<true>(n - g)
+            } else {
+                pick::<false>(n - g)
+            };
             // SAFETY: selected only when AVX-512F was detected; lengths checked above.
-            unsafe {
-                match o.len() {
-                    1 => rows::<1>(eight_bit, qs, scales, mins, x, cols, o),
-                    2 => rows::<2>(eight_bit, qs, scales, mins, x, cols, o),
-                    3 => rows::<3>(eight_bit, qs, scales, mins, x, cols, o),
-                    4 => rows::<4>(eight_bit, qs, scales, mins, x, cols, o),
-                    5 => rows::<5>(eight_bit, qs, scales, mins, x, cols, o),
-                    6 => rows::<6>(eight_bit, qs, scales, mins, x, cols, o),
-                    7 => rows::<7>(eight_bit, qs, scales, mins, x, cols, o),
-                    _ => rows::<8>(eight_bit, qs, scales, mins, x, cols, o),
-                }
-            }
+            unsafe { kernel(qs, scales, mins, x, cols, n, g, out) }
         }
     }
 
-    /// N inputs: each block is widened to two 16-lane f32 vectors once, then dotted with
-    /// every input. A 4-bit block's values come from a 16-entry table of `d * q + min`
-    /// (`vpermps` by nibble): the same floats as converting each nibble, in fewer
-    /// instructions (one core, measured side by side: 1.83 against 2.24 ns per block with one
-    /// input, 3.46 against 3.87 with four).
+    /// `rows` for `k` inputs (at most GROUP) of 8-bit (E) or 4-bit blocks.
+    fn pick<const E: bool>(k: usize) -> super::GroupFn {
+        match k {
+            1 => rows::<1, E>,
+            2 => rows::<2, E>,
+            3 => rows::<3, E>,
+            4 => rows::<4, E>,
+            5 => rows::<5, E>,
+            6 => rows::<6, E>,
+            7 => rows::<7, E>,
+            _ => rows::<8, E>,
+        }
+    }
+
+    /// Inputs g..g + N against every row (see `RowsFn`).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows<const N: usize>(
-        eight_bit: bool,
+    unsafe fn rows<const N: usize, const E: bool>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
         x: &[f32],
         cols: usize,
+        n: usize,
+        g: usize,
         out: &mut [f32],
     ) {
+        let nb = cols / super::QK;
+        let rb = nb * if E { 32 } else { 16 };
+        for r in 0..out.len() / n {
+            let sums = row::<N, E>(
+                qs.get_unchecked(r * rb..),
+                scales.get_unchecked(r * nb..(r + 1) * nb),
+                mins.get_unchecked(r * nb..),
+                x,
+                cols,
+            );
+            for (i, v) in sums.into_iter().enumerate() {
+                *out.get_unchecked_mut(r * n + g + i) = v;
+            }
+        }
+    }
+
+    /// One row against N inputs: each block is widened to two 16-lane f32 vectors once, then
+    /// dotted with every input. A 4-bit block's values come from a 16-entry table of `d * q + min`
+    /// (`vpermps` by nibble): the same floats as converting each nibble, in fewer
+    /// instructions (one core, measured side by side: 1.83 against 2.24 ns per block with one
+    /// input, 3.46 against 3.87 with four).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row<const N: usize, const E: bool>(
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        cols: usize,
+    ) -> [f32; N] {
         let mut acc = [[_mm512_setzero_ps(); 2]; N];
         let mask = _mm512_set1_epi32(0x0f);
         let levels = _mm512_setr_ps(
@@ -320,7 +397,7 @@ mod avx512 {
         );
         for b in 0..scales.len() {
             let d = _mm512_set1_ps(*scales.get_unchecked(b));
-            let w: [__m512; 2] = if eight_bit {
+            let w: [__m512; 2] = if E {
                 let p = qs.as_ptr().add(b * 32) as *const __m128i;
                 let f = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
                 [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
@@ -342,14 +419,18 @@ mod avx512 {
                 a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp.add(16)), a[1]);
             }
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
-        }
+        acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
     }
 }
 
-/// The bounds every SIMD rows kernel relies on.
+/// One SIMD kernel for a number of inputs and a block format, called on inputs g.. of n:
+/// `(qs, scales, mins, x, cols, n, g, out)` (see `RowsFn`).
 #[cfg(target_arch = "x86_64")]
+type GroupFn = unsafe fn(&[u8], &[f32], &[f32], &[f32], usize, usize, usize, &mut [f32]);
+
+/// The bounds every SIMD rows kernel relies on (see `RowsFn`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn check_rows(
     eight_bit: bool,
     qs: &[u8],
@@ -358,20 +439,27 @@ fn check_rows(
     x: &[f32],
     cols: usize,
     n: usize,
+    out: usize,
 ) {
-    let nb = scales.len();
     assert!(
-        n <= MAX_ROWS
-            && mins.len() >= nb
-            && x.len() >= n * cols
-            && nb * QK <= cols
-            && qs.len() >= nb * if eight_bit { 32 } else { 16 },
+        (1..=MAX_ROWS).contains(&n) && out.is_multiple_of(n) && cols.is_multiple_of(QK),
         "rows kernel: shape"
+    );
+    let blocks = out / n * (cols / QK);
+    assert!(
+        scales.len() >= blocks
+            && mins.len() >= blocks
+            && x.len() >= n * cols
+            && qs.len() >= blocks * if eight_bit { 32 } else { 16 },
+        "rows kernel: lengths"
     );
 }
 
 /// Most input rows `matmul_q` takes at once (one accumulator each).
 pub const MAX_ROWS: usize = 16;
+
+/// Weight rows one kernel call covers in `matmul_q` (its results stay on the stack).
+const TILE: usize = 32;
 
 /// out (n, rows) = x (n, cols) @ W^T for a block-quantized W and n <= MAX_ROWS (batched
 /// decode): each block is widened to f32 once and dotted with all n inputs, so the weights
@@ -381,6 +469,9 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
         n <= MAX_ROWS && x.len() >= n * w.cols && out.len() >= n * w.rows,
         "matmul_q: shape"
     );
+    if n == 0 {
+        return;
+    }
     let nb = w.cols / QK;
     let rb = w.row_bytes();
     let outp = SendOut(out.as_mut_ptr());
@@ -389,25 +480,35 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
         .into_par_iter()
         .for_each(|c| {
             let o = outp;
-            let mut acc = [0f32; MAX_ROWS];
-            for r in c * rows_per_task..((c + 1) * rows_per_task).min(w.rows) {
-                let (qs, sc, mn) = (
-                    &w.qs[r * rb..(r + 1) * rb],
-                    &w.scales[r * nb..(r + 1) * nb],
-                    &w.mins[r * nb..(r + 1) * nb],
+            let mut tile = [0f32; TILE * MAX_ROWS];
+            let end = ((c + 1) * rows_per_task).min(w.rows);
+            for r0 in (c * rows_per_task..end).step_by(TILE) {
+                let r1 = (r0 + TILE).min(end);
+                let tile = &mut tile[..(r1 - r0) * n];
+                (kernels().rows)(
+                    w.eight_bit,
+                    &w.qs[r0 * rb..r1 * rb],
+                    &w.scales[r0 * nb..r1 * nb],
+                    &w.mins[r0 * nb..r1 * nb],
+                    x,
+                    w.cols,
+                    n,
+                    tile,
                 );
-                (kernels().rows)(w.eight_bit, qs, sc, mn, x, w.cols, &mut acc[..n]);
-                for (i, &a) in acc[..n].iter().enumerate() {
-                    // SAFETY: out holds n * rows floats; (i, r) is written only by the task
-                    // that owns row r.
-                    unsafe { *o.0.add(i * w.rows + r) = a };
+                for (j, sums) in tile.chunks_exact(n).enumerate() {
+                    for (i, &v) in sums.iter().enumerate() {
+                        // SAFETY: out holds n * rows floats; (i, r) is written only by the
+                        // task that owns row r.
+                        unsafe { *o.0.add(i * w.rows + r0 + j) = v };
+                    }
                 }
             }
         });
 }
 
-/// One weight row against n inputs (row i of x starts at i * cols): each block is widened
-/// to f32 once, then dotted with every input.
+/// Rows against n inputs (see `RowsFn`): each block is widened to f32 once, then dotted
+/// with every input.
+#[allow(clippy::too_many_arguments)]
 pub fn rows_portable(
     eight_bit: bool,
     qs: &[u8],
@@ -415,24 +516,34 @@ pub fn rows_portable(
     mins: &[f32],
     x: &[f32],
     cols: usize,
-    acc: &mut [f32],
+    n: usize,
+    out: &mut [f32],
 ) {
-    acc.fill(0.0);
+    let nb = cols / QK;
+    let rb = nb * if eight_bit { 32 } else { 16 };
     let mut block = [0f32; QK];
-    for (b, (&d, &m)) in scales.iter().zip(mins).enumerate() {
-        if eight_bit {
-            for (o, &q) in block.iter_mut().zip(&qs[b * 32..(b + 1) * 32]) {
-                *o = (q as i8) as f32 * d;
+    for (r, acc) in out.chunks_exact_mut(n).enumerate() {
+        acc.fill(0.0);
+        let (qs, scales, mins) = (
+            &qs[r * rb..(r + 1) * rb],
+            &scales[r * nb..(r + 1) * nb],
+            &mins[r * nb..(r + 1) * nb],
+        );
+        for (b, (&d, &m)) in scales.iter().zip(mins).enumerate() {
+            if eight_bit {
+                for (o, &q) in block.iter_mut().zip(&qs[b * 32..(b + 1) * 32]) {
+                    *o = (q as i8) as f32 * d;
+                }
+            } else {
+                for (j, &q) in qs[b * 16..(b + 1) * 16].iter().enumerate() {
+                    block[j] = (q & 0x0f) as f32 * d + m;
+                    block[j + 16] = (q >> 4) as f32 * d + m;
+                }
             }
-        } else {
-            for (j, &q) in qs[b * 16..(b + 1) * 16].iter().enumerate() {
-                block[j] = (q & 0x0f) as f32 * d + m;
-                block[j + 16] = (q >> 4) as f32 * d + m;
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xb = &x[i * cols + b * QK..i * cols + (b + 1) * QK];
+                *a += block.iter().zip(xb).map(|(w, x)| w * x).sum::<f32>();
             }
-        }
-        for (i, a) in acc.iter_mut().enumerate() {
-            let xb = &x[i * cols + b * QK..i * cols + (b + 1) * QK];
-            *a += block.iter().zip(xb).map(|(w, x)| w * x).sum::<f32>();
         }
     }
 }
