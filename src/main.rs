@@ -96,7 +96,7 @@ struct BenchArgs {
     /// Memory bandwidth in GB/s to report decode's share of (default 4800, an H200, on CUDA).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
-    /// CPU decode with int8 activations (faster, not exact; see --int8-activations of serve).
+    /// CPU decode with int8 activations (not exact; see --int8-activations of serve).
     #[arg(long)]
     int8_activations: bool,
 }
@@ -530,8 +530,9 @@ struct ModelArgs {
     /// Tokens of context (prompt plus answer) to allocate the KV cache for.
     #[arg(long, env = "CHATSTREAM_CONTEXT_LEN", default_value_t = 4096)]
     context_len: usize,
-    /// CPU decode of Q4_1/Q8_0 models with int8 activations, as llama.cpp does: faster, but
-    /// the logits move a little (measured in tests/int8_activations.rs); off by default.
+    /// CPU decode of Q4_1/Q8_0 models with int8 activations, as llama.cpp does: faster where
+    /// the CPU has AVX2 but no AVX-512 (with AVX-512 the default path is faster), and the
+    /// logits move a little (measured in tests/int8_activations.rs); off by default.
     #[arg(long, env = "CHATSTREAM_INT8_ACTIVATIONS")]
     int8_activations: bool,
 }
