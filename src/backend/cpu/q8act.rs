@@ -2,8 +2,8 @@
 //! the input vector is quantized per 32-value block to int8 with one f32 scale, and each
 //! weight block is dotted with it in integers (AVX2 `maddubs`: 32 products in a handful of
 //! instructions, against a dozen for the AVX2 f32 path; with AVX-512 the f32 rows kernel is
-//! the faster one, measured side by side). Not exact: the activation
-//! rounding moves the logits a little, so it is off by default and its error is measured in
+//! the faster one, measured side by side). Not exact: the activation rounding moves the
+//! logits a little, so it is off by default and its error is measured in
 //! `tests/int8_activations.rs` (the f32 path is what the golden tests hold to their
 //! tolerances).
 
