@@ -195,6 +195,58 @@ fn softmax_matches_naive() {
     assert_close("softmax", &fast, &slow, 1e-6);
 }
 
+#[test]
+fn vector_exp_is_within_2_ulp_and_every_width_agrees() {
+    use chatstream::backend::cpu::vexp;
+    // a million points over e^x's normal range, and the edges
+    let mut xs: Vec<f32> = (0..1_000_000)
+        .map(|i| -87.3 + 175.3 * i as f32 / 1e6)
+        .collect();
+    xs.extend([0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 88.0, -87.33]);
+    for &x in &xs {
+        let (got, want) = (vexp::exp(x), (x as f64).exp());
+        let ulp = (want as f32).to_bits().abs_diff(got.to_bits());
+        assert!(ulp <= 2, "exp({x}) = {got}, want {want} ({ulp} ulp)");
+    }
+    assert!(vexp::exp(f32::NAN).is_nan());
+    assert!(vexp::exp(-1000.0) < 1.2e-38 && vexp::exp(-1000.0) >= 0.0);
+    assert!(vexp::exp(1000.0).is_finite() && vexp::exp(1000.0) > 1e38);
+    // the vector forms give the same bits as the one-value form, tails included
+    let m = 0.75;
+    let want: Vec<f32> = xs.iter().map(|&x| vexp::exp(x - m)).collect();
+    #[cfg(target_arch = "x86_64")]
+    for simd in ops::attention_simd() {
+        let mut got = xs.clone();
+        // SAFETY: attention_simd lists only what this CPU has.
+        unsafe {
+            match simd {
+                ops::Simd::Avx512 => vexp::exp_minus16(&mut got, m),
+                ops::Simd::Avx2 => vexp::exp_minus8(&mut got, m),
+                ops::Simd::Portable => continue,
+            }
+        }
+        let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+        assert!(same, "{simd:?}: vector exp differs from the one-value form");
+    }
+}
+
+#[test]
+fn silu_mul_matches_naive_with_every_instruction_set() {
+    let n = 1536 * 3 + 5;
+    let gate: Vec<f32> = rand_vec(n, 41).iter().map(|v| v * 12.0).collect();
+    let up = rand_vec(n, 42);
+    let want: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
+        .collect();
+    for simd in ops::attention_simd() {
+        let mut got = gate.clone();
+        ops::silu_mul_using(simd, &mut got, &up);
+        assert_close(&format!("silu_mul {simd:?}"), &got, &want, 1e-5);
+    }
+}
+
 /// GGML blocks of random Q8_0 / Q4_0 / Q4_1 data for a (rows, cols) matrix.
 fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let n = ty.byte_len(rows * cols).unwrap();

@@ -6,6 +6,7 @@ pub mod naive;
 pub mod ops;
 pub mod q8act;
 pub mod quant;
+pub mod vexp;
 
 use rayon::prelude::*;
 

@@ -448,7 +448,8 @@ unsafe fn attend_avx2_any(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: Hea
 /// key). One body for each instruction set: its vector type, lane count and intrinsics.
 macro_rules! attend_in_registers {
     ($name:ident, $features:literal, $vec:ty, $lanes:literal, $load:path, $store:path,
-     $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path, $hsum:path) => {
+     $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path, $hsum:path,
+     $exp_minus:path) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $name<const V: usize>(
@@ -482,14 +483,15 @@ macro_rules! attend_in_registers {
                     }
                     if tile_max > max {
                         // Rescale what was accumulated under the old maximum.
-                        let r = (max - tile_max).exp();
+                        let r = super::vexp::exp(max - tile_max);
                         sum *= r;
                         let rv = $set1(r);
                         acc.iter_mut().for_each(|x| *x = $mul(*x, rv));
                         max = tile_max;
                     }
-                    for (jj, &sc) in tile.iter().enumerate() {
-                        let p = (sc - max).exp();
+                    // the tile's probabilities, all its exps at once
+                    $exp_minus(tile, max);
+                    for (jj, &p) in tile.iter().enumerate() {
                         sum += p;
                         let pv = $set1(p);
                         let vp = v.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
@@ -520,7 +522,8 @@ attend_in_registers!(
     std::arch::x86_64::_mm256_fmadd_ps,
     std::arch::x86_64::_mm256_mul_ps,
     std::arch::x86_64::_mm256_add_ps,
-    super::quant::avx2::hsum
+    super::quant::avx2::hsum,
+    super::vexp::exp_minus8
 );
 
 attend_in_registers!(
@@ -535,7 +538,8 @@ attend_in_registers!(
     std::arch::x86_64::_mm512_fmadd_ps,
     std::arch::x86_64::_mm512_mul_ps,
     std::arch::x86_64::_mm512_add_ps,
-    std::arch::x86_64::_mm512_reduce_add_ps
+    std::arch::x86_64::_mm512_reduce_add_ps,
+    super::vexp::exp_minus16
 );
 
 /// Query heads `q` (heads, d) that share one KV head, over their positions, with the dot
@@ -593,11 +597,63 @@ fn attend(
     }
 }
 
-/// gate = silu(gate) * up, where silu(x) = x / (1 + e^-x).
+/// gate = silu(gate) * up, where silu(x) = x / (1 + e^-x), with the vector exp of the best
+/// instruction set this CPU has.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    silu_mul_using(best_simd(), gate, up);
+}
+
+/// `silu_mul` with the given instruction set (one `attention_simd` gave).
+pub fn silu_mul_using(simd: Simd, gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (gate, up) = (&mut gate[..n], &up[..n]);
+    let done = match simd {
+        // SAFETY: `attention_simd` lists only what the CPU has; the loops stay in bounds.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { silu_mul_avx512(gate, up) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { silu_mul_avx2(gate, up) },
+        _ => 0,
+    };
+    for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
+        *g = *g / (1.0 + super::vexp::exp(-*g)) * u;
     }
+}
+
+/// `silu_mul` on whole 16-value chunks; how many values it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = gate.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        let (g, u) = (
+            _mm512_loadu_ps(gate.as_ptr().add(i)),
+            _mm512_loadu_ps(up.as_ptr().add(i)),
+        );
+        let e = super::vexp::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        let s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+        _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(s, u));
+    }
+    n
+}
+
+/// `silu_mul` on whole 8-value chunks; how many values it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = gate.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        let (g, u) = (
+            _mm256_loadu_ps(gate.as_ptr().add(i)),
+            _mm256_loadu_ps(up.as_ptr().add(i)),
+        );
+        let e = super::vexp::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        let s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+        _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(s, u));
+    }
+    n
 }
 
 /// x += y.

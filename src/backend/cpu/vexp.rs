@@ -1,0 +1,122 @@
+//! e^x for 16 or 8 lanes at once (the Cephes polynomial for single precision: within 2 ulp
+//! of the exact value over the whole f32 range), for the exps of attention's softmax and of
+//! SiLU: a libm call per value cost more than the dot products around it.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Below this e^x is under f32's smallest normal (the result is then 2^-126, not 0).
+const LO: f32 = -87.336_54;
+/// Above this e^x overflows f32 (the result is then e^88.02, not infinity).
+const HI: f32 = 88.02;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in two, so that `x - n ln 2` loses no bits.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// e^r - 1 - r ~ r^2 * P(r) on |r| <= ln2 / 2.
+const P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5.000_000_1e-1,
+];
+
+/// e^x, one value: the same steps as the vector forms (for tails and the portable path).
+pub fn exp(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    let x = x.clamp(LO, HI);
+    let n = (x * LOG2E).round_ties_even();
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let p = P.iter().skip(1).fold(P[0], |p, &c| p.mul_add(r, c));
+    let y = p.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// e^x in each of 16 lanes (NaN stays NaN).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp16(x: __m512) -> __m512 {
+    // max/min return their second operand when one is NaN: x goes second to keep it.
+    let x = _mm512_min_ps(_mm512_set1_ps(HI), _mm512_max_ps(_mm512_set1_ps(LO), x));
+    let n = _mm512_roundscale_ps(
+        _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+        _MM_FROUND_TO_NEAREST_INT,
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(P[0]);
+    for c in &P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+    }
+    let y = _mm512_add_ps(
+        _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+        _mm512_set1_ps(1.0),
+    );
+    let scale = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)),
+        23,
+    );
+    _mm512_mul_ps(y, _mm512_castsi512_ps(scale))
+}
+
+/// e^x in each of 8 lanes (NaN stays NaN).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_set1_ps(HI), _mm256_max_ps(_mm256_set1_ps(LO), x));
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(P[0]);
+    for c in &P[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let scale = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+}
+
+/// `x[i] = e^(x[i] - m)` for every value, 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp_minus16(x: &mut [f32], m: f32) {
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        let v = _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), _mm512_set1_ps(m));
+        _mm512_storeu_ps(c.as_mut_ptr(), exp16(v));
+    }
+    for v in chunks.into_remainder() {
+        *v = exp(*v - m);
+    }
+}
+
+/// `x[i] = e^(x[i] - m)` for every value, 8 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_minus8(x: &mut [f32], m: f32) {
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(m));
+        _mm256_storeu_ps(c.as_mut_ptr(), exp8(v));
+    }
+    for v in chunks.into_remainder() {
+        *v = exp(*v - m);
+    }
+}
