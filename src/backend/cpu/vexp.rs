@@ -20,7 +20,7 @@ const P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5,
 ];
 
 /// e^x, one value: the same steps as the vector forms (for tails and the portable path).
@@ -37,6 +37,9 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// e^x in each of 16 lanes (NaN stays NaN).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -65,6 +68,9 @@ pub unsafe fn exp16(x: __m512) -> __m512 {
 }
 
 /// e^x in each of 8 lanes (NaN stays NaN).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -92,6 +98,9 @@ pub unsafe fn exp8(x: __m256) -> __m256 {
 }
 
 /// `x[i] = e^(x[i] - m)` for every value, 16 lanes at a time.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -107,6 +116,9 @@ pub unsafe fn exp_minus16(x: &mut [f32], m: f32) {
 }
 
 /// `x[i] = e^(x[i] - m)` for every value, 8 lanes at a time.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
