@@ -225,7 +225,10 @@ fn vector_exp_is_within_2_ulp_and_every_width_agrees() {
                 ops::Simd::Portable => continue,
             }
         }
-        let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
         assert!(same, "{simd:?}: vector exp differs from the one-value form");
     }
 }
