@@ -391,7 +391,6 @@ mod avx512 {
         cols: usize,
     ) -> [f32; N] {
         let mut acc = [[_mm512_setzero_ps(); 2]; N];
-        let mask = _mm512_set1_epi32(0x0f);
         let levels = _mm512_setr_ps(
             0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
         );
@@ -403,13 +402,14 @@ mod avx512 {
                 [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
             } else {
                 // The block's 16 values `d * q + min`, looked up by nibble: byte j holds
-                // q[j] (low nibble) and q[j + 16] (high), one byte per 32-bit lane.
+                // q[j] (low nibble) and q[j + 16] (high), one byte per 32-bit lane. vpermps
+                // reads only an index's low 4 bits: the low nibble needs no mask.
                 let table = _mm512_fmadd_ps(levels, d, _mm512_set1_ps(*mins.get_unchecked(b)));
                 let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                     qs.as_ptr().add(b * 16) as *const __m128i
                 ));
                 [
-                    _mm512_permutexvar_ps(_mm512_and_si512(bytes, mask), table),
+                    _mm512_permutexvar_ps(bytes, table),
                     _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),
                 ]
             };
