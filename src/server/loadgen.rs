@@ -228,6 +228,7 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
     // chat was decoding: prefill that runs while nothing decodes is time to first token.
     let decode_tokens: usize = ok.iter().map(|s| s.tokens.saturating_sub(1)).sum();
     let decoding = covered_seconds(ok.iter().map(|s| s.decoding).collect());
+    let rate = |n: f64, s: f64| if s > 0.0 { n / s } else { 0.0 };
     let per_stream: Vec<f64> = ok
         .iter()
         .filter(|s| s.stream_s > 0.0)
@@ -244,8 +245,8 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
         "first_error": errors.first(),
         "tokens": tokens,
         "aggregate_tokens_per_s": tokens as f64 / wall,
-        "aggregate_decode_tokens_per_s": if decoding > 0.0 { decode_tokens as f64 / decoding } else { 0.0 },
-        "per_stream_pieces_per_s": if per_stream.is_empty() { 0.0 } else { per_stream.iter().sum::<f64>() / per_stream.len() as f64 },
+        "aggregate_decode_tokens_per_s": rate(decode_tokens as f64, decoding),
+        "per_stream_pieces_per_s": rate(per_stream.iter().sum(), per_stream.len() as f64),
         "ttft_p50_s": ttft.first().map(|_| percentile(&ttft, 0.5)),
         "ttft_p99_s": ttft.first().map(|_| percentile(&ttft, 0.99)),
         "queue_wait_mean_s": queue_wait,
