@@ -1,6 +1,7 @@
 //! e^x for 16 or 8 lanes at once (the Cephes polynomial for single precision: within 2 ulp
-//! of the exact value over the whole f32 range), for the exps of attention's softmax and of
-//! SiLU: a libm call per value cost more than the dot products around it.
+//! of the exact value wherever e^x is a normal f32; clamped outside), for the exps of
+//! attention's softmax and of SiLU: a libm call per value cost more than the dot products
+//! around it.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
