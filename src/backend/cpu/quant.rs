@@ -114,6 +114,66 @@ pub fn dot_q8_portable(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     total
 }
 
+/// Defines, in an instruction set's module, `rows_entry` (a `RowsFn`) and `rows`, the loop
+/// over weight rows around that module's `row::<N, E>` (N inputs, 8-bit blocks or not),
+/// inside one `target_feature` function so that `row` inlines. Inputs go `$group` at a
+/// time (two accumulators each, in registers); `$n` lists 1..=$group.
+#[cfg(target_arch = "x86_64")]
+macro_rules! rows_loop {
+    ($features:literal, $group:literal, $($n:literal),+) => {
+        #[allow(clippy::too_many_arguments)]
+        pub fn rows_entry(
+            eight_bit: bool,
+            qs: &[u8],
+            scales: &[f32],
+            mins: &[f32],
+            x: &[f32],
+            cols: usize,
+            n: usize,
+            out: &mut [f32],
+        ) {
+            super::check_rows(eight_bit, qs, scales, mins, x, cols, n, out.len());
+            for g in (0..n).step_by($group) {
+                let kernel: super::GroupFn = match (eight_bit, (n - g).min($group)) {
+                    $((true, $n) => rows::<$n, true>, (false, $n) => rows::<$n, false>,)+
+                    _ => unreachable!("a group holds 1..={} inputs", $group),
+                };
+                // SAFETY: selected only when `detected()` found the module's instruction
+                // set; lengths checked above.
+                unsafe { kernel(qs, scales, mins, &x[g * cols..], cols, n, g, out) }
+            }
+        }
+
+        /// Inputs g..g + N against every row (see `RowsFn`).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        unsafe fn rows<const N: usize, const E: bool>(
+            qs: &[u8],
+            scales: &[f32],
+            mins: &[f32],
+            x: &[f32],
+            cols: usize,
+            n: usize,
+            g: usize,
+            out: &mut [f32],
+        ) {
+            let nb = cols / super::QK;
+            let rb = nb * if E { 32 } else { 16 };
+            for r in 0..out.len() / n {
+                let sums = row::<N, E>(
+                    qs.get_unchecked(r * rb..),
+                    scales.get_unchecked(r * nb..(r + 1) * nb),
+                    mins.get_unchecked(r * nb..),
+                    x,
+                    cols,
+                );
+                for (i, v) in sums.into_iter().enumerate() {
+                    *out.get_unchecked_mut(r * n + g + i) = v;
+                }
+            }
+        }
+    };
+}
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
@@ -162,71 +222,7 @@ pub(super) mod avx2 {
         hsum(acc) + macc
     }
 
-    /// Inputs one call of `rows` dots with each block: two accumulators each, in registers.
-    const GROUP: usize = 4;
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn rows_entry(
-        eight_bit: bool,
-        qs: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        cols: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        super::check_rows(eight_bit, qs, scales, mins, x, cols, n, out.len());
-        for g in (0..n).step_by(GROUP) {
-            let x = &x[g * cols..];
-            let kernel = if eight_bit {
-                pick::<true>(n - g)
-            } else {
-                pick::<false>(n - g)
-            };
-            // SAFETY: selected only when AVX2 and FMA were detected; lengths checked above.
-            unsafe { kernel(qs, scales, mins, x, cols, n, g, out) }
-        }
-    }
-
-    /// `rows` for `k` inputs (at most GROUP) of 8-bit (E) or 4-bit blocks.
-    fn pick<const E: bool>(k: usize) -> super::GroupFn {
-        match k {
-            1 => rows::<1, E>,
-            2 => rows::<2, E>,
-            3 => rows::<3, E>,
-            _ => rows::<4, E>,
-        }
-    }
-
-    /// Inputs g..g + N against every row (see `RowsFn`).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const N: usize, const E: bool>(
-        qs: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        cols: usize,
-        n: usize,
-        g: usize,
-        out: &mut [f32],
-    ) {
-        let nb = cols / super::QK;
-        let rb = nb * if E { 32 } else { 16 };
-        for r in 0..out.len() / n {
-            let sums = row::<N, E>(
-                qs.get_unchecked(r * rb..),
-                scales.get_unchecked(r * nb..(r + 1) * nb),
-                mins.get_unchecked(r * nb..),
-                x,
-                cols,
-            );
-            for (i, v) in sums.into_iter().enumerate() {
-                *out.get_unchecked_mut(r * n + g + i) = v;
-            }
-        }
-    }
+    rows_loop!("avx2,fma", 4, 1, 2, 3, 4);
 
     /// One row against N inputs: each block is widened to f32 once, then dotted with every
     /// input.
@@ -306,75 +302,7 @@ mod avx512 {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// Inputs one call of `rows` dots with each block: two accumulators each, in registers.
-    const GROUP: usize = 8;
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn rows_entry(
-        eight_bit: bool,
-        qs: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        cols: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        super::check_rows(eight_bit, qs, scales, mins, x, cols, n, out.len());
-        for g in (0..n).step_by(GROUP) {
-            let x = &x[g * cols..];
-            let kernel = if eight_bit {
-                pick::<true>(n - g)
-            } else {
-                pick::<false>(n - g)
-            };
-            // SAFETY: selected only when AVX-512F was detected; lengths checked above.
-            unsafe { kernel(qs, scales, mins, x, cols, n, g, out) }
-        }
-    }
-
-    /// `rows` for `k` inputs (at most GROUP) of 8-bit (E) or 4-bit blocks.
-    fn pick<const E: bool>(k: usize) -> super::GroupFn {
-        match k {
-            1 => rows::<1, E>,
-            2 => rows::<2, E>,
-            3 => rows::<3, E>,
-            4 => rows::<4, E>,
-            5 => rows::<5, E>,
-            6 => rows::<6, E>,
-            7 => rows::<7, E>,
-            _ => rows::<8, E>,
-        }
-    }
-
-    /// Inputs g..g + N against every row (see `RowsFn`).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn rows<const N: usize, const E: bool>(
-        qs: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        cols: usize,
-        n: usize,
-        g: usize,
-        out: &mut [f32],
-    ) {
-        let nb = cols / super::QK;
-        let rb = nb * if E { 32 } else { 16 };
-        for r in 0..out.len() / n {
-            let sums = row::<N, E>(
-                qs.get_unchecked(r * rb..),
-                scales.get_unchecked(r * nb..(r + 1) * nb),
-                mins.get_unchecked(r * nb..),
-                x,
-                cols,
-            );
-            for (i, v) in sums.into_iter().enumerate() {
-                *out.get_unchecked_mut(r * n + g + i) = v;
-            }
-        }
-    }
+    rows_loop!("avx512f", 8, 1, 2, 3, 4, 5, 6, 7, 8);
 
     /// One row against N inputs: each block is widened to two 16-lane f32 vectors once, then
     /// dotted with every input. A 4-bit block's values come from a 16-entry table of
