@@ -7,6 +7,15 @@ use half::{bf16, f16};
 /// Values per quantization block.
 pub const QK: usize = 32;
 
+/// Packed value bytes of one block: 8-bit values (Q8_0) or 4-bit ones (Q4_0, Q4_1).
+pub const fn block_bytes(eight_bit: bool) -> usize {
+    if eight_bit {
+        32
+    } else {
+        16
+    }
+}
+
 /// A tensor storage type this engine can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
@@ -190,7 +199,7 @@ impl QuantMatrix {
             cols,
             scales: Vec::with_capacity(nb),
             mins: Vec::with_capacity(nb),
-            qs: Vec::with_capacity(nb * if eight_bit { 32 } else { 16 }),
+            qs: Vec::with_capacity(nb * block_bytes(eight_bit)),
         };
         for b in src.chunks_exact(block) {
             let d = f16_at(b, 0);
@@ -208,7 +217,7 @@ impl QuantMatrix {
 
     /// Packed bytes per row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / QK * if self.eight_bit { 32 } else { 16 }
+        self.cols / QK * block_bytes(self.eight_bit)
     }
 
     /// Reorders rows: row `i` of the result is row `from[i]` of `self`.

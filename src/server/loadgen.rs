@@ -31,7 +31,6 @@ struct Sample {
     ttft: f64,
     pieces: usize,
     tokens: usize,
-    stream_s: f64,
     /// When its first and last pieces came, in seconds since the level started.
     decoding: (f64, f64),
 }
@@ -150,7 +149,6 @@ fn one_chat(spec: &LoadSpec, level_start: Instant) -> Result<Sample, String> {
         ttft,
         pieces,
         tokens: tokens.unwrap_or(pieces),
-        stream_s: total - ttft,
         decoding: (since_start + ttft, since_start + total),
     })
 }
@@ -231,8 +229,9 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
     let rate = |n: f64, s: f64| if s > 0.0 { n / s } else { 0.0 };
     let per_stream: Vec<f64> = ok
         .iter()
-        .filter(|s| s.stream_s > 0.0)
-        .map(|s| s.pieces.saturating_sub(1) as f64 / s.stream_s)
+        .map(|s| (s.pieces, s.decoding.1 - s.decoding.0))
+        .filter(|&(_, secs)| secs > 0.0)
+        .map(|(pieces, secs)| pieces.saturating_sub(1) as f64 / secs)
         .collect();
     let queue_wait = match (before, waits()) {
         (Some((s0, n0)), Some((s1, n1))) if n1 > n0 => Some((s1 - s0) / (n1 - n0)),

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::model::dequant::{QuantMatrix, QK};
+use crate::model::dequant::{block_bytes, QuantMatrix, QK};
 
 /// One row of 4-bit blocks against x: `(qs, scales, mins, x, block sums of x)`.
 pub type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
@@ -158,7 +158,7 @@ macro_rules! rows_loop {
             out: &mut [f32],
         ) {
             let nb = cols / super::QK;
-            let rb = nb * if E { 32 } else { 16 };
+            let rb = nb * crate::model::dequant::block_bytes(E);
             for r in 0..out.len() / n {
                 let sums = row::<N, E>(
                     qs.get_unchecked(r * rb..),
@@ -378,7 +378,7 @@ fn check_rows(
         scales.len() >= blocks
             && mins.len() >= blocks
             && x.len() >= n * cols
-            && qs.len() >= blocks * if eight_bit { 32 } else { 16 },
+            && qs.len() >= blocks * block_bytes(eight_bit),
         "rows kernel: lengths"
     );
 }
@@ -448,7 +448,7 @@ pub fn rows_portable(
     out: &mut [f32],
 ) {
     let nb = cols / QK;
-    let rb = nb * if eight_bit { 32 } else { 16 };
+    let rb = nb * block_bytes(eight_bit);
     let mut block = [0f32; QK];
     for (r, acc) in out.chunks_exact_mut(n).enumerate() {
         acc.fill(0.0);
