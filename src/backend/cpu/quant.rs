@@ -17,8 +17,9 @@ pub type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
 pub type Q8Fn = fn(&[u8], &[f32], &[f32]) -> f32;
 /// Consecutive weight rows against n inputs: `(eight_bit, qs, scales, mins, x, cols, n,
 /// out)`. `qs`, `scales` and `mins` start at the first row; input i starts at `x[i * cols]`;
-/// `out[r * n + i]` receives row r dotted with input i, for `out.len() / n` rows. The loop
-/// over rows is inside the kernel (a call per row cost 24% over the bare kernel; now 9-11%).
+/// `out[i * rows + r]` receives row r dotted with input i, for `rows = out.len() / n` (input
+/// after input, as `matmul_q`'s output). The loop over rows is inside the kernel (a call per
+/// row cost 24% over the bare kernel; now 9-11%).
 pub type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, usize, &mut [f32]);
 
 struct Kernels {
@@ -159,7 +160,8 @@ macro_rules! rows_loop {
         ) {
             let nb = cols / super::QK;
             let rb = nb * crate::model::dequant::block_bytes(E);
-            for r in 0..out.len() / n {
+            let rows = out.len() / n;
+            for r in 0..rows {
                 let sums = row::<N, E>(
                     qs.get_unchecked(r * rb..),
                     scales.get_unchecked(r * nb..(r + 1) * nb),
@@ -168,7 +170,7 @@ macro_rules! rows_loop {
                     cols,
                 );
                 for (i, v) in sums.into_iter().enumerate() {
-                    *out.get_unchecked_mut(r * n + g + i) = v;
+                    *out.get_unchecked_mut((g + i) * rows + r) = v;
                 }
             }
         }
@@ -403,7 +405,10 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
     let nb = w.cols / QK;
     let rb = w.row_bytes();
     let outp = SendOut(out.as_mut_ptr());
-    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    // whole cache lines of each output row per task: no line is written from two cores
+    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8))
+        .clamp(16, 256)
+        .next_multiple_of(16);
     (0..w.rows.div_ceil(rows_per_task))
         .into_par_iter()
         .for_each(|c| {
@@ -412,7 +417,8 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
             let end = ((c + 1) * rows_per_task).min(w.rows);
             for r0 in (c * rows_per_task..end).step_by(TILE) {
                 let r1 = (r0 + TILE).min(end);
-                let tile = &mut tile[..(r1 - r0) * n];
+                let len = r1 - r0;
+                let tile = &mut tile[..len * n];
                 (kernels().rows)(
                     w.eight_bit,
                     &w.qs[r0 * rb..r1 * rb],
@@ -423,12 +429,12 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
                     n,
                     tile,
                 );
-                for (j, sums) in tile.chunks_exact(n).enumerate() {
-                    for (i, &v) in sums.iter().enumerate() {
-                        // SAFETY: out holds n * rows floats; (i, r) is written only by the
-                        // task that owns row r.
-                        unsafe { *o.0.add(i * w.rows + r0 + j) = v };
-                    }
+                for (i, sums) in tile.chunks_exact(len).enumerate() {
+                    // SAFETY: out holds n * rows floats; rows r0..r1 of each input are
+                    // written only by the task that owns them.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr(), o.0.add(i * w.rows + r0), len)
+                    };
                 }
             }
         });
@@ -447,11 +453,13 @@ pub fn rows_portable(
     n: usize,
     out: &mut [f32],
 ) {
+    assert!(n <= MAX_ROWS, "rows kernel: shape");
     let nb = cols / QK;
     let rb = nb * block_bytes(eight_bit);
+    let rows = out.len() / n;
     let mut block = [0f32; QK];
-    for (r, acc) in out.chunks_exact_mut(n).enumerate() {
-        acc.fill(0.0);
+    for r in 0..rows {
+        let mut acc = [0f32; MAX_ROWS];
         let (qs, scales, mins) = (
             &qs[r * rb..(r + 1) * rb],
             &scales[r * nb..(r + 1) * nb],
@@ -468,10 +476,13 @@ pub fn rows_portable(
                     block[j + 16] = (q >> 4) as f32 * d + m;
                 }
             }
-            for (i, a) in acc.iter_mut().enumerate() {
+            for (i, a) in acc[..n].iter_mut().enumerate() {
                 let xb = &x[i * cols + b * QK..i * cols + (b + 1) * QK];
                 *a += block.iter().zip(xb).map(|(w, x)| w * x).sum::<f32>();
             }
+        }
+        for (i, &a) in acc[..n].iter().enumerate() {
+            out[i * rows + r] = a;
         }
     }
 }
