@@ -310,7 +310,8 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
     use chatstream::backend::cpu::quant;
     use chatstream::model::dequant::{dequantize, QuantMatrix};
     for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
-        let (rows, cols) = (100, 576);
+        // an odd number of rows: the kernels' last row goes alone
+        let (rows, cols) = (101, 576);
         let bytes = random_blocks(ty, rows, cols, 31);
         let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
         let mut w = vec![0f32; rows * cols];
@@ -339,6 +340,29 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
                     &slow,
                     1e-4,
                 );
+                // each input's sums are the same bits whatever else shares the call
+                for i in 0..n {
+                    let mut alone = vec![0.0; rows];
+                    let xi = &x[i * cols..(i + 1) * cols];
+                    kernel(
+                        q.eight_bit,
+                        &q.qs,
+                        &q.scales,
+                        &q.mins,
+                        xi,
+                        cols,
+                        1,
+                        &mut alone,
+                    );
+                    let batched = &got[i * rows..(i + 1) * rows];
+                    assert!(
+                        batched
+                            .iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{ty:?} rows kernel {name}: input {i} of {n} differs from itself alone"
+                    );
+                }
             }
         }
     }

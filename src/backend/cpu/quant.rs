@@ -116,12 +116,15 @@ pub fn dot_q8_portable(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 }
 
 /// Defines, in an instruction set's module, `rows_entry` (a `RowsFn`) and `rows`, the loop
-/// over weight rows around that module's `row::<N, E>` (N inputs, 8-bit blocks or not),
-/// inside one `target_feature` function so that `row` inlines. Inputs go `$group` at a
-/// time (two accumulators each, in registers); `$n` lists 1..=$group.
+/// over weight rows around that module's `row::<R, N, E>` (R rows against N inputs, 8-bit
+/// blocks or not), inside one `target_feature` function so that `row` inlines. Inputs go
+/// `$group` at a time (two accumulators each, in registers); `$n` lists 1..=$group. Up to
+/// `$pair` inputs, rows go two at a time: each input's values are loaded once for both, and
+/// one input gets four independent FMA chains instead of two. Each row's sums are the same
+/// either way (same operations in the same order).
 #[cfg(target_arch = "x86_64")]
 macro_rules! rows_loop {
-    ($features:literal, $group:literal, $($n:literal),+) => {
+    ($features:literal, $group:literal, $pair:literal, $($n:literal),+) => {
         #[allow(clippy::too_many_arguments)]
         pub fn rows_entry(
             eight_bit: bool,
@@ -161,17 +164,37 @@ macro_rules! rows_loop {
             let nb = cols / super::QK;
             let rb = nb * crate::model::dequant::block_bytes(E);
             let rows = out.len() / n;
-            for r in 0..rows {
-                let sums = row::<N, E>(
+            let mut r = 0;
+            let mut put = |r: usize, sums: &[f32; N]| {
+                for (i, &v) in sums.iter().enumerate() {
+                    *out.get_unchecked_mut((g + i) * rows + r) = v;
+                }
+            };
+            if N <= $pair {
+                while r + 2 <= rows {
+                    let sums = row::<2, N, E>(
+                        qs.get_unchecked(r * rb..),
+                        scales.get_unchecked(r * nb..),
+                        mins.get_unchecked(r * nb..),
+                        nb,
+                        x,
+                        cols,
+                    );
+                    put(r, &sums[0]);
+                    put(r + 1, &sums[1]);
+                    r += 2;
+                }
+            }
+            for r in r..rows {
+                let [sums] = row::<1, N, E>(
                     qs.get_unchecked(r * rb..),
-                    scales.get_unchecked(r * nb..(r + 1) * nb),
+                    scales.get_unchecked(r * nb..),
                     mins.get_unchecked(r * nb..),
+                    nb,
                     x,
                     cols,
                 );
-                for (i, v) in sums.into_iter().enumerate() {
-                    *out.get_unchecked_mut((g + i) * rows + r) = v;
-                }
+                put(r, &sums);
             }
         }
     };
@@ -224,52 +247,77 @@ pub(super) mod avx2 {
         hsum(acc) + macc
     }
 
-    rows_loop!("avx2,fma", 4, 1, 2, 3, 4);
+    rows_loop!("avx2,fma", 4, 0, 1, 2, 3, 4);
 
-    /// One row against N inputs: each block is widened to f32 once, then dotted with every
-    /// input.
+    /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
+    /// widened to f32 once, then dotted with every input.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn row<const N: usize, const E: bool>(
+    unsafe fn row<const R: usize, const N: usize, const E: bool>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
+        nb: usize,
         x: &[f32],
         cols: usize,
-    ) -> [f32; N] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    ) -> [[f32; N]; R] {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; N]; R];
         let mask = _mm_set1_epi8(0x0f);
-        for b in 0..scales.len() {
-            let d = _mm256_set1_ps(*scales.get_unchecked(b));
-            // the block's 32 weights as four f32 vectors
-            let w: [__m256; 4] = if E {
-                let p = qs.as_ptr().add(b * 32) as *const __m128i;
-                let (a, c) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
-                let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
-                [f(a), f(_mm_srli_si128(a, 8)), f(c), f(_mm_srli_si128(c, 8))]
-            } else {
-                let m = _mm256_set1_ps(*mins.get_unchecked(b));
-                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let lo = _mm_and_si128(raw, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                let f =
-                    |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, m);
-                [
-                    f(lo),
-                    f(_mm_srli_si128(lo, 8)),
-                    f(hi),
-                    f(_mm_srli_si128(hi, 8)),
-                ]
-            };
-            for (i, a) in acc.iter_mut().enumerate() {
+        let rb = nb * crate::model::dequant::block_bytes(E);
+        for b in 0..nb {
+            let w: [[__m256; 4]; R] = std::array::from_fn(|k| {
+                widen::<E>(
+                    qs.as_ptr().add(k * rb),
+                    *scales.get_unchecked(k * nb + b),
+                    *mins.get_unchecked(k * nb + b),
+                    b,
+                    mask,
+                )
+            });
+            for i in 0..N {
                 let xp = x.as_ptr().add(i * cols + b * 32);
-                a[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), a[0]);
-                a[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), a[1]);
-                a[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), a[0]);
-                a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a[1]);
+                let xv = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(xp.add(o)));
+                for (a, w) in acc.iter_mut().zip(&w) {
+                    let a = &mut a[i];
+                    a[0] = _mm256_fmadd_ps(w[0], xv[0], a[0]);
+                    a[1] = _mm256_fmadd_ps(w[1], xv[1], a[1]);
+                    a[0] = _mm256_fmadd_ps(w[2], xv[2], a[0]);
+                    a[1] = _mm256_fmadd_ps(w[3], xv[3], a[1]);
+                }
             }
         }
-        acc.map(|a| hsum(_mm256_add_ps(a[0], a[1])))
+        acc.map(|a| a.map(|a| hsum(_mm256_add_ps(a[0], a[1]))))
+    }
+
+    /// Block b of a row as four f32 vectors of its 32 weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widen<const E: bool>(
+        qs: *const u8,
+        d: f32,
+        m: f32,
+        b: usize,
+        mask: __m128i,
+    ) -> [__m256; 4] {
+        let d = _mm256_set1_ps(d);
+        if E {
+            let p = qs.add(b * 32) as *const __m128i;
+            let (a, c) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
+            let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
+            [f(a), f(_mm_srli_si128(a, 8)), f(c), f(_mm_srli_si128(c, 8))]
+        } else {
+            let m = _mm256_set1_ps(m);
+            let raw = _mm_loadu_si128(qs.add(b * 16) as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let f = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, m);
+            [
+                f(lo),
+                f(_mm_srli_si128(lo, 8)),
+                f(hi),
+                f(_mm_srli_si128(hi, 8)),
+            ]
+        }
     }
 
     pub fn q8_entry(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
@@ -304,52 +352,71 @@ mod avx512 {
         is_x86_feature_detected!("avx512f")
     }
 
-    rows_loop!("avx512f", 8, 1, 2, 3, 4, 5, 6, 7, 8);
+    rows_loop!("avx512f", 8, 4, 1, 2, 3, 4, 5, 6, 7, 8);
 
-    /// One row against N inputs: each block is widened to two 16-lane f32 vectors once, then
-    /// dotted with every input. A 4-bit block's values come from a 16-entry table of
+    /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
+    /// widened to two 16-lane f32 vectors once, then dotted with every input. A 4-bit block's
+    /// values come from a 16-entry table of
     /// `d * q + min` (`vpermps` by nibble): the same floats as converting each nibble, in
     /// fewer instructions (one core, measured side by side: 1.83 against 2.24 ns per block
     /// with one input, 3.46 against 3.87 with four).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn row<const N: usize, const E: bool>(
+    unsafe fn row<const R: usize, const N: usize, const E: bool>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
+        nb: usize,
         x: &[f32],
         cols: usize,
-    ) -> [f32; N] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; N];
-        let levels = _mm512_setr_ps(
-            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-        );
-        for b in 0..scales.len() {
-            let d = _mm512_set1_ps(*scales.get_unchecked(b));
-            let w: [__m512; 2] = if E {
-                let p = qs.as_ptr().add(b * 32) as *const __m128i;
-                let f = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
-                [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
-            } else {
-                // The block's 16 values `d * q + min`, looked up by nibble: byte j holds
-                // q[j] (low nibble) and q[j + 16] (high), one byte per 32-bit lane. vpermps
-                // reads only an index's low 4 bits: the low nibble needs no mask.
-                let table = _mm512_fmadd_ps(levels, d, _mm512_set1_ps(*mins.get_unchecked(b)));
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                    qs.as_ptr().add(b * 16) as *const __m128i
-                ));
-                [
-                    _mm512_permutexvar_ps(bytes, table),
-                    _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),
-                ]
-            };
-            for (i, a) in acc.iter_mut().enumerate() {
+    ) -> [[f32; N]; R] {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; N]; R];
+        let rb = nb * crate::model::dequant::block_bytes(E);
+        for b in 0..nb {
+            let w: [[__m512; 2]; R] = std::array::from_fn(|k| {
+                widen::<E>(
+                    qs.as_ptr().add(k * rb),
+                    *scales.get_unchecked(k * nb + b),
+                    *mins.get_unchecked(k * nb + b),
+                    b,
+                )
+            });
+            for i in 0..N {
                 let xp = x.as_ptr().add(i * cols + b * 32);
-                a[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp), a[0]);
-                a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp.add(16)), a[1]);
+                let xv = [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))];
+                for (a, w) in acc.iter_mut().zip(&w) {
+                    let a = &mut a[i];
+                    a[0] = _mm512_fmadd_ps(w[0], xv[0], a[0]);
+                    a[1] = _mm512_fmadd_ps(w[1], xv[1], a[1]);
+                }
             }
         }
-        acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
+        acc.map(|a| a.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]))))
+    }
+
+    /// Block b of a row as two f32 vectors of its 32 weights.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen<const E: bool>(qs: *const u8, d: f32, m: f32, b: usize) -> [__m512; 2] {
+        let d = _mm512_set1_ps(d);
+        if E {
+            let p = qs.add(b * 32) as *const __m128i;
+            let f = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
+            [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
+        } else {
+            // The block's 16 values `d * q + min`, looked up by nibble: byte j holds
+            // q[j] (low nibble) and q[j + 16] (high), one byte per 32-bit lane. vpermps
+            // reads only an index's low 4 bits: the low nibble needs no mask.
+            let levels = _mm512_setr_ps(
+                0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+            );
+            let table = _mm512_fmadd_ps(levels, d, _mm512_set1_ps(m));
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.add(b * 16) as *const __m128i));
+            [
+                _mm512_permutexvar_ps(bytes, table),
+                _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),
+            ]
+        }
     }
 }
 
