@@ -443,11 +443,41 @@ unsafe fn attend_avx2_any(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: Hea
     )
 }
 
-/// `attend` for heads of `V` SIMD vectors, with the query and the output accumulator of a
-/// head held in registers across all its keys (no load and store of the accumulator per
-/// key). One body for each instruction set: its vector type, lane count and intrinsics.
+/// The largest of `x` (NaNs ignored), in 8 independent lanes.
+fn max_of(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&m)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+}
+
+/// The sum of `x`, in 8 independent lanes.
+fn sum_of(x: &[f32]) -> f32 {
+    let mut s = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (s, &v) in s.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    chunks.remainder().iter().chain(&s).sum()
+}
+
+/// `attend` for heads of `V` SIMD vectors, the query heads of a KV head taken together (as
+/// many as half the `$regs` vector registers hold, at least one): each key and value row is
+/// loaded once for all of them, and the heads' output accumulators stay in registers across
+/// all the keys. One body for each instruction set: its vector type, lane count and
+/// intrinsics.
 macro_rules! attend_in_registers {
-    ($name:ident, $features:literal, $vec:ty, $lanes:literal, $load:path, $store:path,
+    ($name:ident, $features:literal, $regs:literal, $vec:ty, $lanes:literal, $load:path, $store:path,
      $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path, $hsum:path,
      $exp_minus:path) => {
         #[cfg(target_arch = "x86_64")]
@@ -459,52 +489,103 @@ macro_rules! attend_in_registers {
             v: &[f32],
             a: HeadAttn,
         ) {
-            let d = V * $lanes;
-            let mut scores = [0f32; KEY_TILE];
-            for h in 0..q.len() / d {
-                let qp = q.as_ptr().add(h * d);
-                let qv: [$vec; V] = std::array::from_fn(|i| $load(qp.add($lanes * i)));
-                let mut acc: [$vec; V] = [$zero(); V];
-                let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            /// Query heads `G` of V vectors each (`q` and `o` start at the first).
+            #[target_feature(enable = $features)]
+            unsafe fn heads<const V: usize, const G: usize>(
+                o: *mut f32,
+                q: *const f32,
+                k: &[f32],
+                v: &[f32],
+                a: &HeadAttn,
+            ) {
+                let d = V * $lanes;
+                let mut scores = [[0f32; KEY_TILE]; G];
+                let mut acc: [[$vec; V]; G] = [[$zero(); V]; G];
+                let (mut max, mut sum) = ([f32::NEG_INFINITY; G], [0f32; G]);
+                // the queries stay in registers when they fit beside the accumulators
+                let q_in_regs = 2 * G * V <= $regs;
+                let qv: [[$vec; V]; G] = std::array::from_fn(|g| {
+                    std::array::from_fn(|i| {
+                        if q_in_regs {
+                            $load(q.add(g * d + $lanes * i))
+                        } else {
+                            $zero()
+                        }
+                    })
+                });
                 for j0 in (0..a.positions).step_by(KEY_TILE) {
-                    let tile = &mut scores[..KEY_TILE.min(a.positions - j0)];
-                    let mut tile_max = f32::NEG_INFINITY;
-                    for (jj, sc) in tile.iter_mut().enumerate() {
+                    let len = KEY_TILE.min(a.positions - j0);
+                    // the tile's scores, each key row loaded once for the G heads
+                    for jj in 0..len {
                         let kp = k.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                        let (mut s0, mut s1) = ($zero(), $zero());
-                        for i in (0..V).step_by(2) {
-                            s0 = $fmadd(qv[i], $load(kp.add($lanes * i)), s0);
-                            if i + 1 < V {
-                                s1 = $fmadd(qv[i + 1], $load(kp.add($lanes * (i + 1))), s1);
+                        let kv: [$vec; V] = std::array::from_fn(|i| $load(kp.add($lanes * i)));
+                        for (g, sc) in scores.iter_mut().enumerate() {
+                            let qi = |i: usize| {
+                                if q_in_regs {
+                                    qv[g][i]
+                                } else {
+                                    $load(q.add(g * d + $lanes * i))
+                                }
+                            };
+                            let (mut s0, mut s1) = ($zero(), $zero());
+                            for i in (0..V).step_by(2) {
+                                s0 = $fmadd(qi(i), kv[i], s0);
+                                if i + 1 < V {
+                                    s1 = $fmadd(qi(i + 1), kv[i + 1], s1);
+                                }
+                            }
+                            sc[jj] = $hsum($add(s0, s1)) * a.scale;
+                        }
+                    }
+                    for g in 0..G {
+                        let tile = &mut scores[g][..len];
+                        let tile_max = max_of(tile);
+                        if tile_max > max[g] {
+                            // Rescale what was accumulated under the old maximum.
+                            let r = super::vexp::exp(max[g] - tile_max);
+                            sum[g] *= r;
+                            let rv = $set1(r);
+                            acc[g].iter_mut().for_each(|x| *x = $mul(*x, rv));
+                            max[g] = tile_max;
+                        }
+                        // the tile's probabilities, all its exps at once
+                        $exp_minus(tile, max[g]);
+                        sum[g] += sum_of(tile);
+                    }
+                    // each value row loaded once for the G heads
+                    for jj in 0..len {
+                        let vp = v.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
+                        let vv: [$vec; V] = std::array::from_fn(|i| $load(vp.add($lanes * i)));
+                        for (acc, sc) in acc.iter_mut().zip(&scores) {
+                            let p = $set1(sc[jj]);
+                            for (x, &vv) in acc.iter_mut().zip(&vv) {
+                                *x = $fmadd(p, vv, *x);
                             }
                         }
-                        *sc = $hsum($add(s0, s1)) * a.scale;
-                        tile_max = tile_max.max(*sc);
-                    }
-                    if tile_max > max {
-                        // Rescale what was accumulated under the old maximum.
-                        let r = super::vexp::exp(max - tile_max);
-                        sum *= r;
-                        let rv = $set1(r);
-                        acc.iter_mut().for_each(|x| *x = $mul(*x, rv));
-                        max = tile_max;
-                    }
-                    // the tile's probabilities, all its exps at once
-                    $exp_minus(tile, max);
-                    for (jj, &p) in tile.iter().enumerate() {
-                        sum += p;
-                        let pv = $set1(p);
-                        let vp = v.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                        for (i, x) in acc.iter_mut().enumerate() {
-                            *x = $fmadd(pv, $load(vp.add($lanes * i)), *x);
-                        }
                     }
                 }
-                let inv = $set1(1.0 / sum);
-                let op = o.as_mut_ptr().add(h * d);
-                for (i, x) in acc.iter().enumerate() {
-                    $store(op.add($lanes * i), $mul(*x, inv));
+                for (g, acc) in acc.iter().enumerate() {
+                    let inv = $set1(1.0 / sum[g]);
+                    for (i, x) in acc.iter().enumerate() {
+                        $store(o.add(g * d + $lanes * i), $mul(*x, inv));
+                    }
                 }
+            }
+
+            let d = V * $lanes;
+            let n = q.len() / d;
+            let most = ($regs / 2 / V.max(1)).clamp(1, 4);
+            let mut h = 0;
+            while h < n {
+                let g = (n - h).min(most);
+                let (op, qp) = (o.as_mut_ptr().add(h * d), q.as_ptr().add(h * d));
+                match g {
+                    1 => heads::<V, 1>(op, qp, k, v, &a),
+                    2 => heads::<V, 2>(op, qp, k, v, &a),
+                    3 => heads::<V, 3>(op, qp, k, v, &a),
+                    _ => heads::<V, 4>(op, qp, k, v, &a),
+                }
+                h += g;
             }
         }
     };
@@ -513,6 +594,7 @@ macro_rules! attend_in_registers {
 attend_in_registers!(
     attend_avx2,
     "avx2,fma",
+    16,
     std::arch::x86_64::__m256,
     8,
     std::arch::x86_64::_mm256_loadu_ps,
@@ -529,6 +611,7 @@ attend_in_registers!(
 attend_in_registers!(
     attend_avx512,
     "avx512f",
+    32,
     std::arch::x86_64::__m512,
     16,
     std::arch::x86_64::_mm512_loadu_ps,
