@@ -247,6 +247,8 @@ pub(super) mod avx2 {
         hsum(acc) + macc
     }
 
+    // Never two rows at a time: the 16 registers cannot hold two rows' widened blocks (8
+    // vectors) beside the accumulators.
     rows_loop!("avx2,fma", 4, 0, 1, 2, 3, 4);
 
     /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
@@ -355,11 +357,7 @@ mod avx512 {
     rows_loop!("avx512f", 8, 4, 1, 2, 3, 4, 5, 6, 7, 8);
 
     /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
-    /// widened to two 16-lane f32 vectors once, then dotted with every input. A 4-bit block's
-    /// values come from a 16-entry table of
-    /// `d * q + min` (`vpermps` by nibble): the same floats as converting each nibble, in
-    /// fewer instructions (one core, measured side by side: 1.83 against 2.24 ns per block
-    /// with one input, 3.46 against 3.87 with four).
+    /// widened to two 16-lane f32 vectors once, then dotted with every input.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn row<const R: usize, const N: usize, const E: bool>(
@@ -394,7 +392,10 @@ mod avx512 {
         acc.map(|a| a.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]))))
     }
 
-    /// Block b of a row as two f32 vectors of its 32 weights.
+    /// Block b of a row as two f32 vectors of its 32 weights. A 4-bit block's values come
+    /// from a 16-entry table of `d * q + min` (`vpermps` by nibble): the same floats as
+    /// converting each nibble, in fewer instructions (one core, measured side by side: 1.83
+    /// against 2.24 ns per block with one input, 3.46 against 3.87 with four).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn widen<const E: bool>(qs: *const u8, d: f32, m: f32, b: usize) -> [__m512; 2] {
