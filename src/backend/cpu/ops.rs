@@ -330,9 +330,6 @@ const MAX_GROUP: usize = 8;
 /// head) up to `MAX_GROUP`, so that a task's heads share one KV head and read it once.
 fn heads_per_task(s: &AttnShape) -> usize {
     let group = s.n_heads / s.n_kv_heads;
-    if std::env::var_os("XG").is_some() {
-        return 1;
-    }
     (1..=MAX_GROUP.min(group))
         .rev()
         .find(|&c| group.is_multiple_of(c))
