@@ -98,7 +98,8 @@ const ATTN_SHAPES: [(usize, usize, usize); 6] = [
 #[test]
 fn attention_matches_naive_for_prefill_and_decode() {
     for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
-        for (n_tokens, pos0) in [(1, 0), (1, 300), (12, 0), (7, 40)] {
+        // 1,301 positions: ten key tiles and a part
+        for (n_tokens, pos0) in [(1, 0), (1, 300), (1, 1300), (12, 0), (7, 40)] {
             let s = AttnShape {
                 n_tokens,
                 pos0,
@@ -134,8 +135,9 @@ fn batched_decode_attention_matches_naive_row_by_row() {
     for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
         let kv_dim = n_kv_heads * head_dim;
         let q_dim = n_heads * head_dim;
-        // three sequences at different positions, each with its own cache (longer than used)
-        let pos = [0usize, 130, 37];
+        // sequences at different positions, each with its own cache (longer than used); one
+        // long enough to be split into spans
+        let pos = [0usize, 130, 1100, 37];
         let caches: Vec<(Vec<f32>, Vec<f32>)> = pos
             .iter()
             .enumerate()
@@ -176,11 +178,23 @@ fn batched_decode_attention_matches_naive_row_by_row() {
                 kv[i].1,
                 one,
             );
+            let got = &fast[i * q_dim..(i + 1) * q_dim];
             assert_close(
                 &format!("attention_rows {n_heads}/{n_kv_heads}x{head_dim} row {i}"),
-                &fast[i * q_dim..(i + 1) * q_dim],
+                got,
                 &slow,
                 1e-5,
+            );
+            // the same bits when the row is alone in the step
+            let mut alone = vec![0.0; q_dim];
+            let qi = &q[i * q_dim..(i + 1) * q_dim];
+            ops::attention_rows(&mut alone, qi, &kv[i..i + 1], &pos[i..i + 1], s);
+            assert!(
+                alone
+                    .iter()
+                    .zip(got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "attention_rows {n_heads}/{n_kv_heads}x{head_dim}: row {i} differs alone"
             );
         }
     }

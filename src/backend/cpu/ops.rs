@@ -274,7 +274,9 @@ fn best_simd() -> Simd {
 /// `attention` with the given instruction set (one `attention_simd` gave).
 pub fn attention_using(simd: Simd, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let attend = attend_kernel(simd, s.head_dim);
-    attention_tasks(out, q, s, attend, s.n_tokens, |t| (k, v, s.pos0 + t + 1));
+    attention_tasks(out, q, s, attend, (s.n_tokens, false), |t| {
+        (k, v, s.pos0 + t + 1)
+    });
 }
 
 /// Most rows `attention_rows` takes (one per sequence of a batched decode step).
@@ -297,30 +299,109 @@ pub fn attention_rows(
         "attention_rows: rows"
     );
     let attend = attend_kernel(best_simd(), s.head_dim);
-    attention_tasks(out, q, s, attend, rows, |r| (kv[r].0, kv[r].1, pos[r] + 1));
+    attention_tasks(out, q, s, attend, (rows, true), |r| {
+        (kv[r].0, kv[r].1, pos[r] + 1)
+    });
+}
+
+/// Positions one decode attention task covers at most: a longer row is split into spans of
+/// this many positions, run as separate tasks and merged by their log-sum-exp, so that one
+/// sequence's decode step (a task per KV head) keeps every thread busy. The spans depend
+/// only on the row's own length, so a row's result is the same alone or in a batch.
+/// (Prefill has a task per token already, and is not split.)
+const SPAN: usize = 4 * KEY_TILE;
+
+thread_local! {
+    /// Each split task's output and log-sum-exps (reused: no allocation per step).
+    static SPLIT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `rows` rows of query heads split into tasks of heads that share a KV head, each run by
-/// `attend`; `row(r)` gives row r's keys, values and number of positions.
+/// `attend`; `row(r)` gives row r's keys, values and number of positions. With `split`, rows
+/// longer than `SPAN` positions are split too.
 fn attention_tasks<'a>(
     out: &mut [f32],
     q: &[f32],
     s: AttnShape,
     attend: AttendFn,
-    rows: usize,
+    (rows, split): (usize, bool),
     row: impl Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync,
 ) {
-    let width = heads_per_task(&s) * s.head_dim;
-    out[..rows * s.n_heads * s.head_dim]
-        .par_chunks_mut(width)
-        .zip(q.par_chunks(width))
+    let heads = heads_per_task(&s);
+    let width = heads * s.head_dim;
+    let tasks = rows * s.n_heads / heads;
+    let task = |i: usize| {
+        let first = i * heads;
+        let (r, h) = (first / s.n_heads, first % s.n_heads);
+        let (k, v, positions) = row(r);
+        (k, v, positions, h)
+    };
+    let parts = match split {
+        true => (0..rows)
+            .map(|r| row(r).2.div_ceil(SPAN))
+            .max()
+            .unwrap_or(1),
+        false => 1,
+    };
+    if parts <= 1 {
+        out[..tasks * width]
+            .par_chunks_mut(width)
+            .zip(q.par_chunks(width))
+            .enumerate()
+            .for_each(|(i, (o, qg))| {
+                let (k, v, positions, h) = task(i);
+                let mut lse = [0f32; MAX_GROUP];
+                attend(o, &mut lse, qg, k, v, HeadAttn::of(&s, h, positions));
+            });
+        return;
+    }
+    // Taken out, not borrowed: while this thread waits, rayon may run another call on it.
+    let mut spans = SPLIT.take();
+    let stride = width + heads;
+    spans.clear();
+    spans.resize(tasks * parts * stride, 0.0);
+    let kv_dim = s.n_kv_heads * s.head_dim;
+    spans
+        .par_chunks_mut(stride)
         .enumerate()
-        .for_each(|(i, (o, qg))| {
-            let first = i * width / s.head_dim;
-            let (r, h) = (first / s.n_heads, first % s.n_heads);
-            let (k, v, positions) = row(r);
-            attend(o, qg, k, v, HeadAttn::of(&s, h, positions));
+        .for_each(|(i, buf)| {
+            let (t, part) = (i / parts, i % parts);
+            let (k, v, positions, h) = task(t);
+            let (p0, p1) = (part * SPAN, ((part + 1) * SPAN).min(positions));
+            let (o, lse) = buf.split_at_mut(width);
+            if p0 >= p1 {
+                lse.fill(f32::NEG_INFINITY); // an empty span weighs nothing
+                return;
+            }
+            let qg = &q[t * width..(t + 1) * width];
+            let (k, v) = (&k[p0 * kv_dim..], &v[p0 * kv_dim..]);
+            attend(o, lse, qg, k, v, HeadAttn::of(&s, h, p1 - p0));
         });
+    let d = s.head_dim;
+    out[..tasks * width]
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let spans = &spans[t * parts * stride..(t + 1) * parts * stride];
+            for (hh, o) in o.chunks_exact_mut(d).enumerate() {
+                let top = spans
+                    .chunks_exact(stride)
+                    .map(|b| b[width + hh])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                o.fill(0.0);
+                let mut total = 0f32;
+                for b in spans.chunks_exact(stride) {
+                    let w = (b[width + hh] - top).exp();
+                    if w > 0.0 {
+                        total += w;
+                        axpy_portable(o, w, &b[hh * d..(hh + 1) * d]);
+                    }
+                }
+                let inv = 1.0 / total;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        });
+    SPLIT.set(spans);
 }
 
 /// Query heads one attention task takes at most.
@@ -361,7 +442,11 @@ impl HeadAttn {
     }
 }
 
-type AttendFn = fn(&mut [f32], &[f32], &[f32], &[f32], HeadAttn);
+/// `(out, lse, q, k, v, a)`: the heads of `q` over positions `0..a.positions` of `k` and
+/// `v`; each head's output goes to `out` and the log of its softmax denominator (with the
+/// maximum score added back) to `lse`, which is what `attention_tasks` needs to merge the
+/// parts of a split row.
+type AttendFn = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32], HeadAttn);
 
 /// The attention routine for an instruction set and head size, chosen once per call (not
 /// per key).
@@ -378,16 +463,25 @@ fn attend_kernel(simd: Simd, head_dim: usize) -> AttendFn {
         }
     }
     let _ = (simd, head_dim);
-    |o, qh, k, v, a| attend(o, qh, k, v, a, dot_portable, axpy_portable)
+    |o, lse, qh, k, v, a| attend(o, lse, qh, k, v, a, dot_portable, axpy_portable)
 }
 
 /// The bounds the SIMD attention routines rely on: every key and value row read lies inside
 /// k and v, and a head of `lanes * vectors` values when `vectors` is not 0.
 #[cfg(target_arch = "x86_64")]
-fn check_attend(o: &[f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn, width: usize) {
+fn check_attend(
+    o: &[f32],
+    lse: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: HeadAttn,
+    width: usize,
+) {
     assert!(
         (width == 0 || a.head_dim == width)
             && o.len() >= q.len()
+            && lse.len() >= q.len() / a.head_dim
             && q.len().is_multiple_of(a.head_dim)
             && a.off + a.head_dim <= a.kv_dim
             && k.len() >= a.positions * a.kv_dim
@@ -398,14 +492,21 @@ fn check_attend(o: &[f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn, width: 
 
 /// `V` is the head size in 8-lane vectors (0: any size).
 #[cfg(target_arch = "x86_64")]
-fn attend_avx2_entry<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
-    check_attend(o, q, k, v, a, 8 * V);
+fn attend_avx2_entry<const V: usize>(
+    o: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: HeadAttn,
+) {
+    check_attend(o, lse, q, k, v, a, 8 * V);
     // SAFETY: selected only when AVX2 and FMA were detected at run time; shapes checked.
     unsafe {
         if V == 0 {
-            attend_avx2_any(o, q, k, v, a)
+            attend_avx2_any(o, lse, q, k, v, a)
         } else {
-            attend_avx2::<V>(o, q, k, v, a)
+            attend_avx2::<V>(o, lse, q, k, v, a)
         }
     }
 }
@@ -414,23 +515,32 @@ fn attend_avx2_entry<const V: usize>(o: &mut [f32], q: &[f32], k: &[f32], v: &[f
 #[cfg(target_arch = "x86_64")]
 fn attend_avx512_entry<const V: usize>(
     o: &mut [f32],
+    lse: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
     a: HeadAttn,
 ) {
-    check_attend(o, q, k, v, a, 16 * V);
+    check_attend(o, lse, q, k, v, a, 16 * V);
     // SAFETY: selected only when AVX-512F was detected at run time; shapes checked.
-    unsafe { attend_avx512::<V>(o, q, k, v, a) }
+    unsafe { attend_avx512::<V>(o, lse, q, k, v, a) }
 }
 
 /// `attend` with AVX2 dot products and axpys, for any head size.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2_any(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], a: HeadAttn) {
+unsafe fn attend_avx2_any(
+    o: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: HeadAttn,
+) {
     // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
     attend(
         o,
+        lse,
         q,
         k,
         v,
@@ -481,6 +591,7 @@ macro_rules! attend_in_registers {
         #[target_feature(enable = $features)]
         unsafe fn $name<const V: usize>(
             o: &mut [f32],
+            lse: &mut [f32],
             q: &[f32],
             k: &[f32],
             v: &[f32],
@@ -490,6 +601,7 @@ macro_rules! attend_in_registers {
             #[target_feature(enable = $features)]
             unsafe fn heads<const V: usize, const G: usize>(
                 o: *mut f32,
+                lse: *mut f32,
                 q: *const f32,
                 k: &[f32],
                 v: &[f32],
@@ -562,6 +674,7 @@ macro_rules! attend_in_registers {
                     }
                 }
                 for (g, acc) in acc.iter().enumerate() {
+                    *lse.add(g) = max[g] + sum[g].ln();
                     let inv = $set1(1.0 / sum[g]);
                     for (i, x) in acc.iter().enumerate() {
                         $store(o.add(g * d + $lanes * i), $mul(*x, inv));
@@ -576,11 +689,12 @@ macro_rules! attend_in_registers {
             while h < n {
                 let g = (n - h).min(most);
                 let (op, qp) = (o.as_mut_ptr().add(h * d), q.as_ptr().add(h * d));
+                let lp = lse.as_mut_ptr().add(h);
                 match g {
-                    1 => heads::<V, 1>(op, qp, k, v, &a),
-                    2 => heads::<V, 2>(op, qp, k, v, &a),
-                    3 => heads::<V, 3>(op, qp, k, v, &a),
-                    _ => heads::<V, 4>(op, qp, k, v, &a),
+                    1 => heads::<V, 1>(op, lp, qp, k, v, &a),
+                    2 => heads::<V, 2>(op, lp, qp, k, v, &a),
+                    3 => heads::<V, 3>(op, lp, qp, k, v, &a),
+                    _ => heads::<V, 4>(op, lp, qp, k, v, &a),
                 }
                 h += g;
             }
@@ -629,8 +743,10 @@ attend_in_registers!(
 /// allocated. A tile of keys and values is read from memory by the first head and from
 /// cache by the others.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn attend(
     o: &mut [f32],
+    lse: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -670,6 +786,7 @@ fn attend(
         }
     }
     for (h, o) in o.chunks_exact_mut(d).enumerate() {
+        lse[h] = max[h] + sum[h].ln();
         let inv = 1.0 / sum[h];
         for (o, a) in o.iter_mut().zip(&acc[h * d..(h + 1) * d]) {
             *o = a * inv;
