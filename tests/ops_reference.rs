@@ -98,7 +98,7 @@ const ATTN_SHAPES: [(usize, usize, usize); 6] = [
 #[test]
 fn attention_matches_naive_for_prefill_and_decode() {
     for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
-        // 1,301 positions: ten key tiles and a part
+        // 1,301 positions: one token is a decode step, split into spans of 512
         for (n_tokens, pos0) in [(1, 0), (1, 300), (1, 1300), (12, 0), (7, 40)] {
             let s = AttnShape {
                 n_tokens,

@@ -233,7 +233,8 @@ pub fn rope_half(x: &mut [f32], cos: &[f32], sin: &[f32], s: RopeShape) {
 const KEY_TILE: usize = 128;
 
 /// Causal attention: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos, one task per
-/// token and group of query heads that share a KV head (see `attend`).
+/// token and group of query heads that share a KV head (see `attend`); one token (a decode
+/// step) over more than `SPAN` positions is split as in `attention_rows`.
 pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     attention_using(best_simd(), out, q, k, v, s);
 }
@@ -274,7 +275,7 @@ fn best_simd() -> Simd {
 /// `attention` with the given instruction set (one `attention_simd` gave).
 pub fn attention_using(simd: Simd, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let attend = attend_kernel(simd, s.head_dim);
-    attention_tasks(out, q, s, attend, (s.n_tokens, false), |t| {
+    attention_tasks(out, q, s, attend, (s.n_tokens, s.n_tokens == 1), |t| {
         (k, v, s.pos0 + t + 1)
     });
 }
@@ -308,7 +309,7 @@ pub fn attention_rows(
 /// this many positions, run as separate tasks and merged by their log-sum-exp, so that one
 /// sequence's decode step (a task per KV head) keeps every thread busy. The spans depend
 /// only on the row's own length, so a row's result is the same alone or in a batch.
-/// (Prefill has a task per token already, and is not split.)
+/// (Prefill of several tokens has a task per token already, and is not split.)
 const SPAN: usize = 4 * KEY_TILE;
 
 thread_local! {
