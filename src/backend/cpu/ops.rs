@@ -275,7 +275,7 @@ fn best_simd() -> Simd {
 /// `attention` with the given instruction set (one `attention_simd` gave).
 pub fn attention_using(simd: Simd, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let attend = attend_kernel(simd, s.head_dim);
-    attention_tasks(out, q, s, attend, (s.n_tokens, s.n_tokens == 1), |t| {
+    attention_tasks(out, q, s, attend, s.n_tokens, s.n_tokens == 1, |t| {
         (k, v, s.pos0 + t + 1)
     });
 }
@@ -300,7 +300,7 @@ pub fn attention_rows(
         "attention_rows: rows"
     );
     let attend = attend_kernel(best_simd(), s.head_dim);
-    attention_tasks(out, q, s, attend, (rows, true), |r| {
+    attention_tasks(out, q, s, attend, rows, true, |r| {
         (kv[r].0, kv[r].1, pos[r] + 1)
     });
 }
@@ -325,7 +325,8 @@ fn attention_tasks<'a>(
     q: &[f32],
     s: AttnShape,
     attend: AttendFn,
-    (rows, split): (usize, bool),
+    rows: usize,
+    split: bool,
     row: impl Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync,
 ) {
     let heads = heads_per_task(&s);
@@ -337,12 +338,13 @@ fn attention_tasks<'a>(
         let (k, v, positions) = row(r);
         (k, v, positions, h)
     };
-    let parts = match split {
-        true => (0..rows)
+    let parts = if split {
+        (0..rows)
             .map(|r| row(r).2.div_ceil(SPAN))
             .max()
-            .unwrap_or(1),
-        false => 1,
+            .unwrap_or(1)
+    } else {
+        1
     };
     if parts <= 1 {
         out[..tasks * width]
