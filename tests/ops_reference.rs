@@ -228,15 +228,18 @@ fn vector_exp_is_within_2_ulp_and_every_width_agrees() {
     // the vector forms give the same bits as the one-value form, tails included
     let m = 0.75;
     let want: Vec<f32> = xs.iter().map(|&x| vexp::exp(x - m)).collect();
-    #[cfg(target_arch = "x86_64")]
     for simd in ops::attention_simd() {
         let mut got = xs.clone();
         // SAFETY: attention_simd lists only what this CPU has.
         unsafe {
             match simd {
+                #[cfg(target_arch = "x86_64")]
                 ops::Simd::Avx512 => vexp::exp_minus16(&mut got, m),
+                #[cfg(target_arch = "x86_64")]
                 ops::Simd::Avx2 => vexp::exp_minus8(&mut got, m),
-                ops::Simd::Portable => continue,
+                #[cfg(target_arch = "aarch64")]
+                ops::Simd::Neon => vexp::exp_minus4(&mut got, m),
+                _ => continue,
             }
         }
         let same = got

@@ -1,5 +1,5 @@
 //! The fast CPU ops over plain slices: SIMD dot products (AVX2+FMA detected at run time,
-//! portable fallback), a row-parallel matrix-vector product for decode, a cache-blocked
+//! NEON on aarch64, portable fallback), a row-parallel matrix-vector product for decode, a cache-blocked
 //! SGEMM split across rayon threads for prefill, the element-wise and RoPE ops, and
 //! attention (prefill, and batched decode over several sequences' caches in one dispatch).
 //! Each has an obviously-correct twin in `naive.rs` that the tests compare against.
@@ -21,6 +21,12 @@ fn dot_kernel() -> DotFn {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 return dot_avx2_entry;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return neon::dot_entry;
             }
         }
         dot_portable
@@ -246,6 +252,8 @@ pub enum Simd {
     Avx512,
     /// 8-lane vectors with FMA.
     Avx2,
+    /// 4-lane vectors (aarch64).
+    Neon,
     /// Plain loops.
     Portable,
 }
@@ -260,6 +268,12 @@ pub fn attention_simd() -> Vec<Simd> {
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             all.push(Simd::Avx2);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            all.push(Simd::Neon);
         }
     }
     all.push(Simd::Portable);
@@ -462,7 +476,16 @@ fn attend_kernel(simd: Simd, head_dim: usize) -> AttendFn {
             (Simd::Avx2, 64) => return attend_avx2_entry::<8>,
             (Simd::Avx2, 128) => return attend_avx2_entry::<16>,
             (Simd::Avx512 | Simd::Avx2, _) => return attend_avx2_entry::<0>,
-            (Simd::Portable, _) => {}
+            _ => {}
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        match (simd, head_dim) {
+            (Simd::Neon, 64) => return neon::attend_entry::<16>,
+            (Simd::Neon, 128) => return neon::attend_entry::<32>,
+            (Simd::Neon, _) => return neon::attend_entry::<0>,
+            _ => {}
         }
     }
     let _ = (simd, head_dim);
@@ -471,7 +494,7 @@ fn attend_kernel(simd: Simd, head_dim: usize) -> AttendFn {
 
 /// The bounds the SIMD attention routines rely on: every key and value row read lies inside
 /// k and v, and a head of `lanes * vectors` values when `vectors` is not 0.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn check_attend(
     o: &[f32],
     lse: &[f32],
@@ -587,10 +610,10 @@ fn sum_of(x: &[f32]) -> f32 {
 /// all the keys. One body for each instruction set: its vector type, lane count and
 /// intrinsics.
 macro_rules! attend_in_registers {
-    ($name:ident, $features:literal, $regs:literal, $vec:ty, $lanes:literal, $load:path, $store:path,
-     $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path, $hsum:path,
-     $exp_minus:path) => {
-        #[cfg(target_arch = "x86_64")]
+    ($name:ident, $arch:literal, $features:literal, $regs:literal, $vec:ty, $lanes:literal,
+     $load:path, $store:path, $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path,
+     $hsum:path, $exp_minus:path) => {
+        #[cfg(target_arch = $arch)]
         #[target_feature(enable = $features)]
         unsafe fn $name<const V: usize>(
             o: &mut [f32],
@@ -654,7 +677,7 @@ macro_rules! attend_in_registers {
                         let tile_max = max_of(tile);
                         if tile_max > max[g] {
                             // Rescale what was accumulated under the old maximum.
-                            let r = super::vexp::exp(max[g] - tile_max);
+                            let r = crate::backend::cpu::vexp::exp(max[g] - tile_max);
                             sum[g] *= r;
                             let rv = $set1(r);
                             acc[g].iter_mut().for_each(|x| *x = $mul(*x, rv));
@@ -707,6 +730,7 @@ macro_rules! attend_in_registers {
 
 attend_in_registers!(
     attend_avx2,
+    "x86_64",
     "avx2,fma",
     16,
     std::arch::x86_64::__m256,
@@ -724,6 +748,7 @@ attend_in_registers!(
 
 attend_in_registers!(
     attend_avx512,
+    "x86_64",
     "avx512f",
     32,
     std::arch::x86_64::__m512,
@@ -813,6 +838,8 @@ pub fn silu_mul_using(simd: Simd, gate: &mut [f32], up: &[f32]) {
         Simd::Avx512 => unsafe { silu_mul_avx512(gate, up) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { silu_mul_avx2(gate, up) },
+        #[cfg(target_arch = "aarch64")]
+        Simd::Neon => unsafe { neon::silu_mul(gate, up) },
         _ => 0,
     };
     for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
@@ -874,5 +901,161 @@ pub fn softmax(x: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// The NEON forms (aarch64, where NEON is always present): 4-lane dot product, axpy,
+/// attention and SiLU.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{check_attend, max_of, sum_of, HeadAttn, KEY_TILE};
+
+    pub(super) fn dot_entry(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: selected only when NEON was detected; the loop stays in bounds.
+        unsafe { dot(a, b) }
+    }
+
+    /// Four accumulators of 4 lanes, then the tail one value at a time.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = vfmaq_f32(
+                    *acc,
+                    vld1q_f32(pa.add(i + 4 * j)),
+                    vld1q_f32(pb.add(i + 4 * j)),
+                );
+            }
+            i += 16;
+        }
+        while i + 4 <= n {
+            acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+            i += 4;
+        }
+        let mut total = vaddvq_f32(vaddq_f32(
+            vaddq_f32(acc[0], acc[1]),
+            vaddq_f32(acc[2], acc[3]),
+        ));
+        while i < n {
+            total += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        total
+    }
+
+    /// y += a * x.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let va = vdupq_n_f32(a);
+        let mut i = 0;
+        while i + 4 <= n {
+            vst1q_f32(
+                py.add(i),
+                vfmaq_f32(vld1q_f32(py.add(i)), va, vld1q_f32(px.add(i))),
+            );
+            i += 4;
+        }
+        while i < n {
+            *py.add(i) += a * *px.add(i);
+            i += 1;
+        }
+    }
+
+    /// `V` is the head size in 4-lane vectors (0: any size).
+    pub(super) fn attend_entry<const V: usize>(
+        o: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        a: HeadAttn,
+    ) {
+        check_attend(o, lse, q, k, v, a, 4 * V);
+        // SAFETY: selected only when NEON was detected at run time; shapes checked.
+        unsafe {
+            if V == 0 {
+                attend_any(o, lse, q, k, v, a)
+            } else {
+                attend::<V>(o, lse, q, k, v, a)
+            }
+        }
+    }
+
+    /// `attend` with NEON dot products and axpys, for any head size.
+    #[target_feature(enable = "neon")]
+    unsafe fn attend_any(
+        o: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        a: HeadAttn,
+    ) {
+        // SAFETY (both closures): this function runs only where NEON exists.
+        super::attend(
+            o,
+            lse,
+            q,
+            k,
+            v,
+            a,
+            |x, y| unsafe { dot(x, y) },
+            |y, s, x| unsafe { axpy(y, s, x) },
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn zero() -> float32x4_t {
+        vdupq_n_f32(0.0)
+    }
+
+    /// a * b + c, in the argument order of the x86 forms.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn fmadd(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        vfmaq_f32(c, a, b)
+    }
+
+    attend_in_registers!(
+        attend,
+        "aarch64",
+        "neon",
+        32,
+        float32x4_t,
+        4,
+        vld1q_f32,
+        vst1q_f32,
+        vdupq_n_f32,
+        zero,
+        fmadd,
+        vmulq_f32,
+        vaddq_f32,
+        vaddvq_f32,
+        crate::backend::cpu::vexp::exp_minus4
+    );
+
+    /// `silu_mul` on whole 4-value chunks; how many values it did.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) -> usize {
+        let n = gate.len() / 4 * 4;
+        for i in (0..n).step_by(4) {
+            let (g, u) = (
+                vld1q_f32(gate.as_ptr().add(i)),
+                vld1q_f32(up.as_ptr().add(i)),
+            );
+            let e = crate::backend::cpu::vexp::exp4(vnegq_f32(g));
+            let s = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), e));
+            vst1q_f32(gate.as_mut_ptr().add(i), vmulq_f32(s, u));
+        }
+        n
     }
 }

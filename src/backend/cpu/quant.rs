@@ -2,8 +2,8 @@
 //! block, `scale * sum(q * x) + min * sum(x)`, with the block sums of `x` computed once per
 //! call) or several (batched decode: each block widened to f32 once and dotted with every
 //! input). f32 activations and accumulation, so the result equals the dequantized f32 product
-//! up to rounding. AVX-512 and AVX2+FMA kernels are chosen at run time; the portable ones are
-//! plain loops.
+//! up to rounding. AVX-512 and AVX2+FMA kernels are chosen at run time, NEON on aarch64; the
+//! portable ones are plain loops.
 
 use std::sync::OnceLock;
 
@@ -34,7 +34,7 @@ fn kernels() -> &'static Kernels {
     static K: OnceLock<Kernels> = OnceLock::new();
     K.get_or_init(|| {
         let (name, rows) = rows_kernels()[0];
-        let matvec_by_rows = name == "avx512";
+        let matvec_by_rows = name == "avx512" || name == "neon";
         #[cfg(target_arch = "x86_64")]
         {
             if avx2::detected() {
@@ -82,6 +82,12 @@ pub fn rows_kernels() -> Vec<(&'static str, RowsFn)> {
             all.push(("avx2", avx2::rows_entry));
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if neon::detected() {
+            all.push(("neon", neon::rows_entry));
+        }
+    }
     all.push(("portable", rows_portable));
     all
 }
@@ -122,7 +128,7 @@ pub fn dot_q8_portable(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 /// `$pair` inputs, rows go two at a time: each input's values are loaded once for both, and
 /// one input gets four independent FMA chains instead of two. Each row's sums are the same
 /// either way (same operations in the same order).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! rows_loop {
     ($features:literal, $group:literal, $pair:literal, $($n:literal),+) => {
         #[allow(clippy::too_many_arguments)]
@@ -421,13 +427,100 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    pub fn detected() -> bool {
+        std::arch::is_aarch64_feature_detected!("neon")
+    }
+
+    rows_loop!("neon", 4, 2, 1, 2, 3, 4);
+
+    /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
+    /// widened to eight 4-lane f32 vectors once, then dotted with every input.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn row<const R: usize, const N: usize, const E: bool>(
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        nb: usize,
+        x: &[f32],
+        cols: usize,
+    ) -> [[f32; N]; R] {
+        let mut acc = [[[vdupq_n_f32(0.0); 2]; N]; R];
+        let rb = nb * crate::model::dequant::block_bytes(E);
+        for b in 0..nb {
+            let w: [[float32x4_t; 8]; R] = std::array::from_fn(|k| {
+                widen::<E>(
+                    qs.as_ptr().add(k * rb),
+                    *scales.get_unchecked(k * nb + b),
+                    *mins.get_unchecked(k * nb + b),
+                    b,
+                )
+            });
+            for i in 0..N {
+                let xp = x.as_ptr().add(i * cols + b * 32);
+                for j in 0..8 {
+                    let xv = vld1q_f32(xp.add(4 * j));
+                    for (a, w) in acc.iter_mut().zip(&w) {
+                        a[i][j % 2] = vfmaq_f32(a[i][j % 2], w[j], xv);
+                    }
+                }
+            }
+        }
+        acc.map(|a| a.map(|a| vaddvq_f32(vaddq_f32(a[0], a[1]))))
+    }
+
+    /// Block b of a row as eight f32 vectors of its 32 weights (`d * q + min` for 4-bit
+    /// blocks, `d * q` for 8-bit ones).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn widen<const E: bool>(qs: *const u8, d: f32, m: f32, b: usize) -> [float32x4_t; 8] {
+        let d = vdupq_n_f32(d);
+        if E {
+            let p = qs.add(b * 32) as *const i8;
+            let f = |v: int8x16_t| {
+                let (l, h) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+                [
+                    vmovl_s16(vget_low_s16(l)),
+                    vmovl_high_s16(l),
+                    vmovl_s16(vget_low_s16(h)),
+                    vmovl_high_s16(h),
+                ]
+                .map(|i| vmulq_f32(vcvtq_f32_s32(i), d))
+            };
+            let ([a0, a1, a2, a3], [c0, c1, c2, c3]) = (f(vld1q_s8(p)), f(vld1q_s8(p.add(16))));
+            [a0, a1, a2, a3, c0, c1, c2, c3]
+        } else {
+            // byte j holds q[j] (low nibble) and q[j + 16] (high)
+            let m = vdupq_n_f32(m);
+            let raw = vld1q_u8(qs.add(b * 16));
+            let f = |v: uint8x16_t| {
+                let (l, h) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
+                [
+                    vmovl_u16(vget_low_u16(l)),
+                    vmovl_high_u16(l),
+                    vmovl_u16(vget_low_u16(h)),
+                    vmovl_high_u16(h),
+                ]
+                .map(|u| vfmaq_f32(m, vcvtq_f32_u32(u), d))
+            };
+            let [a0, a1, a2, a3] = f(vandq_u8(raw, vdupq_n_u8(0x0f)));
+            let [c0, c1, c2, c3] = f(vshrq_n_u8::<4>(raw));
+            [a0, a1, a2, a3, c0, c1, c2, c3]
+        }
+    }
+}
+
 /// One SIMD kernel for a number of inputs and a block format, called on inputs g.. of n:
 /// `(qs, scales, mins, x, cols, n, g, out)` (see `RowsFn`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 type GroupFn = unsafe fn(&[u8], &[f32], &[f32], &[f32], usize, usize, usize, &mut [f32]);
 
 /// The bounds every SIMD rows kernel relies on (see `RowsFn`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 fn check_rows(
     eight_bit: bool,

@@ -1,8 +1,10 @@
-//! e^x for 16 or 8 lanes at once (the Cephes polynomial for single precision: within 2 ulp
+//! e^x for 16, 8 or 4 lanes at once (the Cephes polynomial for single precision: within 2 ulp
 //! of the exact value wherever e^x is a normal f32; clamped outside), for the exps of
 //! attention's softmax and of SiLU: a libm call per value cost more than the dot products
 //! around it.
 
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -128,6 +130,45 @@ pub unsafe fn exp_minus8(x: &mut [f32], m: f32) {
     for c in &mut chunks {
         let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(m));
         _mm256_storeu_ps(c.as_mut_ptr(), exp8(v));
+    }
+    for v in chunks.into_remainder() {
+        *v = exp(*v - m);
+    }
+}
+
+/// e^x in each of 4 lanes (NaN stays NaN: NEON's min and max return it).
+///
+/// # Safety
+/// The CPU must have NEON.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+pub unsafe fn exp4(x: float32x4_t) -> float32x4_t {
+    let x = vminq_f32(vdupq_n_f32(HI), vmaxq_f32(vdupq_n_f32(LO), x));
+    let n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(LOG2E)));
+    let r = vfmsq_f32(x, n, vdupq_n_f32(LN2_HI));
+    let r = vfmsq_f32(r, n, vdupq_n_f32(LN2_LO));
+    let mut p = vdupq_n_f32(P[0]);
+    for c in &P[1..] {
+        p = vfmaq_f32(vdupq_n_f32(*c), p, r);
+    }
+    let y = vaddq_f32(vfmaq_f32(r, p, vmulq_f32(r, r)), vdupq_n_f32(1.0));
+    let scale = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)));
+    vmulq_f32(y, vreinterpretq_f32_s32(scale))
+}
+
+/// `x[i] = e^(x[i] - m)` for every value, 4 lanes at a time.
+///
+/// # Safety
+/// The CPU must have NEON.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+pub unsafe fn exp_minus4(x: &mut [f32], m: f32) {
+    let mut chunks = x.chunks_exact_mut(4);
+    for c in &mut chunks {
+        let v = vsubq_f32(vld1q_f32(c.as_ptr()), vdupq_n_f32(m));
+        vst1q_f32(c.as_mut_ptr(), exp4(v));
     }
     for v in chunks.into_remainder() {
         *v = exp(*v - m);
