@@ -3,14 +3,21 @@
 # aarch64-unknown-linux-gnu with Debian's rustc-web (whose arm64 standard library Debian
 # packages; rustup's target cannot be fetched here) and runs the CPU tests under
 # qemu-aarch64 user emulation, where NEON is present: every kernel against its naive twin
-# (NEON ones included), the golden logits of the tiny and SmolLM2 models, generation and the
-# unit tests. Speed under emulation means nothing; this checks correctness only.
+# (NEON ones included), the golden logits of the tiny model, generation, the invariants and
+# the unit tests; with --full also the SmolLM2 goldens (about 6 more minutes). Speed under
+# emulation means nothing; this checks correctness only. scripts/test.sh runs it without
+# --full.
 # Installs what it needs on Debian (as root): arm64 multiarch, rustc-web, cargo-web,
 # libstd-rust-web-dev:arm64, gcc-aarch64-linux-gnu, qemu-user-static, libc6:arm64 (the
 # cross toolchain's own libc6-arm64-cross hangs libtest under this qemu; the arm64 one runs).
-# Extra arguments go to cargo test (e.g. a test name filter).
+# Other arguments go to cargo test (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+tests=(--lib --test ops_reference --test golden_tiny --test generate --test proptest_invariants)
+if [ "${1:-}" = --full ]; then
+  shift
+  tests+=(--test golden_smollm2)
+fi
 need=""
 [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q '^rustc 1\.9' || need="$need rustc-web cargo-web"
 [ -d /usr/lib/rustlib/aarch64-unknown-linux-gnu ] || need="$need libstd-rust-web-dev:arm64"
@@ -33,5 +40,4 @@ export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /"
 export RUSTC=/usr/bin/rustc
 /usr/bin/cargo test --release --target aarch64-unknown-linux-gnu --target-dir target/aarch64 \
-  --lib --test ops_reference --test golden_tiny --test golden_smollm2 --test generate \
-  --test proptest_invariants --no-fail-fast "$@"
+  "${tests[@]}" --no-fail-fast "$@"

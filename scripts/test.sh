@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it: fetches the default model if missing, installs what
 # the tests need when missing (Debian's chromium, redis-server and nginx; playwright-core from
 # npm; a Python venv with the openai SDK and prometheus_client; NVRTC from PyPI), then builds
-# and runs every test in release mode (the golden tests run a real model).
+# and runs every test in release mode (the golden tests run a real model), then the aarch64
+# (NEON) tests under qemu with scripts/test-aarch64.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh >/dev/null
@@ -33,3 +34,5 @@ if [ ! -e "$nvrtc/libnvrtc.so.13" ]; then
 fi
 export LD_LIBRARY_PATH="$PWD/$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --release --all-targets --no-fail-fast "$@"
+# The NEON kernels: cross-compiled for aarch64 and run under qemu (see the script).
+scripts/test-aarch64.sh "$@"
