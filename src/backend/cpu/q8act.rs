@@ -2,7 +2,8 @@
 //! the input vector is quantized per 32-value block to int8 with one f32 scale, and each
 //! weight block is dotted with it in integers (AVX2 `maddubs`: 32 products in a handful of
 //! instructions, against a dozen for the AVX2 f32 path; with AVX-512 the f32 rows kernel is
-//! the faster one, measured side by side). Not exact: the activation rounding moves the
+//! the faster one, measured side by side; NEON widening multiplies on aarch64, speed not
+//! measured). Not exact: the activation rounding moves the
 //! logits a little, so it is off by default and its error is measured in
 //! `tests/int8_activations.rs` (the f32 path is what the golden tests hold to their
 //! tolerances).
@@ -57,6 +58,16 @@ fn dot_fn(eight_bit: bool) -> DotFn {
                 avx2::q8_entry
             } else {
                 avx2::q4_entry
+            };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return if eight_bit {
+                neon::q8_entry
+            } else {
+                neon::q4_entry
             };
         }
     }
@@ -175,6 +186,67 @@ mod avx2 {
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
         }
         hsum(acc)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::QuantX;
+
+    pub fn q4_entry(qs: &[u8], scales: &[f32], mins: &[f32], x: &QuantX, nb: usize) -> f32 {
+        assert!(qs.len() >= nb * 16 && scales.len() >= nb && mins.len() >= nb);
+        assert!(nb <= x.d.len());
+        // SAFETY: selected only when NEON was detected; lengths checked above.
+        unsafe { dot::<false>(qs, scales, mins, x, nb) }
+    }
+
+    pub fn q8_entry(qs: &[u8], scales: &[f32], mins: &[f32], x: &QuantX, nb: usize) -> f32 {
+        assert!(qs.len() >= nb * 32 && scales.len() >= nb && nb <= x.d.len());
+        // SAFETY: selected only when NEON was detected; lengths checked above.
+        unsafe { dot::<true>(qs, scales, mins, x, nb) }
+    }
+
+    /// Blocks of 8-bit (`E`) or 4-bit weights against int8 `x`: the block's 32 products by
+    /// widening multiplies to 16 bits, summed pairwise into four 32-bit lanes (exact), then
+    /// scaled in f32.
+    #[target_feature(enable = "neon")]
+    unsafe fn dot<const E: bool>(
+        qs: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &QuantX,
+        nb: usize,
+    ) -> f32 {
+        let mut acc = vdupq_n_f32(0.0);
+        let mut macc = 0f32;
+        for b in 0..nb {
+            let (w0, w1) = if E {
+                let p = qs.as_ptr().add(b * 32) as *const i8;
+                (vld1q_s8(p), vld1q_s8(p.add(16)))
+            } else {
+                // values 0..16 are the low nibbles, 16..32 the high ones: both fit in i8
+                let raw = vld1q_u8(qs.as_ptr().add(b * 16));
+                (
+                    vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0f))),
+                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw)),
+                )
+            };
+            let xp = x.q.as_ptr().add(b * 32);
+            let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
+            let mut s = vdupq_n_s32(0);
+            s = vpadalq_s16(s, vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
+            s = vpadalq_s16(s, vmull_high_s8(w0, x0));
+            s = vpadalq_s16(s, vmull_s8(vget_low_s8(w1), vget_low_s8(x1)));
+            s = vpadalq_s16(s, vmull_high_s8(w1, x1));
+            let d = *scales.get_unchecked(b) * *x.d.get_unchecked(b);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vdupq_n_f32(d));
+            if !E {
+                macc += *mins.get_unchecked(b) * *x.sum.get_unchecked(b);
+            }
+        }
+        vaddvq_f32(acc) + macc
     }
 }
 
