@@ -1,7 +1,7 @@
 //! The fast CPU ops over plain slices: SIMD dot products (AVX2+FMA detected at run time,
-//! NEON on aarch64, portable fallback), a row-parallel matrix-vector product for decode, a cache-blocked
-//! SGEMM split across rayon threads for prefill, the element-wise and RoPE ops, and
-//! attention (prefill, and batched decode over several sequences' caches in one dispatch).
+//! NEON on aarch64, portable fallback), a row-parallel matrix-vector product for decode, a
+//! cache-blocked SGEMM split across rayon threads for prefill, the element-wise and RoPE ops,
+//! and attention (prefill, and batched decode over several sequences' caches in one dispatch).
 //! Each has an obviously-correct twin in `naive.rs` that the tests compare against.
 
 use std::sync::OnceLock;
@@ -919,7 +919,7 @@ mod neon {
 
     /// Four accumulators of 4 lanes, then the tail one value at a time.
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut acc = [vdupq_n_f32(0.0); 4];
@@ -951,7 +951,7 @@ mod neon {
 
     /// y += a * x.
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         let n = y.len().min(x.len());
         let (py, px) = (y.as_mut_ptr(), x.as_ptr());
         let va = vdupq_n_f32(a);
