@@ -178,6 +178,7 @@ macro_rules! rows_loop {
             };
             if N <= $pair {
                 while r + 2 <= rows {
+                    super::prefetch_ahead(qs, r * rb, (r + 2) * rb);
                     let sums = row::<2, N, E>(
                         qs.get_unchecked(r * rb..),
                         scales.get_unchecked(r * nb..),
@@ -192,6 +193,7 @@ macro_rules! rows_loop {
                 }
             }
             for r in r..rows {
+                super::prefetch_ahead(qs, r * rb, (r + 1) * rb);
                 let [sums] = row::<1, N, E>(
                     qs.get_unchecked(r * rb..),
                     scales.get_unchecked(r * nb..),
@@ -514,6 +516,31 @@ mod neon {
     }
 }
 
+/// How far past the weights being read the kernels ask for the next ones. The hardware
+/// prefetcher alone left one-input decode waiting on memory about a third of the time: with
+/// this, SmolLM2's decode steps ran 1.15-1.6x as fast at one sequence and 1.1-1.3x at four
+/// (2 cores, alternating in one process; 2048 to 8192 bytes did about as well).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Asks the cache for the weight bytes `PREFETCH_AHEAD` past `qs[from..to]`, one request a
+/// cache line (x86; elsewhere the hardware prefetcher alone).
+#[inline(always)]
+pub(super) fn prefetch_ahead(qs: &[u8], from: usize, to: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (from + PREFETCH_AHEAD..to + PREFETCH_AHEAD).step_by(64) {
+        // SAFETY: a prefetch only hints the cache and never faults; `wrapping_add` keeps
+        // the address arithmetic defined past the end of the slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                qs.as_ptr().wrapping_add(off) as *const i8,
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (qs, from, to);
+}
+
 /// One SIMD kernel for a number of inputs and a block format, called on inputs g.. of n:
 /// `(qs, scales, mins, x, cols, n, g, out)` (see `RowsFn`).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -681,6 +708,7 @@ pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     let xsum = &xsum[..nb];
     let rb = w.row_bytes();
     par_rows(&mut out[..w.rows], |r| {
+        prefetch_ahead(&w.qs, r * rb, (r + 1) * rb);
         let (qs, sc) = (&w.qs[r * rb..(r + 1) * rb], &w.scales[r * nb..(r + 1) * nb]);
         if w.eight_bit {
             (k.q8)(qs, sc, x)
