@@ -141,7 +141,7 @@ fn bench_on<B: Backend>(
     // What one decode step reads: the CPU reads quantized blocks where the file had them.
     let tensor_bytes = |w: &Tensor| match (&w.quant, on_gpu) {
         (Some(q), false) => q.qs.len() + 8 * q.scales.len(),
-        _ => 4 * w.data.len(),
+        _ => 4 * w.elements(),
     };
     let weight_bytes: usize = weights
         .layers

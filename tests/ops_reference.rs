@@ -384,3 +384,30 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
         }
     }
 }
+
+#[test]
+fn quantized_prefill_matmul_equals_sgemm_on_the_dequantized_weights() {
+    use chatstream::backend::cpu::quant;
+    use chatstream::model::dequant::{dequantize, QuantMatrix};
+    // 8192 columns: each thread's share of rows spans several widened panels
+    for (rows, cols) in [(101, 576), (1000, 8192)] {
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes = random_blocks(ty, rows, cols, 41);
+            let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
+            let mut w = vec![0f32; rows * cols];
+            dequantize(ty, &bytes, &mut w);
+            for n in [17, 64] {
+                let x = rand_vec(n * cols, 42);
+                let (mut got, mut want) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+                quant::matmul_q_gemm(&mut got, &x, &q, n);
+                ops::matmul(&mut want, &x, &w, n, cols, rows);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?} {rows}x{cols} n={n}: not the f32 SGEMM's bits"
+                );
+            }
+        }
+    }
+}

@@ -121,6 +121,29 @@ mod tests {
     }
 
     #[test]
+    fn dequantize_rows_gives_the_floats_of_dequantize() {
+        let (rows, cols) = (3, 64);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let block = ty.byte_len(QK).unwrap();
+            let mut src: Vec<u8> = (0..ty.byte_len(rows * cols).unwrap())
+                .map(|i| (i * 37 % 251) as u8)
+                .collect();
+            for (i, b) in src.chunks_exact_mut(block).enumerate() {
+                b[..2].copy_from_slice(&h(0.01 * (i + 1) as f32));
+                if ty == GgmlType::Q4_1 {
+                    b[2..4].copy_from_slice(&h(-0.3 + 0.1 * i as f32));
+                }
+            }
+            let mut want = vec![0f32; rows * cols];
+            dequantize(ty, &src, &mut want);
+            let q = QuantMatrix::from_ggml(ty, &src, rows, cols).unwrap();
+            let mut got = vec![0f32; 2 * cols];
+            q.dequantize_rows(1, &mut got);
+            assert_eq!(got, want[cols..], "{ty:?}");
+        }
+    }
+
+    #[test]
     fn q8_0_block() {
         let mut b = h(0.5).to_vec();
         b.extend((0..32).map(|i| (i as i8 - 16) as u8));
@@ -218,6 +241,28 @@ impl QuantMatrix {
     /// Packed bytes per row.
     pub fn row_bytes(&self) -> usize {
         self.cols / QK * block_bytes(self.eight_bit)
+    }
+
+    /// Rows `r0..` of the matrix as f32, as many as fill `out` (`out.len() / cols` rows).
+    pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        let bb = block_bytes(self.eight_bit);
+        let first = r0 * nb;
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            let (d, m) = (self.scales[first + b], self.mins[first + b]);
+            let q = &self.qs[(first + b) * bb..(first + b + 1) * bb];
+            if self.eight_bit {
+                for (o, &q) in o.iter_mut().zip(q) {
+                    *o = (q as i8) as f32 * d + m;
+                }
+            } else {
+                let (lo, hi) = o.split_at_mut(QK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi).zip(q) {
+                    *l = (q & 0x0f) as f32 * d + m;
+                    *h = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
     }
 
     /// Reorders rows: row `i` of the result is row `from[i]` of `self`.

@@ -1,8 +1,9 @@
-//! The model's weights as f32 host tensors, loaded from either source through one name
+//! The model's weights as host tensors (f32, or a GGUF matrix's own blocks), loaded from either source through one name
 //! table: Hugging Face names are used verbatim at the loading boundary, `gguf_name` maps
 //! each to llama.cpp's. Every expected tensor is checked by name, shape and dtype, and an
 //! error names the tensor. GGUF's permuted Q/K rows are undone here, in one place.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -16,16 +17,17 @@ use super::dequant::{dequantize, GgmlType, QuantMatrix};
 use super::error::LoadError;
 use super::gguf::GgufFile;
 
-/// A dense row-major f32 tensor. The data is shared, so a CPU backend "uploads" it by
-/// reference and workers never copy weights.
+/// A row-major tensor: f32 values, or a matrix kept in the GGUF file's block format. The
+/// data is shared, so a CPU backend "uploads" it by reference and workers never copy weights.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     /// Shape, outermost first (a linear weight is `[out_features, in_features]`).
     pub shape: Vec<usize>,
-    /// The values.
+    /// The values; empty when `quant` holds the matrix.
     pub data: Arc<[f32]>,
-    /// The same matrix in the GGUF file's block format, when it was stored quantized: the
-    /// CPU's decode path reads these 4-8x fewer bytes; prefill uses `data`.
+    /// The matrix in the GGUF file's block format, when it was stored quantized. Only these
+    /// blocks are kept (4-8x smaller than f32): the CPU reads them in every product, and
+    /// `to_f32` widens them for a backend that needs f32.
     pub quant: Option<Arc<QuantMatrix>>,
 }
 
@@ -38,6 +40,32 @@ impl Tensor {
             data: data.into(),
             quant: None,
         }
+    }
+
+    /// A matrix held in its block format only.
+    pub fn blocks(q: QuantMatrix) -> Tensor {
+        Tensor {
+            shape: vec![q.rows, q.cols],
+            data: Arc::from(Vec::new()),
+            quant: Some(Arc::new(q)),
+        }
+    }
+
+    /// The values as f32: borrowed, or widened from the blocks (a new buffer).
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match &self.quant {
+            Some(q) => {
+                let mut out = vec![0f32; q.rows * q.cols];
+                q.dequantize_rows(0, &mut out);
+                Cow::Owned(out)
+            }
+            None => Cow::Borrowed(&self.data),
+        }
+    }
+
+    /// Number of values.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
     }
 
     /// Rows of a matrix (the first dimension).
@@ -339,14 +367,15 @@ impl GgufSource<'_> {
                 ),
             });
         }
-        let mut data = vec![0f32; shape.iter().product()];
         let raw = self.file.data(info);
-        dequantize(info.dtype, raw, &mut data);
-        let mut t = Tensor::new(shape.to_vec(), data);
         if let [rows, cols] = *shape {
-            t.quant = QuantMatrix::from_ggml(info.dtype, raw, rows, cols).map(Arc::new);
+            if let Some(q) = QuantMatrix::from_ggml(info.dtype, raw, rows, cols) {
+                return Ok(Tensor::blocks(q));
+            }
         }
-        Ok(t)
+        let mut data = vec![0f32; shape.iter().product()];
+        dequantize(info.dtype, raw, &mut data);
+        Ok(Tensor::new(shape.to_vec(), data))
     }
 }
 
@@ -373,16 +402,15 @@ impl TensorSource for GgufSource<'_> {
         };
         let Some(n_head) = heads else { return Ok(t) };
         let from = unpermuted_order(shape[0], n_head);
+        if let Some(q) = &t.quant {
+            return Ok(Tensor::blocks(q.permute_rows(&from)));
+        }
         let cols = t.cols();
         let data: Vec<f32> = from
             .iter()
             .flat_map(|&r| t.data[r * cols..(r + 1) * cols].iter().copied())
             .collect();
-        let quant = t.quant.map(|q| Arc::new(q.permute_rows(&from)));
-        Ok(Tensor {
-            quant,
-            ..Tensor::new(t.shape, data)
-        })
+        Ok(Tensor::new(t.shape, data))
     }
 }
 

@@ -46,7 +46,10 @@ impl Backend for Cpu {
         let dim = table.cols();
         for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
             let r = id as usize;
-            o.copy_from_slice(&table.data[r * dim..(r + 1) * dim]);
+            match &table.quant {
+                Some(q) => q.dequantize_rows(r, o),
+                None => o.copy_from_slice(&table.data[r * dim..(r + 1) * dim]),
+            }
         }
     }
 
@@ -56,10 +59,10 @@ impl Backend for Cpu {
 
     fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Tensor, n: usize) {
         match (&w.quant, n) {
-            // Decode is memory-bound: read the compact blocks, not the f32 copy.
             (Some(q), 1) => quant::matvec_q(out, x, q),
             (Some(q), n) if n <= quant::MAX_ROWS => quant::matmul_q(out, x, q, n),
-            _ => ops::matmul(out, x, &w.data, n, w.cols(), w.rows()),
+            (Some(q), n) => quant::matmul_q_gemm(out, x, q, n),
+            (None, n) => ops::matmul(out, x, &w.data, n, w.cols(), w.rows()),
         }
     }
 

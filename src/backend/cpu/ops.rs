@@ -129,7 +129,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 /// A raw pointer that may cross threads; each thread writes a disjoint part.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: used only to hand disjoint output regions to rayon tasks.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -145,37 +145,65 @@ pub fn matmul(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usiz
     if n <= FEW_ROWS {
         return matmul_few_rows(out, x, w, n, k, m);
     }
-    let blocks = (rayon::current_num_threads() * 2)
-        .min(m.div_ceil(64))
-        .max(1);
-    let per = m.div_ceil(blocks).next_multiple_of(16).min(m);
+    let per = gemm_task_columns(m);
     let outp = SendPtr(out.as_mut_ptr());
     (0..m.div_ceil(per)).into_par_iter().for_each(|b| {
         let j0 = b * per;
         let mb = per.min(m - j0);
         let c = outp;
-        // SAFETY: the strides describe x (n, k) row-major, w[j0..j0 + mb] read as its
-        // transpose, and columns j0..j0 + mb of out (n, m); all lie inside the slices
-        // checked above, and each task writes only its own columns.
-        unsafe {
-            matrixmultiply::sgemm(
-                n,
-                k,
-                mb,
-                1.0,
-                x.as_ptr(),
-                k as isize,
-                1,
-                w.as_ptr().add(j0 * k),
-                1,
-                k as isize,
-                0.0,
-                c.0.add(j0),
-                m as isize,
-                1,
-            );
-        }
+        // SAFETY: w[j0..j0 + mb] holds mb rows of k; out (n, m) was checked above, and each
+        // task writes only its own columns.
+        unsafe { sgemm_rows(n, k, mb, x, &w[j0 * k..(j0 + mb) * k], c.0.add(j0), m) };
     });
+}
+
+/// Output columns per SGEMM task for m of them: about two tasks per thread, whole cache
+/// lines of each output row apiece.
+pub(super) fn gemm_task_columns(m: usize) -> usize {
+    let blocks = (rayon::current_num_threads() * 2)
+        .min(m.div_ceil(64))
+        .max(1);
+    m.div_ceil(blocks).next_multiple_of(16).min(m)
+}
+
+/// out[i * ld + j] = x row i . w row j, for x (n, k) and w (mb, k), by SGEMM (`w` read as its
+/// transpose).
+///
+/// # Safety
+/// `out` must be valid for writes of n rows of `ld` floats, the first `mb` of each.
+pub(super) unsafe fn sgemm_rows(
+    n: usize,
+    k: usize,
+    mb: usize,
+    x: &[f32],
+    w: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    assert!(
+        x.len() >= n * k && w.len() >= mb * k && ld >= mb,
+        "sgemm_rows: shape"
+    );
+    // SAFETY: the strides describe x (n, k) row-major and w (mb, k) read as its transpose,
+    // both inside the slices checked above; out is the caller's.
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            k,
+            mb,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out,
+            ld as isize,
+            1,
+        );
+    }
 }
 
 /// Up to this many rows (decode, batched decode), each weight row is read once and dotted

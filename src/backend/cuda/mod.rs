@@ -166,7 +166,7 @@ impl Backend for Cuda {
     fn upload(&self, t: &Tensor) -> GpuTensor {
         let data = self
             .stream
-            .clone_htod(&t.data[..])
+            .clone_htod(&t.to_f32()[..])
             .expect("uploading a weight");
         GpuTensor {
             data,
