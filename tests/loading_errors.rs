@@ -107,21 +107,87 @@ fn unsupported_dtype_is_named() {
     assert!(e.contains(VICTIM) && e.contains("I32"), "{e}");
 }
 
-#[test]
-fn half_precision_safetensors_load() {
-    let dir = tiny_copy("f16");
-    rewrite(&dir, |_, _, s, b| {
-        let half: Vec<u8> = b
+/// Every tensor of the folder rewritten as `dtype`, each value through `round`.
+fn rewrite_as(dir: &Path, dtype: Dtype, round: fn(f32) -> Vec<u8>) {
+    rewrite(dir, |_, _, s, b| {
+        let out: Vec<u8> = b
             .chunks_exact(4)
-            .flat_map(|c| {
-                half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
-            })
+            .flat_map(|c| round(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect();
-        Some((Dtype::BF16, s, half))
+        Some((dtype, s, out))
     });
-    let model = Model::load(&dir).unwrap();
-    let w = &model.weights.layers[0].wq.data;
-    assert!(w.iter().all(|x| x.is_finite()) && w.iter().any(|&x| x != 0.0));
+}
+
+/// Logits of a 24-token prompt (every position: prefill's SGEMM), then of 4 decode steps.
+fn logits_of(model: &Model) -> Vec<f32> {
+    use chatstream::backend::{cpu::Cpu, Backend};
+    use chatstream::engine::forward::{Logits, RunState, Transformer};
+    use chatstream::engine::kv_cache::KvCache;
+    let t = Transformer::new(Cpu, &model.config, &model.weights);
+    let vocab = t.cfg.vocab_size;
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % vocab as u32).collect();
+    let mut st = RunState::new(&t, prompt.len(), prompt.len());
+    let mut kv = KvCache::new(&Cpu, &t.cfg, 64);
+    let (mut all, mut step) = (Vec::new(), Vec::new());
+    t.forward(&mut st, &mut kv, &prompt, Logits::All, None)
+        .unwrap();
+    Cpu.read(st.logits(), prompt.len() * vocab, &mut all);
+    for tok in [3, 141, 59, 26] {
+        t.forward(&mut st, &mut kv, &[tok], Logits::Last, None)
+            .unwrap();
+        Cpu.read(st.logits(), vocab, &mut step);
+        all.extend_from_slice(&step);
+    }
+    all
+}
+
+#[test]
+fn half_precision_matrices_stay_as_stored_and_compute_as_their_f32_values() {
+    use chatstream::model::dequant::BlockFormat;
+    type Round = fn(f32) -> Vec<u8>;
+    let cases: [(Dtype, BlockFormat, Round, Round); 2] = [
+        (
+            Dtype::BF16,
+            BlockFormat::Bf16,
+            |v| half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            |v| half::bf16::from_f32(v).to_f32().to_le_bytes().to_vec(),
+        ),
+        (
+            Dtype::F16,
+            BlockFormat::F16,
+            |v| half::f16::from_f32(v).to_le_bytes().to_vec(),
+            |v| half::f16::from_f32(v).to_f32().to_le_bytes().to_vec(),
+        ),
+    ];
+    for (dtype, format, to_half, through_half) in cases {
+        let (half_dir, wide_dir) = (tiny_copy("half"), tiny_copy("wide"));
+        rewrite_as(&half_dir, dtype, to_half);
+        rewrite_as(&wide_dir, Dtype::F32, through_half);
+        let (half, wide) = (
+            Model::load(&half_dir).unwrap(),
+            Model::load(&wide_dir).unwrap(),
+        );
+        for (h, w) in [
+            (&half.weights.layers[1].w_up, &wide.weights.layers[1].w_up),
+            (&half.weights.embed, &wide.weights.embed),
+        ] {
+            let q = h.quant.as_ref().expect("kept as stored");
+            assert!(q.format == format && h.data.is_empty(), "{format:?}");
+            assert!(
+                w.quant.is_none() && w.data[..] == h.to_f32()[..],
+                "{format:?}"
+            );
+        }
+        // down_proj's rows of 176 are not whole blocks of 32: widened at load
+        let down = &half.weights.layers[1].w_down;
+        assert!(down.quant.is_none() && down.data[..] == wide.weights.layers[1].w_down.data[..]);
+        common::assert_close(
+            &format!("{format:?} logits"),
+            &logits_of(&half),
+            &logits_of(&wide),
+            1e-4,
+        );
+    }
 }
 
 #[test]

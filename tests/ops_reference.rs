@@ -267,8 +267,23 @@ fn silu_mul_matches_naive_with_every_instruction_set() {
     }
 }
 
-/// GGML blocks of random Q8_0 / Q4_0 / Q4_1 data for a (rows, cols) matrix.
+/// GGML blocks of random Q8_0 / Q4_0 / Q4_1 data, or F16 / BF16 values in -1..1, for a
+/// (rows, cols) matrix.
 fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let vals = || rand_vec(rows * cols, seed).into_iter();
+    match ty {
+        GgmlType::F16 => {
+            return vals()
+                .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                .collect()
+        }
+        GgmlType::BF16 => {
+            return vals()
+                .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                .collect()
+        }
+        _ => {}
+    }
     let n = ty.byte_len(rows * cols).unwrap();
     let block = n / (rows * cols / 32);
     let raw = rand_vec(n, seed);
@@ -284,11 +299,20 @@ fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     bytes
 }
 
+/// Every storage type the CPU keeps compact (`QuantMatrix`).
+const ALL_COMPACT: [GgmlType; 5] = [
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
+
 #[test]
 fn quantized_matvec_matches_the_dequantized_naive_product() {
     use chatstream::backend::cpu::quant;
-    use chatstream::model::dequant::{dequantize, GgmlType, QuantMatrix};
-    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+    use chatstream::model::dequant::{dequantize, BlockFormat, QuantMatrix};
+    for ty in ALL_COMPACT {
         for (rows, cols) in [(192, 576), (576, 1536), (33, 64)] {
             let bytes = random_blocks(ty, rows, cols, 21);
             let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
@@ -299,6 +323,9 @@ fn quantized_matvec_matches_the_dequantized_naive_product() {
             quant::matvec_q(&mut fast, &x, &q);
             naive::matmul(&mut slow, &x, &w, 1, cols, rows);
             assert_close(&format!("{ty:?} matvec {rows}x{cols}"), &fast, &slow, 1e-4);
+            if !q.format.scaled() {
+                continue; // the one-row kernels take 4- and 8-bit blocks only
+            }
             let (qs, nb) = (q.row_bytes(), cols / 32);
             let xsum: Vec<f32> = x.chunks(32).map(|c| c.iter().sum()).collect();
             for (name, q4, q8) in quant::matvec_kernels() {
@@ -309,7 +336,7 @@ fn quantized_matvec_matches_the_dequantized_naive_product() {
                             &q.scales[r * nb..(r + 1) * nb],
                             &q.mins[r * nb..(r + 1) * nb],
                         );
-                        if q.eight_bit {
+                        if q.format == BlockFormat::Q8 {
                             q8(row, sc, &x)
                         } else {
                             q4(row, sc, mn, &x, &xsum)
@@ -326,7 +353,7 @@ fn quantized_matvec_matches_the_dequantized_naive_product() {
 fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
     use chatstream::backend::cpu::quant;
     use chatstream::model::dequant::{dequantize, QuantMatrix};
-    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+    for ty in ALL_COMPACT {
         // an odd number of rows: the kernels' last row goes alone
         let (rows, cols) = (101, 576);
         let bytes = random_blocks(ty, rows, cols, 31);
@@ -341,16 +368,7 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
             assert_close(&format!("{ty:?} matmul_q n={n}"), &fast, &slow, 1e-4);
             for (name, kernel) in quant::rows_kernels() {
                 let mut got = vec![0.0; rows * n];
-                kernel(
-                    q.eight_bit,
-                    &q.qs,
-                    &q.scales,
-                    &q.mins,
-                    &x,
-                    cols,
-                    n,
-                    &mut got,
-                );
+                kernel(q.format, &q.qs, &q.scales, &q.mins, &x, cols, n, &mut got);
                 assert_close(
                     &format!("{ty:?} rows kernel {name} n={n}"),
                     &got,
@@ -361,16 +379,7 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
                 for i in 0..n {
                     let mut alone = vec![0.0; rows];
                     let xi = &x[i * cols..(i + 1) * cols];
-                    kernel(
-                        q.eight_bit,
-                        &q.qs,
-                        &q.scales,
-                        &q.mins,
-                        xi,
-                        cols,
-                        1,
-                        &mut alone,
-                    );
+                    kernel(q.format, &q.qs, &q.scales, &q.mins, xi, cols, 1, &mut alone);
                     let batched = &got[i * rows..(i + 1) * rows];
                     assert!(
                         batched
@@ -391,7 +400,7 @@ fn quantized_prefill_matmul_equals_sgemm_on_the_dequantized_weights() {
     use chatstream::model::dequant::{dequantize, QuantMatrix};
     // 8192 columns: each thread's share of rows spans several widened panels
     for (rows, cols) in [(101, 576), (1000, 8192)] {
-        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in ALL_COMPACT {
             let bytes = random_blocks(ty, rows, cols, 41);
             let q = QuantMatrix::from_ggml(ty, &bytes, rows, cols).unwrap();
             let mut w = vec![0f32; rows * cols];

@@ -7,12 +7,62 @@ use half::{bf16, f16};
 /// Values per quantization block.
 pub const QK: usize = 32;
 
-/// Packed value bytes of one block: 8-bit values (Q8_0) or 4-bit ones (Q4_0, Q4_1).
-pub const fn block_bytes(eight_bit: bool) -> usize {
-    if eight_bit {
-        32
-    } else {
-        16
+/// How a `QuantMatrix` stores each run of 32 values (a block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BlockFormat {
+    /// 4-bit values with a scale and a minimum (Q4_0, Q4_1): 16 bytes.
+    Q4 = 0,
+    /// 8-bit signed values with a scale (Q8_0): 32 bytes.
+    Q8 = 1,
+    /// IEEE half floats as stored (F16), no scale: 64 bytes.
+    F16 = 2,
+    /// bfloat16 as stored (BF16), no scale: 64 bytes.
+    Bf16 = 3,
+}
+
+impl BlockFormat {
+    /// Packed bytes of one block.
+    pub const fn bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4 => 16,
+            BlockFormat::Q8 => 32,
+            BlockFormat::F16 | BlockFormat::Bf16 => 64,
+        }
+    }
+
+    /// Whether blocks carry a scale and a minimum (`QuantMatrix::scales`, `mins`).
+    pub const fn scaled(self) -> bool {
+        matches!(self, BlockFormat::Q4 | BlockFormat::Q8)
+    }
+
+    /// Block `q` (`self.bytes()` bytes) as its 32 values, with scale `d` and minimum `m`
+    /// (ignored by the float formats).
+    pub fn widen(self, q: &[u8], d: f32, m: f32, out: &mut [f32]) {
+        match self {
+            BlockFormat::Q4 => {
+                let (lo, hi) = out.split_at_mut(QK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi).zip(q) {
+                    *l = (q & 0x0f) as f32 * d + m;
+                    *h = (q >> 4) as f32 * d + m;
+                }
+            }
+            BlockFormat::Q8 => {
+                for (o, &q) in out.iter_mut().zip(q) {
+                    *o = (q as i8) as f32 * d + m;
+                }
+            }
+            BlockFormat::F16 => {
+                for (o, c) in out.iter_mut().zip(q.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            BlockFormat::Bf16 => {
+                for (o, c) in out.iter_mut().zip(q.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
     }
 }
 
@@ -123,12 +173,21 @@ mod tests {
     #[test]
     fn dequantize_rows_gives_the_floats_of_dequantize() {
         let (rows, cols) = (3, 64);
-        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
             let block = ty.byte_len(QK).unwrap();
             let mut src: Vec<u8> = (0..ty.byte_len(rows * cols).unwrap())
                 .map(|i| (i * 37 % 251) as u8)
                 .collect();
             for (i, b) in src.chunks_exact_mut(block).enumerate() {
+                if block == 64 {
+                    continue; // 16-bit floats: any bits are values
+                }
                 b[..2].copy_from_slice(&h(0.01 * (i + 1) as f32));
                 if ty == GgmlType::Q4_1 {
                     b[2..4].copy_from_slice(&h(-0.3 + 0.1 * i as f32));
@@ -139,7 +198,9 @@ mod tests {
             let q = QuantMatrix::from_ggml(ty, &src, rows, cols).unwrap();
             let mut got = vec![0f32; 2 * cols];
             q.dequantize_rows(1, &mut got);
-            assert_eq!(got, want[cols..], "{ty:?}");
+            // the same bits (NaN included: not equal to itself)
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want[cols..]), "{ty:?}");
         }
     }
 
@@ -182,47 +243,63 @@ mod tests {
     }
 }
 
-/// A matrix kept in a 4- or 8-bit block format for the CPU's decode path, with each block's
-/// scale (and minimum) already widened to f32: row r, block b holds
-/// `w = scale * q + min` for its 32 values (`min` is 0 for Q8_0 and `-8 * scale` for Q4_0).
+/// A matrix kept in its file's compact form for the CPU, 32 values a block: 4- or 8-bit
+/// values with each block's scale (and minimum) already widened to f32 (row r, block b holds
+/// `w = scale * q + min` for its 32 values; `min` is 0 for Q8_0 and `-8 * scale` for Q4_0),
+/// or 16-bit floats as stored (no scales).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantMatrix {
-    /// `true`: 8-bit signed values (32 bytes a block); `false`: 4-bit (16 bytes a block,
-    /// low nibbles are values 0..16 of the block, high nibbles 16..32).
-    pub eight_bit: bool,
+    /// The blocks' format. 4-bit blocks: low nibbles are values 0..16 of the block, high
+    /// nibbles 16..32.
+    pub format: BlockFormat,
     /// Rows.
     pub rows: usize,
     /// Columns (a multiple of 32).
     pub cols: usize,
-    /// Per block: scale.
+    /// Per block: scale (empty for the float formats).
     pub scales: Vec<f32>,
-    /// Per block: minimum (added once per value).
+    /// Per block: minimum, added once per value (empty for the float formats).
     pub mins: Vec<f32>,
     /// The packed values, block after block, row after row.
     pub qs: Vec<u8>,
 }
 
 impl QuantMatrix {
-    /// Re-packs GGML blocks (`Q8_0`, `Q4_0` or `Q4_1`) of a `rows x cols` matrix; `None` for
-    /// other types or shapes.
+    /// Re-packs a `rows x cols` matrix of GGML blocks (`Q8_0`, `Q4_0` or `Q4_1`) or keeps its
+    /// 16-bit floats (`F16`, `BF16`); `None` for other types or shapes.
     pub fn from_ggml(ty: GgmlType, src: &[u8], rows: usize, cols: usize) -> Option<QuantMatrix> {
         if !cols.is_multiple_of(QK) || ty.byte_len(rows * cols) != Some(src.len()) {
             return None;
         }
-        let (block, eight_bit) = match ty {
-            GgmlType::Q8_0 => (34, true),
-            GgmlType::Q4_0 => (18, false),
-            GgmlType::Q4_1 => (20, false),
+        let (block, format) = match ty {
+            GgmlType::Q8_0 => (34, BlockFormat::Q8),
+            GgmlType::Q4_0 => (18, BlockFormat::Q4),
+            GgmlType::Q4_1 => (20, BlockFormat::Q4),
+            GgmlType::F16 | GgmlType::BF16 => {
+                let format = if ty == GgmlType::F16 {
+                    BlockFormat::F16
+                } else {
+                    BlockFormat::Bf16
+                };
+                return Some(QuantMatrix {
+                    format,
+                    rows,
+                    cols,
+                    scales: Vec::new(),
+                    mins: Vec::new(),
+                    qs: src.to_vec(),
+                });
+            }
             _ => return None,
         };
         let nb = rows * cols / QK;
         let mut m = QuantMatrix {
-            eight_bit,
+            format,
             rows,
             cols,
             scales: Vec::with_capacity(nb),
             mins: Vec::with_capacity(nb),
-            qs: Vec::with_capacity(nb * block_bytes(eight_bit)),
+            qs: Vec::with_capacity(nb * format.bytes()),
         };
         for b in src.chunks_exact(block) {
             let d = f16_at(b, 0);
@@ -240,28 +317,20 @@ impl QuantMatrix {
 
     /// Packed bytes per row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / QK * block_bytes(self.eight_bit)
+        self.cols / QK * self.format.bytes()
     }
 
     /// Rows `r0..` of the matrix as f32, as many as fill `out` (`out.len() / cols` rows).
     pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let bb = block_bytes(self.eight_bit);
-        let first = r0 * nb;
+        let first = r0 * (self.cols / QK);
+        let bb = self.format.bytes();
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let (d, m) = (self.scales[first + b], self.mins[first + b]);
-            let q = &self.qs[(first + b) * bb..(first + b + 1) * bb];
-            if self.eight_bit {
-                for (o, &q) in o.iter_mut().zip(q) {
-                    *o = (q as i8) as f32 * d + m;
-                }
-            } else {
-                let (lo, hi) = o.split_at_mut(QK / 2);
-                for ((l, h), &q) in lo.iter_mut().zip(hi).zip(q) {
-                    *l = (q & 0x0f) as f32 * d + m;
-                    *h = (q >> 4) as f32 * d + m;
-                }
-            }
+            let i = first + b;
+            let (d, m) = match self.format.scaled() {
+                true => (self.scales[i], self.mins[i]),
+                false => (0.0, 0.0),
+            };
+            self.format.widen(&self.qs[i * bb..(i + 1) * bb], d, m, o);
         }
     }
 
@@ -276,9 +345,11 @@ impl QuantMatrix {
         };
         for &r in from {
             out.qs.extend_from_slice(&self.qs[r * rb..(r + 1) * rb]);
-            out.scales
-                .extend_from_slice(&self.scales[r * nb..(r + 1) * nb]);
-            out.mins.extend_from_slice(&self.mins[r * nb..(r + 1) * nb]);
+            if self.format.scaled() {
+                out.scales
+                    .extend_from_slice(&self.scales[r * nb..(r + 1) * nb]);
+                out.mins.extend_from_slice(&self.mins[r * nb..(r + 1) * nb]);
+            }
         }
         out
     }

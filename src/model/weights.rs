@@ -320,6 +320,12 @@ impl TensorSource for SafetensorsSource {
                 })
             }
         };
+        if let [rows, cols] = *shape {
+            // F16/BF16 matrices stay as stored; F32 ones become `data` below
+            if let Some(q) = QuantMatrix::from_ggml(ty, view.data(), rows, cols) {
+                return Ok(Tensor::blocks(q));
+            }
+        }
         let mut data = vec![0f32; shape.iter().product()];
         dequantize(ty, view.data(), &mut data);
         Ok(Tensor::new(shape.to_vec(), data))

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::model::dequant::{QuantMatrix, QK};
+use crate::model::dequant::{BlockFormat, QuantMatrix, QK};
 
 static ON: AtomicBool = AtomicBool::new(false);
 
@@ -92,7 +92,7 @@ pub fn matvec(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     };
     quantize(&x[..w.cols], &mut xq);
     let xq = &xq;
-    let dot = dot_fn(w.eight_bit);
+    let dot = dot_fn(w.format == BlockFormat::Q8);
     let rb = w.row_bytes();
     super::quant::par_rows(&mut out[..w.rows], |r| {
         super::quant::prefetch_ahead(&w.qs, r * rb, (r + 1) * rb);
@@ -266,7 +266,11 @@ mod tests {
         QuantMatrix {
             rows,
             cols,
-            eight_bit,
+            format: if eight_bit {
+                BlockFormat::Q8
+            } else {
+                BlockFormat::Q4
+            },
             qs: (0..rows * rb).map(|_| next()).collect(),
             scales: (0..rows * nb)
                 .map(|i| 0.01 + (i % 7) as f32 * 0.003)

@@ -9,18 +9,48 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::model::dequant::{block_bytes, QuantMatrix, QK};
+use crate::model::dequant::{BlockFormat, QuantMatrix, QK};
 
 /// One row of 4-bit blocks against x: `(qs, scales, mins, x, block sums of x)`.
 pub type Q4Fn = fn(&[u8], &[f32], &[f32], &[f32], &[f32]) -> f32;
 /// One row of 8-bit blocks against x: `(qs, scales, x)`.
 pub type Q8Fn = fn(&[u8], &[f32], &[f32]) -> f32;
-/// Consecutive weight rows against n inputs: `(eight_bit, qs, scales, mins, x, cols, n,
+/// Consecutive weight rows against n inputs: `(format, qs, scales, mins, x, cols, n,
 /// out)`. `qs`, `scales` and `mins` start at the first row; input i starts at `x[i * cols]`;
 /// `out[i * rows + r]` receives row r dotted with input i, for `rows = out.len() / n` (input
 /// after input, as `matmul_q`'s output). The loop over rows is inside the kernel (a call per
 /// row cost 24% over the bare kernel; now 9-11%).
-pub type RowsFn = fn(bool, &[u8], &[f32], &[f32], &[f32], usize, usize, &mut [f32]);
+pub type RowsFn = fn(BlockFormat, &[u8], &[f32], &[f32], &[f32], usize, usize, &mut [f32]);
+
+/// `BlockFormat`s as the SIMD kernels' const parameter.
+const Q4: u8 = BlockFormat::Q4 as u8;
+const Q8: u8 = BlockFormat::Q8 as u8;
+const F16: u8 = BlockFormat::F16 as u8;
+const BF16: u8 = BlockFormat::Bf16 as u8;
+
+/// Packed bytes of a block of format `F` (see `BlockFormat::bytes`).
+const fn format_bytes(f: u8) -> usize {
+    match f {
+        Q4 => 16,
+        Q8 => 32,
+        _ => 64,
+    }
+}
+
+/// Block i's scale and minimum for format `F` (0 for the float formats, which have none).
+///
+/// # Safety
+/// For the 4- and 8-bit formats, `scales` and `mins` must hold block i.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn scale_min<const F: u8>(scales: &[f32], mins: &[f32], i: usize) -> (f32, f32) {
+    if F == Q4 || F == Q8 {
+        // SAFETY: the caller's.
+        unsafe { (*scales.get_unchecked(i), *mins.get_unchecked(i)) }
+    } else {
+        (0.0, 0.0)
+    }
+}
 
 struct Kernels {
     q4: Q4Fn,
@@ -133,7 +163,7 @@ macro_rules! rows_loop {
     ($features:literal, $group:literal, $pair:literal, $($n:literal),+) => {
         #[allow(clippy::too_many_arguments)]
         pub fn rows_entry(
-            eight_bit: bool,
+            format: crate::model::dequant::BlockFormat,
             qs: &[u8],
             scales: &[f32],
             mins: &[f32],
@@ -142,10 +172,15 @@ macro_rules! rows_loop {
             n: usize,
             out: &mut [f32],
         ) {
-            super::check_rows(eight_bit, qs, scales, mins, x, cols, n, out.len());
+            super::check_rows(format, qs, scales, mins, x, cols, n, out.len());
             for g in (0..n).step_by($group) {
-                let kernel: super::GroupFn = match (eight_bit, (n - g).min($group)) {
-                    $((true, $n) => rows::<$n, true>, (false, $n) => rows::<$n, false>,)+
+                let kernel: super::GroupFn = match (format as u8, (n - g).min($group)) {
+                    $(
+                        (super::Q4, $n) => rows::<$n, { super::Q4 }>,
+                        (super::Q8, $n) => rows::<$n, { super::Q8 }>,
+                        (super::F16, $n) => rows::<$n, { super::F16 }>,
+                        (_, $n) => rows::<$n, { super::BF16 }>,
+                    )+
                     _ => unreachable!("a group holds 1..={} inputs", $group),
                 };
                 // SAFETY: selected only when `detected()` found the module's instruction
@@ -157,7 +192,7 @@ macro_rules! rows_loop {
         /// Inputs g..g + N against every row (see `RowsFn`).
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
-        unsafe fn rows<const N: usize, const E: bool>(
+        unsafe fn rows<const N: usize, const F: u8>(
             qs: &[u8],
             scales: &[f32],
             mins: &[f32],
@@ -168,7 +203,7 @@ macro_rules! rows_loop {
             out: &mut [f32],
         ) {
             let nb = cols / super::QK;
-            let rb = nb * crate::model::dequant::block_bytes(E);
+            let rb = nb * super::format_bytes(F);
             let rows = out.len() / n;
             let mut r = 0;
             let mut put = |r: usize, sums: &[f32; N]| {
@@ -179,7 +214,7 @@ macro_rules! rows_loop {
             if N <= $pair {
                 while r + 2 <= rows {
                     super::prefetch_ahead(qs, r * rb, (r + 2) * rb);
-                    let sums = row::<2, N, E>(
+                    let sums = row::<2, N, F>(
                         qs.get_unchecked(r * rb..),
                         scales.get_unchecked(r * nb..),
                         mins.get_unchecked(r * nb..),
@@ -194,7 +229,7 @@ macro_rules! rows_loop {
             }
             for r in r..rows {
                 super::prefetch_ahead(qs, r * rb, (r + 1) * rb);
-                let [sums] = row::<1, N, E>(
+                let [sums] = row::<1, N, F>(
                     qs.get_unchecked(r * rb..),
                     scales.get_unchecked(r * nb..),
                     mins.get_unchecked(r * nb..),
@@ -212,7 +247,9 @@ pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     pub(in crate::backend::cpu) fn detected() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
 
     /// The sum of the 8 lanes.
@@ -257,13 +294,13 @@ pub(super) mod avx2 {
 
     // Never two rows at a time: the 16 registers cannot hold two rows' widened blocks (8
     // vectors) beside the accumulators.
-    rows_loop!("avx2,fma", 4, 0, 1, 2, 3, 4);
+    rows_loop!("avx2,fma,f16c", 4, 0, 1, 2, 3, 4);
 
     /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
     /// widened to f32 once, then dotted with every input.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row<const R: usize, const N: usize, const E: bool>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row<const R: usize, const N: usize, const F: u8>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
@@ -273,16 +310,11 @@ pub(super) mod avx2 {
     ) -> [[f32; N]; R] {
         let mut acc = [[[_mm256_setzero_ps(); 2]; N]; R];
         let mask = _mm_set1_epi8(0x0f);
-        let rb = nb * crate::model::dequant::block_bytes(E);
+        let rb = nb * super::format_bytes(F);
         for b in 0..nb {
             let w: [[__m256; 4]; R] = std::array::from_fn(|k| {
-                widen::<E>(
-                    qs.as_ptr().add(k * rb),
-                    *scales.get_unchecked(k * nb + b),
-                    *mins.get_unchecked(k * nb + b),
-                    b,
-                    mask,
-                )
+                let (d, m) = super::scale_min::<F>(scales, mins, k * nb + b);
+                widen::<F>(qs.as_ptr().add(k * rb), d, m, b, mask)
             });
             for i in 0..N {
                 let xp = x.as_ptr().add(i * cols + b * 32);
@@ -301,8 +333,8 @@ pub(super) mod avx2 {
 
     /// Block b of a row as four f32 vectors of its 32 weights.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn widen<const E: bool>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen<const F: u8>(
         qs: *const u8,
         d: f32,
         m: f32,
@@ -310,7 +342,17 @@ pub(super) mod avx2 {
         mask: __m128i,
     ) -> [__m256; 4] {
         let d = _mm256_set1_ps(d);
-        if E {
+        if F == super::F16 {
+            let p = qs.add(b * 64) as *const __m128i;
+            [0, 1, 2, 3].map(|j| _mm256_cvtph_ps(_mm_loadu_si128(p.add(j))))
+        } else if F == super::BF16 {
+            // a bfloat16 is the high half of the f32 of the same value
+            let p = qs.add(b * 64) as *const __m128i;
+            [0, 1, 2, 3].map(|j| {
+                let u = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(j)));
+                _mm256_castsi256_ps(_mm256_slli_epi32(u, 16))
+            })
+        } else if F == super::Q8 {
             let p = qs.add(b * 32) as *const __m128i;
             let (a, c) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
             let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
@@ -368,7 +410,7 @@ mod avx512 {
     /// widened to two 16-lane f32 vectors once, then dotted with every input.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn row<const R: usize, const N: usize, const E: bool>(
+    unsafe fn row<const R: usize, const N: usize, const F: u8>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
@@ -377,15 +419,11 @@ mod avx512 {
         cols: usize,
     ) -> [[f32; N]; R] {
         let mut acc = [[[_mm512_setzero_ps(); 2]; N]; R];
-        let rb = nb * crate::model::dequant::block_bytes(E);
+        let rb = nb * super::format_bytes(F);
         for b in 0..nb {
             let w: [[__m512; 2]; R] = std::array::from_fn(|k| {
-                widen::<E>(
-                    qs.as_ptr().add(k * rb),
-                    *scales.get_unchecked(k * nb + b),
-                    *mins.get_unchecked(k * nb + b),
-                    b,
-                )
+                let (d, m) = super::scale_min::<F>(scales, mins, k * nb + b);
+                widen::<F>(qs.as_ptr().add(k * rb), d, m, b)
             });
             for i in 0..N {
                 let xp = x.as_ptr().add(i * cols + b * 32);
@@ -405,28 +443,29 @@ mod avx512 {
         let nb = w.cols / super::QK;
         let first = r0 * nb;
         let blocks = out.len() / super::QK;
-        assert!(first + blocks <= w.scales.len(), "widen_rows: shape");
+        assert!(
+            (first + blocks) * w.format.bytes() <= w.qs.len()
+                && (!w.format.scaled() || first + blocks <= w.scales.len().min(w.mins.len())),
+            "widen_rows: shape"
+        );
         // SAFETY: AVX-512F was detected (the only caller checks); blocks first.. lie inside
         // the matrix and out holds 32 floats for each.
         unsafe {
-            if w.eight_bit {
-                widen_blocks::<true>(w, first, out)
-            } else {
-                widen_blocks::<false>(w, first, out)
+            match w.format as u8 {
+                super::Q4 => widen_blocks::<{ super::Q4 }>(w, first, out),
+                super::Q8 => widen_blocks::<{ super::Q8 }>(w, first, out),
+                super::F16 => widen_blocks::<{ super::F16 }>(w, first, out),
+                _ => widen_blocks::<{ super::BF16 }>(w, first, out),
             }
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn widen_blocks<const E: bool>(w: &super::QuantMatrix, first: usize, out: &mut [f32]) {
+    unsafe fn widen_blocks<const F: u8>(w: &super::QuantMatrix, first: usize, out: &mut [f32]) {
         for (b, o) in out.chunks_exact_mut(super::QK).enumerate() {
             let i = first + b;
-            let [lo, hi] = widen::<E>(
-                w.qs.as_ptr(),
-                *w.scales.get_unchecked(i),
-                *w.mins.get_unchecked(i),
-                i,
-            );
+            let (d, m) = super::scale_min::<F>(&w.scales, &w.mins, i);
+            let [lo, hi] = widen::<F>(w.qs.as_ptr(), d, m, i);
             _mm512_storeu_ps(o.as_mut_ptr(), lo);
             _mm512_storeu_ps(o.as_mut_ptr().add(16), hi);
         }
@@ -438,9 +477,19 @@ mod avx512 {
     /// against 2.24 ns per block with one input, 3.46 against 3.87 with four).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn widen<const E: bool>(qs: *const u8, d: f32, m: f32, b: usize) -> [__m512; 2] {
+    unsafe fn widen<const F: u8>(qs: *const u8, d: f32, m: f32, b: usize) -> [__m512; 2] {
         let d = _mm512_set1_ps(d);
-        if E {
+        if F == super::F16 {
+            let p = qs.add(b * 64) as *const __m256i;
+            [0, 1].map(|j| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(j))))
+        } else if F == super::BF16 {
+            // a bfloat16 is the high half of the f32 of the same value
+            let p = qs.add(b * 64) as *const __m256i;
+            [0, 1].map(|j| {
+                let u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(j)));
+                _mm512_castsi512_ps(_mm512_slli_epi32(u, 16))
+            })
+        } else if F == super::Q8 {
             let p = qs.add(b * 32) as *const __m128i;
             let f = |v: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
             [f(_mm_loadu_si128(p)), f(_mm_loadu_si128(p.add(1)))]
@@ -475,7 +524,7 @@ mod neon {
     /// widened to eight 4-lane f32 vectors once, then dotted with every input.
     #[inline]
     #[target_feature(enable = "neon")]
-    unsafe fn row<const R: usize, const N: usize, const E: bool>(
+    unsafe fn row<const R: usize, const N: usize, const F: u8>(
         qs: &[u8],
         scales: &[f32],
         mins: &[f32],
@@ -484,15 +533,11 @@ mod neon {
         cols: usize,
     ) -> [[f32; N]; R] {
         let mut acc = [[[vdupq_n_f32(0.0); 2]; N]; R];
-        let rb = nb * crate::model::dequant::block_bytes(E);
+        let rb = nb * super::format_bytes(F);
         for b in 0..nb {
             let w: [[float32x4_t; 8]; R] = std::array::from_fn(|k| {
-                widen::<E>(
-                    qs.as_ptr().add(k * rb),
-                    *scales.get_unchecked(k * nb + b),
-                    *mins.get_unchecked(k * nb + b),
-                    b,
-                )
+                let (d, m) = super::scale_min::<F>(scales, mins, k * nb + b);
+                widen::<F>(qs.as_ptr().add(k * rb), d, m, b)
             });
             for i in 0..N {
                 let xp = x.as_ptr().add(i * cols + b * 32);
@@ -511,9 +556,21 @@ mod neon {
     /// blocks, `d * q` for 8-bit ones).
     #[inline]
     #[target_feature(enable = "neon")]
-    unsafe fn widen<const E: bool>(qs: *const u8, d: f32, m: f32, b: usize) -> [float32x4_t; 8] {
+    unsafe fn widen<const F: u8>(qs: *const u8, d: f32, m: f32, b: usize) -> [float32x4_t; 8] {
         let d = vdupq_n_f32(d);
-        if E {
+        if F == super::F16 {
+            // Rust's NEON half-float conversions are not stable yet: widened one by one
+            let mut f = [0f32; 32];
+            let bytes = std::slice::from_raw_parts(qs.add(b * 64), 64);
+            crate::model::dequant::BlockFormat::F16.widen(bytes, 0.0, 0.0, &mut f);
+            std::array::from_fn(|j| vld1q_f32(f.as_ptr().add(4 * j)))
+        } else if F == super::BF16 {
+            // a bfloat16 is the high half of the f32 of the same value
+            let p = qs.add(b * 64) as *const u16;
+            std::array::from_fn(|j| {
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.add(4 * j))))
+            })
+        } else if F == super::Q8 {
             let p = qs.add(b * 32) as *const i8;
             let f = |v: int8x16_t| {
                 let (l, h) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
@@ -582,7 +639,7 @@ type GroupFn = unsafe fn(&[u8], &[f32], &[f32], &[f32], usize, usize, usize, &mu
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::too_many_arguments)]
 fn check_rows(
-    eight_bit: bool,
+    format: BlockFormat,
     qs: &[u8],
     scales: &[f32],
     mins: &[f32],
@@ -597,10 +654,9 @@ fn check_rows(
     );
     let blocks = out / n * (cols / QK);
     assert!(
-        scales.len() >= blocks
-            && mins.len() >= blocks
+        (!format.scaled() || (scales.len() >= blocks && mins.len() >= blocks))
             && x.len() >= n * cols
-            && qs.len() >= blocks * block_bytes(eight_bit),
+            && qs.len() >= blocks * format.bytes(),
         "rows kernel: lengths"
     );
 }
@@ -622,8 +678,6 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
     if n == 0 {
         return;
     }
-    let nb = w.cols / QK;
-    let rb = w.row_bytes();
     let outp = SendOut(out.as_mut_ptr());
     // whole cache lines of each output row per task: no line is written from two cores
     let rows_per_task = (w.rows / (rayon::current_num_threads() * 8))
@@ -639,16 +693,8 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
                 let r1 = (r0 + TILE).min(end);
                 let len = r1 - r0;
                 let tile = &mut tile[..len * n];
-                (kernels().rows)(
-                    w.eight_bit,
-                    &w.qs[r0 * rb..r1 * rb],
-                    &w.scales[r0 * nb..r1 * nb],
-                    &w.mins[r0 * nb..r1 * nb],
-                    x,
-                    w.cols,
-                    n,
-                    tile,
-                );
+                let (qs, scales, mins) = row_slices(w, r0, r1);
+                (kernels().rows)(w.format, qs, scales, mins, x, w.cols, n, tile);
                 for (i, sums) in tile.chunks_exact(len).enumerate() {
                     // SAFETY: out holds n * rows floats; rows r0..r1 of each input are
                     // written only by the task that owns them.
@@ -660,7 +706,17 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
         });
 }
 
-/// Weight rows widened to f32 at a time in `matmul_q_gemm`.
+/// Rows r0..r1 of `w`: their packed values, scales and minimums (none for the float
+/// formats).
+fn row_slices(w: &QuantMatrix, r0: usize, r1: usize) -> (&[u8], &[f32], &[f32]) {
+    let (nb, rb) = (w.cols / QK, w.row_bytes());
+    let qs = &w.qs[r0 * rb..r1 * rb];
+    match w.format.scaled() {
+        true => (qs, &w.scales[r0 * nb..r1 * nb], &w.mins[r0 * nb..r1 * nb]),
+        false => (qs, &[], &[]),
+    }
+}
+
 /// Bytes of f32 weight rows each thread widens at a time in `matmul_q_gemm`. SGEMM packs
 /// its input rows again for every panel, so small panels cost time: on SmolLM2, 64-row
 /// panels prefilled at 390-400 tokens/s, 512 rows at 450-465 (alternating, one process).
@@ -715,7 +771,7 @@ fn widen_rows(w: &QuantMatrix, r0: usize, out: &mut [f32]) {
 /// with every input.
 #[allow(clippy::too_many_arguments)]
 pub fn rows_portable(
-    eight_bit: bool,
+    format: BlockFormat,
     qs: &[u8],
     scales: &[f32],
     mins: &[f32],
@@ -725,28 +781,18 @@ pub fn rows_portable(
     out: &mut [f32],
 ) {
     assert!(n <= MAX_ROWS, "rows kernel: shape");
-    let nb = cols / QK;
-    let rb = nb * block_bytes(eight_bit);
+    let (nb, bb) = (cols / QK, format.bytes());
     let rows = out.len() / n;
     let mut block = [0f32; QK];
     for r in 0..rows {
         let mut acc = [0f32; MAX_ROWS];
-        let (qs, scales, mins) = (
-            &qs[r * rb..(r + 1) * rb],
-            &scales[r * nb..(r + 1) * nb],
-            &mins[r * nb..(r + 1) * nb],
-        );
-        for (b, (&d, &m)) in scales.iter().zip(mins).enumerate() {
-            if eight_bit {
-                for (o, &q) in block.iter_mut().zip(&qs[b * 32..(b + 1) * 32]) {
-                    *o = (q as i8) as f32 * d;
-                }
-            } else {
-                for (j, &q) in qs[b * 16..(b + 1) * 16].iter().enumerate() {
-                    block[j] = (q & 0x0f) as f32 * d + m;
-                    block[j + 16] = (q >> 4) as f32 * d + m;
-                }
-            }
+        for b in 0..nb {
+            let i = r * nb + b;
+            let (d, m) = match format.scaled() {
+                true => (scales[i], mins[i]),
+                false => (0.0, 0.0),
+            };
+            format.widen(&qs[i * bb..(i + 1) * bb], d, m, &mut block);
             for (i, a) in acc[..n].iter_mut().enumerate() {
                 let xb = &x[i * cols + b * QK..i * cols + (b + 1) * QK];
                 *a += block.iter().zip(xb).map(|(w, x)| w * x).sum::<f32>();
@@ -767,16 +813,16 @@ unsafe impl Sync for SendOut {}
 /// Most blocks per row whose sums of `x` are kept on the stack (rows up to 32768 wide).
 const MAX_BLOCKS: usize = 1024;
 
-/// out (rows) = W x for a block-quantized W, rows split between rayon threads. With AVX-512
-/// the one-input case of the batched kernel is the faster one (measured on one core: 2.5
+/// out (rows) = W x for a compact W, rows split between rayon threads. With AVX-512 the
+/// one-input case of the batched kernel is the faster one (measured on one core: 2.5
 /// against 3.7 ns per block); with AVX2 the dot product below, which takes each block's
-/// minimum through the block sums of x.
+/// minimum through the block sums of x (the float formats go through the batched kernel).
 pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
-    if super::q8act::enabled() {
+    if super::q8act::enabled() && w.format.scaled() {
         return super::q8act::matvec(out, x, w);
     }
     let k = kernels();
-    if k.matvec_by_rows {
+    if k.matvec_by_rows || !w.format.scaled() {
         return matmul_q(out, x, w, 1);
     }
     let nb = w.cols / QK;
@@ -793,7 +839,7 @@ pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     par_rows(&mut out[..w.rows], |r| {
         prefetch_ahead(&w.qs, r * rb, (r + 1) * rb);
         let (qs, sc) = (&w.qs[r * rb..(r + 1) * rb], &w.scales[r * nb..(r + 1) * nb]);
-        if w.eight_bit {
+        if w.format == BlockFormat::Q8 {
             (k.q8)(qs, sc, x)
         } else {
             (k.q4)(qs, sc, &w.mins[r * nb..(r + 1) * nb], x, xsum)
