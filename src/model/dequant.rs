@@ -1,6 +1,7 @@
 //! GGML storage types and their dequantization to f32: F32, F16, BF16 and the block formats
 //! Q8_0, Q4_0 and Q4_1 (32 values per block, one f16 scale, and for Q4_1 an f16 minimum).
-//! Also the F16/BF16 conversions used for safetensors. Pure functions over byte slices.
+//! Also the F16/BF16 conversions used for safetensors, and `QuantMatrix`, the compact form
+//! the CPU keeps a matrix in (`BlockFormat`).
 
 use half::{bf16, f16};
 
@@ -37,7 +38,7 @@ impl BlockFormat {
     }
 
     /// Block `q` (`self.bytes()` bytes) as its 32 values, with scale `d` and minimum `m`
-    /// (ignored by the float formats).
+    /// (ignored by the float formats, which widen any run of values this way).
     pub fn widen(self, q: &[u8], d: f32, m: f32, out: &mut [f32]) {
         match self {
             BlockFormat::Q4 => {
@@ -123,16 +124,8 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        GgmlType::F16 => {
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
+        GgmlType::F16 => BlockFormat::F16.widen(src, 0.0, 0.0, out),
+        GgmlType::BF16 => BlockFormat::Bf16.widen(src, 0.0, 0.0, out),
         GgmlType::Q8_0 => {
             for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
                 let d = f16_at(b, 0);

@@ -1,9 +1,10 @@
-//! Decode-path products straight from 4- and 8-bit blocks (`QuantMatrix`): one input (per
-//! block, `scale * sum(q * x) + min * sum(x)`, with the block sums of `x` computed once per
-//! call) or several (batched decode: each block widened to f32 once and dotted with every
-//! input). f32 activations and accumulation, so the result equals the dequantized f32 product
-//! up to rounding. AVX-512 and AVX2+FMA kernels are chosen at run time, NEON on aarch64; the
-//! portable ones are plain loops.
+//! Products straight from compact matrices (`QuantMatrix`: 4- and 8-bit blocks, or 16-bit
+//! floats). Decode: one input (4/8-bit with AVX2: per block, `scale * sum(q * x) + min *
+//! sum(x)`, with the block sums of `x` computed once per call) or several (batched decode:
+//! each block widened to f32 once and dotted with every input). Prefill: rows widened a
+//! panel at a time for SGEMM. f32 activations and accumulation, so the result equals the
+//! dequantized f32 product up to rounding. AVX-512 and AVX2+FMA+F16C kernels are chosen at
+//! run time, NEON on aarch64; the portable ones are plain loops.
 
 use std::sync::OnceLock;
 
@@ -34,6 +35,26 @@ const fn format_bytes(f: u8) -> usize {
         Q4 => 16,
         Q8 => 32,
         _ => 64,
+    }
+}
+
+/// `scales[from..]` and `mins[from..]` for format `F` (the float formats have none: the
+/// empty slices as given).
+///
+/// # Safety
+/// For the 4- and 8-bit formats, `from` must be at most the slices' lengths.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn params_from<'a, const F: u8>(
+    scales: &'a [f32],
+    mins: &'a [f32],
+    from: usize,
+) -> (&'a [f32], &'a [f32]) {
+    if F == Q4 || F == Q8 {
+        // SAFETY: the caller's.
+        unsafe { (scales.get_unchecked(from..), mins.get_unchecked(from..)) }
+    } else {
+        (scales, mins)
     }
 }
 
@@ -214,10 +235,11 @@ macro_rules! rows_loop {
             if N <= $pair {
                 while r + 2 <= rows {
                     super::prefetch_ahead(qs, r * rb, (r + 2) * rb);
+                    let (sc, mn) = super::params_from::<F>(scales, mins, r * nb);
                     let sums = row::<2, N, F>(
                         qs.get_unchecked(r * rb..),
-                        scales.get_unchecked(r * nb..),
-                        mins.get_unchecked(r * nb..),
+                        sc,
+                        mn,
                         nb,
                         x,
                         cols,
@@ -229,10 +251,11 @@ macro_rules! rows_loop {
             }
             for r in r..rows {
                 super::prefetch_ahead(qs, r * rb, (r + 1) * rb);
+                let (sc, mn) = super::params_from::<F>(scales, mins, r * nb);
                 let [sums] = row::<1, N, F>(
                     qs.get_unchecked(r * rb..),
-                    scales.get_unchecked(r * nb..),
-                    mins.get_unchecked(r * nb..),
+                    sc,
+                    mn,
                     nb,
                     x,
                     cols,
@@ -331,7 +354,8 @@ pub(super) mod avx2 {
         acc.map(|a| a.map(|a| hsum(_mm256_add_ps(a[0], a[1]))))
     }
 
-    /// Block b of a row as four f32 vectors of its 32 weights.
+    /// Block b of a row as four f32 vectors of its 32 weights (`d * q + min` for 4-bit
+    /// blocks, `d * q` for 8-bit ones, the 16-bit floats widened).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn widen<const F: u8>(
@@ -553,7 +577,7 @@ mod neon {
     }
 
     /// Block b of a row as eight f32 vectors of its 32 weights (`d * q + min` for 4-bit
-    /// blocks, `d * q` for 8-bit ones).
+    /// blocks, `d * q` for 8-bit ones, the 16-bit floats widened).
     #[inline]
     #[target_feature(enable = "neon")]
     unsafe fn widen<const F: u8>(qs: *const u8, d: f32, m: f32, b: usize) -> [float32x4_t; 8] {
@@ -667,9 +691,9 @@ pub const MAX_ROWS: usize = 16;
 /// Weight rows one kernel call covers in `matmul_q` (its results stay on the stack).
 const TILE: usize = 32;
 
-/// out (n, rows) = x (n, cols) @ W^T for a block-quantized W and n <= MAX_ROWS (batched
-/// decode): each block is widened to f32 once and dotted with all n inputs, so the weights
-/// are read from memory once per step whatever n is.
+/// out (n, rows) = x (n, cols) @ W^T for a compact W and n <= MAX_ROWS (batched decode):
+/// each block is widened to f32 once and dotted with all n inputs, so the weights are read
+/// from memory once per step whatever n is.
 pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
     assert!(
         n <= MAX_ROWS && x.len() >= n * w.cols && out.len() >= n * w.rows,
@@ -678,7 +702,7 @@ pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
     if n == 0 {
         return;
     }
-    let outp = SendOut(out.as_mut_ptr());
+    let outp = super::ops::SendPtr(out.as_mut_ptr());
     // whole cache lines of each output row per task: no line is written from two cores
     let rows_per_task = (w.rows / (rayon::current_num_threads() * 8))
         .clamp(16, 256)
@@ -744,8 +768,9 @@ pub fn matmul_q_gemm(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
         PANEL_BUF.with_borrow_mut(|buf| {
             let panel_rows = (PANEL_BYTES / (4 * k)).max(16);
             buf.resize(panel_rows * k, 0.0);
-            for j0 in (b * per..((b + 1) * per).min(m)).step_by(panel_rows) {
-                let mb = panel_rows.min(m - j0).min((b + 1) * per - j0);
+            let end = ((b + 1) * per).min(m);
+            for j0 in (b * per..end).step_by(panel_rows) {
+                let mb = panel_rows.min(end - j0);
                 let panel = &mut buf[..mb * k];
                 widen_rows(w, j0, panel);
                 // SAFETY: out holds n rows of m floats (checked above); this task writes
@@ -803,12 +828,6 @@ pub fn rows_portable(
         }
     }
 }
-
-#[derive(Clone, Copy)]
-struct SendOut(*mut f32);
-// SAFETY: used only to hand disjoint output elements to rayon tasks.
-unsafe impl Send for SendOut {}
-unsafe impl Sync for SendOut {}
 
 /// Most blocks per row whose sums of `x` are kept on the stack (rows up to 32768 wide).
 const MAX_BLOCKS: usize = 1024;
