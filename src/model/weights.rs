@@ -1,7 +1,8 @@
-//! The model's weights as host tensors (f32, or a GGUF matrix's own blocks), loaded from either source through one name
-//! table: Hugging Face names are used verbatim at the loading boundary, `gguf_name` maps
-//! each to llama.cpp's. Every expected tensor is checked by name, shape and dtype, and an
-//! error names the tensor. GGUF's permuted Q/K rows are undone here, in one place.
+//! The model's weights as host tensors (f32, or a matrix kept compact as its file stores
+//! it), loaded from either source through one name table: Hugging Face names are used
+//! verbatim at the loading boundary, `gguf_name` maps each to llama.cpp's. Every expected
+//! tensor is checked by name, shape and dtype, and an error names the tensor. GGUF's
+//! permuted Q/K rows are undone here, in one place.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -17,17 +18,18 @@ use super::dequant::{dequantize, GgmlType, QuantMatrix};
 use super::error::LoadError;
 use super::gguf::GgufFile;
 
-/// A row-major tensor: f32 values, or a matrix kept in the GGUF file's block format. The
-/// data is shared, so a CPU backend "uploads" it by reference and workers never copy weights.
+/// A row-major tensor: f32 values, or a matrix kept compact (a GGUF file's 4/8-bit blocks,
+/// or F16/BF16 as stored). The data is shared, so a CPU backend "uploads" it by reference
+/// and workers never copy weights.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     /// Shape, outermost first (a linear weight is `[out_features, in_features]`).
     pub shape: Vec<usize>,
     /// The values; empty when `quant` holds the matrix.
     pub data: Arc<[f32]>,
-    /// The matrix in the GGUF file's block format, when it was stored quantized. Only these
-    /// blocks are kept (4-8x smaller than f32): the CPU reads them in every product, and
-    /// `to_f32` widens them for a backend that needs f32.
+    /// The matrix in its compact form, when the file stored it as 4/8-bit blocks or 16-bit
+    /// floats. Only this is kept (2-8x smaller than f32): the CPU reads it in every product,
+    /// and `to_f32` widens it for a backend that needs f32.
     pub quant: Option<Arc<QuantMatrix>>,
 }
 
@@ -42,7 +44,7 @@ impl Tensor {
         }
     }
 
-    /// A matrix held in its block format only.
+    /// A matrix held in its compact form only.
     pub fn blocks(q: QuantMatrix) -> Tensor {
         Tensor {
             shape: vec![q.rows, q.cols],
@@ -51,7 +53,7 @@ impl Tensor {
         }
     }
 
-    /// The values as f32: borrowed, or widened from the blocks (a new buffer).
+    /// The values as f32: borrowed, or widened from the compact form (a new buffer).
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
         match &self.quant {
             Some(q) => {
