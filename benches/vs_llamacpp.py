@@ -2,7 +2,11 @@
 side: the two alternate, each measuring prefill of a 512-token prompt and decode of 128 tokens
 (batch 1, one forward pass per token), and the ratios are printed.
 
-    python3 -m venv .cache/llama && .cache/llama/bin/pip install llama-cpp-python  # builds llama.cpp
+    python3 -m venv .cache/llama
+    # builds llama.cpp; its native build (and a wheel pip cached from one) may die with an
+    # illegal instruction on a VM that hides CPU features, hence the explicit set
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+      .cache/llama/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
     cargo build --release
     .cache/llama/bin/python benches/vs_llamacpp.py [--model M] [--threads 2] [--rounds 3]
 """
