@@ -576,6 +576,44 @@ mod neon {
         acc.map(|a| a.map(|a| vaddvq_f32(vaddq_f32(a[0], a[1]))))
     }
 
+    /// Four IEEE half floats (one in the low 16 bits of each lane) as f32, exactly. Rust's
+    /// NEON half-float conversions are not stable yet, so in integers: the exponent and
+    /// mantissa bits moved up 13 places read as an f32 2^112 times too small (subnormal
+    /// halves included), infinities and NaNs take the all-ones exponent, then the sign.
+    /// The same bits as `half`'s conversion for every half (the test below).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn f16_to_f32(h: uint32x4_t) -> float32x4_t {
+        let em = vshlq_n_u32::<13>(vandq_u32(h, vdupq_n_u32(0x7fff)));
+        let scaled = vmulq_f32(
+            vreinterpretq_f32_u32(em),
+            vdupq_n_f32(f32::from_bits(0x7780_0000)),
+        );
+        let special = vcgeq_u32(em, vdupq_n_u32(0x7c00 << 13));
+        // a NaN comes out quiet, as from the hardware's conversions
+        let nan = vcgtq_u32(em, vdupq_n_u32(0x7c00 << 13));
+        let quiet = vandq_u32(nan, vdupq_n_u32(0x0040_0000));
+        let inf_nan = vorrq_u32(vorrq_u32(em, quiet), vdupq_n_u32(0x7f80_0000));
+        let magnitude = vbslq_u32(special, inf_nan, vreinterpretq_u32_f32(scaled));
+        let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));
+        vreinterpretq_f32_u32(vorrq_u32(magnitude, sign))
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn f16_to_f32_is_exact_for_every_half() {
+        for bits in (0..=u16::MAX).step_by(4) {
+            let h: [u32; 4] = std::array::from_fn(|i| (bits + i as u16) as u32);
+            let mut got = [0f32; 4];
+            // SAFETY: NEON is always present on aarch64.
+            unsafe { vst1q_f32(got.as_mut_ptr(), f16_to_f32(vld1q_u32(h.as_ptr()))) };
+            for (g, &h) in got.iter().zip(&h) {
+                let want = half::f16::from_bits(h as u16).to_f32();
+                assert_eq!(g.to_bits(), want.to_bits(), "half {h:#06x}");
+            }
+        }
+    }
+
     /// Block b of a row as eight f32 vectors of its 32 weights (`d * q + min` for 4-bit
     /// blocks, `d * q` for 8-bit ones, the 16-bit floats widened).
     #[inline]
@@ -583,11 +621,8 @@ mod neon {
     unsafe fn widen<const F: u8>(qs: *const u8, d: f32, m: f32, b: usize) -> [float32x4_t; 8] {
         let d = vdupq_n_f32(d);
         if F == super::F16 {
-            // Rust's NEON half-float conversions are not stable yet: widened one by one
-            let mut f = [0f32; 32];
-            let bytes = std::slice::from_raw_parts(qs.add(b * 64), 64);
-            crate::model::dequant::BlockFormat::F16.widen(bytes, 0.0, 0.0, &mut f);
-            std::array::from_fn(|j| vld1q_f32(f.as_ptr().add(4 * j)))
+            let p = qs.add(b * 64) as *const u16;
+            std::array::from_fn(|j| f16_to_f32(vmovl_u16(vld1_u16(p.add(4 * j)))))
         } else if F == super::BF16 {
             // a bfloat16 is the high half of the f32 of the same value
             let p = qs.add(b * 64) as *const u16;
