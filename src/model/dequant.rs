@@ -198,6 +198,35 @@ mod tests {
     }
 
     #[test]
+    fn permute_rows_moves_whole_rows_of_every_format() {
+        let (rows, cols) = (4, 64);
+        let from = [2, 0, 3, 1];
+        for ty in [GgmlType::Q4_1, GgmlType::F16] {
+            let mut src: Vec<u8> = (0..ty.byte_len(rows * cols).unwrap())
+                .map(|i| (i * 29 % 113) as u8)
+                .collect();
+            if ty == GgmlType::Q4_1 {
+                for (i, b) in src.chunks_exact_mut(20).enumerate() {
+                    b[..2].copy_from_slice(&h(0.02 * (i + 1) as f32));
+                    b[2..4].copy_from_slice(&h(-0.1 * i as f32));
+                }
+            }
+            let q = QuantMatrix::from_ggml(ty, &src, rows, cols).unwrap();
+            let mut want = vec![0f32; rows * cols];
+            q.dequantize_rows(0, &mut want);
+            let mut got = vec![0f32; rows * cols];
+            q.permute_rows(&from).dequantize_rows(0, &mut got);
+            for (r, &f) in from.iter().enumerate() {
+                assert_eq!(
+                    got[r * cols..(r + 1) * cols],
+                    want[f * cols..(f + 1) * cols],
+                    "{ty:?} row {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn q8_0_block() {
         let mut b = h(0.5).to_vec();
         b.extend((0..32).map(|i| (i as i8 - 16) as u8));
