@@ -398,7 +398,7 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
 fn quantized_prefill_matmul_equals_sgemm_on_the_dequantized_weights() {
     use chatstream::backend::cpu::quant;
     use chatstream::model::dequant::{dequantize, QuantMatrix};
-    // 8192 columns: each thread's share of rows spans several widened panels
+    // 8192 columns: on a few threads, each one's share of rows spans several panels
     for (rows, cols) in [(101, 576), (1000, 8192)] {
         for ty in ALL_COMPACT {
             let bytes = random_blocks(ty, rows, cols, 41);
