@@ -37,6 +37,15 @@ impl BlockFormat {
         matches!(self, BlockFormat::Q4 | BlockFormat::Q8)
     }
 
+    /// Block i's scale and minimum from a matrix's `scales` and `mins` (0 for the float
+    /// formats, which have none).
+    pub fn params(self, scales: &[f32], mins: &[f32], i: usize) -> (f32, f32) {
+        match self.scaled() {
+            true => (scales[i], mins[i]),
+            false => (0.0, 0.0),
+        }
+    }
+
     /// Block `q` (`self.bytes()` bytes) as its 32 values, with scale `d` and minimum `m`
     /// (ignored by the float formats, which widen any run of values this way).
     pub fn widen(self, q: &[u8], d: f32, m: f32, out: &mut [f32]) {
@@ -348,10 +357,7 @@ impl QuantMatrix {
         let bb = self.format.bytes();
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let i = first + b;
-            let (d, m) = match self.format.scaled() {
-                true => (self.scales[i], self.mins[i]),
-                false => (0.0, 0.0),
-            };
+            let (d, m) = self.format.params(&self.scales, &self.mins, i);
             self.format.widen(&self.qs[i * bb..(i + 1) * bb], d, m, o);
         }
     }

@@ -29,12 +29,13 @@ const Q8: u8 = BlockFormat::Q8 as u8;
 const F16: u8 = BlockFormat::F16 as u8;
 const BF16: u8 = BlockFormat::Bf16 as u8;
 
-/// Packed bytes of a block of format `F` (see `BlockFormat::bytes`).
-const fn format_bytes(f: u8) -> usize {
+/// The `BlockFormat` of a kernel's const parameter.
+const fn format_of(f: u8) -> BlockFormat {
     match f {
-        Q4 => 16,
-        Q8 => 32,
-        _ => 64,
+        Q4 => BlockFormat::Q4,
+        Q8 => BlockFormat::Q8,
+        F16 => BlockFormat::F16,
+        _ => BlockFormat::Bf16,
     }
 }
 
@@ -50,7 +51,7 @@ unsafe fn params_from<'a, const F: u8>(
     mins: &'a [f32],
     from: usize,
 ) -> (&'a [f32], &'a [f32]) {
-    if F == Q4 || F == Q8 {
+    if format_of(F).scaled() {
         // SAFETY: the caller's.
         unsafe { (scales.get_unchecked(from..), mins.get_unchecked(from..)) }
     } else {
@@ -65,7 +66,7 @@ unsafe fn params_from<'a, const F: u8>(
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 unsafe fn scale_min<const F: u8>(scales: &[f32], mins: &[f32], i: usize) -> (f32, f32) {
-    if F == Q4 || F == Q8 {
+    if format_of(F).scaled() {
         // SAFETY: the caller's.
         unsafe { (*scales.get_unchecked(i), *mins.get_unchecked(i)) }
     } else {
@@ -224,7 +225,7 @@ macro_rules! rows_loop {
             out: &mut [f32],
         ) {
             let nb = cols / super::QK;
-            let rb = nb * super::format_bytes(F);
+            let rb = nb * super::format_of(F).bytes();
             let rows = out.len() / n;
             let mut r = 0;
             let mut put = |r: usize, sums: &[f32; N]| {
@@ -333,7 +334,7 @@ pub(super) mod avx2 {
     ) -> [[f32; N]; R] {
         let mut acc = [[[_mm256_setzero_ps(); 2]; N]; R];
         let mask = _mm_set1_epi8(0x0f);
-        let rb = nb * super::format_bytes(F);
+        let rb = nb * super::format_of(F).bytes();
         for b in 0..nb {
             let w: [[__m256; 4]; R] = std::array::from_fn(|k| {
                 let (d, m) = super::scale_min::<F>(scales, mins, k * nb + b);
@@ -443,7 +444,7 @@ mod avx512 {
         cols: usize,
     ) -> [[f32; N]; R] {
         let mut acc = [[[_mm512_setzero_ps(); 2]; N]; R];
-        let rb = nb * super::format_bytes(F);
+        let rb = nb * super::format_of(F).bytes();
         for b in 0..nb {
             let w: [[__m512; 2]; R] = std::array::from_fn(|k| {
                 let (d, m) = super::scale_min::<F>(scales, mins, k * nb + b);
@@ -557,7 +558,7 @@ mod neon {
         cols: usize,
     ) -> [[f32; N]; R] {
         let mut acc = [[[vdupq_n_f32(0.0); 2]; N]; R];
-        let rb = nb * super::format_bytes(F);
+        let rb = nb * super::format_of(F).bytes();
         for b in 0..nb {
             let w: [[float32x4_t; 8]; R] = std::array::from_fn(|k| {
                 let (d, m) = super::scale_min::<F>(scales, mins, k * nb + b);
@@ -848,10 +849,7 @@ pub fn rows_portable(
         let mut acc = [0f32; MAX_ROWS];
         for b in 0..nb {
             let i = r * nb + b;
-            let (d, m) = match format.scaled() {
-                true => (scales[i], mins[i]),
-                false => (0.0, 0.0),
-            };
+            let (d, m) = format.params(scales, mins, i);
             format.widen(&qs[i * bb..(i + 1) * bb], d, m, &mut block);
             for (i, a) in acc[..n].iter_mut().enumerate() {
                 let xb = &x[i * cols + b * QK..i * cols + (b + 1) * QK];
