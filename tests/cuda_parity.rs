@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use chatstream::backend::cpu::Cpu;
+use chatstream::backend::cpu::{AlignedBuf, Cpu};
 use chatstream::backend::cuda::{compile_kernel, nvrtc_available, Cuda};
 use chatstream::backend::kernels::KERNEL_SOURCES;
 use chatstream::backend::{AttnShape, Backend, RopeShape};
@@ -45,6 +45,11 @@ fn up(g: &Cuda, v: &[f32]) -> <Cuda as Backend>::Buf {
     b
 }
 
+/// `v` in a CPU backend buffer.
+fn host(v: &[f32]) -> AlignedBuf {
+    AlignedBuf::from(v)
+}
+
 fn down(g: &Cuda, b: &<Cuda as Backend>::Buf, n: usize) -> Vec<f32> {
     let mut out = Vec::new();
     g.read(b, n, &mut out);
@@ -76,8 +81,8 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
         (512, 576, 1536),
     ] {
         let (x, w) = (rand_vec(n * k, 1), tensor(&[m, k], 2));
-        let mut cpu = vec![0.0; n * m];
-        Cpu.matmul(&mut cpu, &x, &w, n);
+        let mut cpu = Cpu.alloc(n * m);
+        Cpu.matmul(&mut cpu, &host(&x), &w, n);
         let mut out = g.alloc(n * m);
         g.matmul(&mut out, &up(g, &x), &g.upload(&w), n);
         assert_close(
@@ -89,31 +94,31 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
     }
     let (n, dim) = (7, 576);
     let (x, w) = (rand_vec(n * dim, 3), tensor(&[dim], 4));
-    let mut cpu = vec![0.0; n * dim];
-    Cpu.rmsnorm(&mut cpu, &x, &w, n, 1e-5);
+    let mut cpu = Cpu.alloc(n * dim);
+    Cpu.rmsnorm(&mut cpu, &host(&x), &w, n, 1e-5);
     let mut out = g.alloc(n * dim);
     g.rmsnorm(&mut out, &up(g, &x), &g.upload(&w), n, 1e-5);
     assert_close("rmsnorm", &down(g, &out, n * dim), &cpu, 1e-5);
 
     let len = 3 * 1536;
     let (a, b) = (rand_vec(len, 5), rand_vec(len, 6));
-    let (mut ca, mut ga) = (a.clone(), up(g, &a));
-    Cpu.silu_mul(&mut ca, &b, len);
+    let (mut ca, mut ga) = (host(&a), up(g, &a));
+    Cpu.silu_mul(&mut ca, &host(&b), len);
     g.silu_mul(&mut ga, &up(g, &b), len);
     assert_close("silu_mul", &down(g, &ga, len), &ca, 1e-6);
-    let (mut ca, mut ga) = (a.clone(), up(g, &a));
-    Cpu.add(&mut ca, &b, len);
+    let (mut ca, mut ga) = (host(&a), up(g, &a));
+    Cpu.add(&mut ca, &host(&b), len);
     g.add(&mut ga, &up(g, &b), len);
     assert_close("add", &down(g, &ga, len), &ca, 1e-6);
     let bias = tensor(&[1536], 7);
-    let (mut ca, mut ga) = (a.clone(), up(g, &a));
+    let (mut ca, mut ga) = (host(&a), up(g, &a));
     Cpu.add_bias(&mut ca, &bias, 3);
     g.add_bias(&mut ga, &g.upload(&bias), 3);
     assert_close("add_bias", &down(g, &ga, len), &ca, 1e-6);
 
     let table = tensor(&[1000, 64], 8);
     let ids = [3u32, 999, 0, 3];
-    let mut cpu = vec![0.0; 4 * 64];
+    let mut cpu = Cpu.alloc(4 * 64);
     Cpu.embed(&mut cpu, &table, &ids);
     let mut out = g.alloc(4 * 64);
     g.embed(&mut out, &g.upload(&table), &ids);
@@ -146,7 +151,7 @@ fn rope_and_attention_match_cpu() {
             pos0,
         };
         let x = rand_vec(n_tokens * n_heads * hd, 12);
-        let mut cpu = x.clone();
+        let mut cpu = host(&x);
         Cpu.rope(&mut cpu, &cos, &sin, s);
         let mut gx = up(g, &x);
         g.rope(&mut gx, &g.upload(&cos), &g.upload(&sin), s);
@@ -171,8 +176,8 @@ fn rope_and_attention_match_cpu() {
             .map(|v| v * 3.0)
             .collect();
         let v = rand_vec(positions * n_kv * hd, 15);
-        let mut cpu = vec![0.0; q.len()];
-        Cpu.attention(&mut cpu, &q, &k, &v, a);
+        let mut cpu = Cpu.alloc(q.len());
+        Cpu.attention(&mut cpu, &host(&q), &host(&k), &host(&v), a);
         let mut out = g.alloc(q.len());
         g.attention(&mut out, &up(g, &q), &up(g, &k), &up(g, &v), a);
         assert_close(

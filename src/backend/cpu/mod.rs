@@ -1,7 +1,8 @@
-//! The CPU backend: `Backend` over host `Vec<f32>` buffers, calling the rayon/SIMD ops in
+//! The CPU backend: `Backend` over host `AlignedBuf`s (f32s from a cache-line boundary), calling the rayon/SIMD ops in
 //! `ops.rs`. Weights are shared by reference (`Tensor` data is an `Arc`), never copied.
 //! `naive.rs` holds the reference ops the tests compare against.
 
+mod buf;
 pub mod naive;
 pub mod ops;
 pub mod q8act;
@@ -12,13 +13,14 @@ use rayon::prelude::*;
 
 use super::{AttnShape, Backend, RopeShape};
 use crate::model::weights::Tensor;
+pub use buf::AlignedBuf;
 
 /// Runs the forward pass on the host CPU with rayon's global thread pool.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 
 impl Backend for Cpu {
-    type Buf = Vec<f32>;
+    type Buf = AlignedBuf;
     type Weight = Tensor;
 
     fn name(&self) -> String {
@@ -29,20 +31,27 @@ impl Backend for Cpu {
         t.clone()
     }
 
-    fn alloc(&self, len: usize) -> Vec<f32> {
-        vec![0.0; len]
+    fn alloc(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(len)
     }
 
-    fn copy(&self, dst: &mut Vec<f32>, dst_off: usize, src: &Vec<f32>, src_off: usize, len: usize) {
+    fn copy(
+        &self,
+        dst: &mut AlignedBuf,
+        dst_off: usize,
+        src: &AlignedBuf,
+        src_off: usize,
+        len: usize,
+    ) {
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
     }
 
-    fn read(&self, buf: &Vec<f32>, len: usize, out: &mut Vec<f32>) {
+    fn read(&self, buf: &AlignedBuf, len: usize, out: &mut Vec<f32>) {
         out.clear();
         out.extend_from_slice(&buf[..len]);
     }
 
-    fn embed(&self, out: &mut Vec<f32>, table: &Tensor, ids: &[u32]) {
+    fn embed(&self, out: &mut AlignedBuf, table: &Tensor, ids: &[u32]) {
         let dim = table.cols();
         for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
             let r = id as usize;
@@ -53,11 +62,11 @@ impl Backend for Cpu {
         }
     }
 
-    fn rmsnorm(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Tensor, n: usize, eps: f32) {
+    fn rmsnorm(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &Tensor, n: usize, eps: f32) {
         ops::rmsnorm(out, x, &w.data, n, eps);
     }
 
-    fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &Tensor, n: usize) {
+    fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &Tensor, n: usize) {
         match (&w.quant, n) {
             (Some(q), 1) => quant::matvec_q(out, x, q),
             (Some(q), n) if n <= quant::MAX_ROWS => quant::matmul_q(out, x, q, n),
@@ -66,23 +75,23 @@ impl Backend for Cpu {
         }
     }
 
-    fn add_bias(&self, x: &mut Vec<f32>, b: &Tensor, n: usize) {
+    fn add_bias(&self, x: &mut AlignedBuf, b: &Tensor, n: usize) {
         let m = b.data.len();
         for row in x[..n * m].chunks_exact_mut(m) {
             ops::add(row, &b.data);
         }
     }
 
-    fn rope(&self, x: &mut Vec<f32>, cos: &Tensor, sin: &Tensor, s: RopeShape) {
+    fn rope(&self, x: &mut AlignedBuf, cos: &Tensor, sin: &Tensor, s: RopeShape) {
         ops::rope_half(x, &cos.data, &sin.data, s);
     }
 
     fn attention(
         &self,
-        out: &mut Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        out: &mut AlignedBuf,
+        q: &AlignedBuf,
+        k: &AlignedBuf,
+        v: &AlignedBuf,
         s: AttnShape,
     ) {
         ops::attention(out, q, k, v, s);
@@ -90,12 +99,12 @@ impl Backend for Cpu {
 
     fn attention_rows<'c>(
         &self,
-        out: &mut Vec<f32>,
-        q: &Vec<f32>,
-        kv: &dyn Fn(usize) -> (&'c Vec<f32>, &'c Vec<f32>),
+        out: &mut AlignedBuf,
+        q: &AlignedBuf,
+        kv: &dyn Fn(usize) -> (&'c AlignedBuf, &'c AlignedBuf),
         pos: &[usize],
         s: AttnShape,
-        _scratch: [&mut Vec<f32>; 2],
+        _scratch: [&mut AlignedBuf; 2],
     ) {
         let mut rows: [(&[f32], &[f32]); ops::MAX_ATTN_ROWS] = [(&[], &[]); ops::MAX_ATTN_ROWS];
         for (i, r) in rows.iter_mut().enumerate().take(pos.len()) {
@@ -105,7 +114,7 @@ impl Backend for Cpu {
         ops::attention_rows(out, q, &rows[..pos.len()], pos, s);
     }
 
-    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+    fn silu_mul(&self, gate: &mut AlignedBuf, up: &AlignedBuf, len: usize) {
         // One exp per value: a batched step's few thousand are worth splitting.
         const CHUNK: usize = 2048;
         gate[..len]
@@ -114,7 +123,7 @@ impl Backend for Cpu {
             .for_each(|(g, u)| ops::silu_mul(g, u));
     }
 
-    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+    fn add(&self, x: &mut AlignedBuf, y: &AlignedBuf, len: usize) {
         ops::add(&mut x[..len], &y[..len]);
     }
 
@@ -122,7 +131,7 @@ impl Backend for Cpu {
         rayon::scope(|_| f())
     }
 
-    fn argmax(&self, x: &Vec<f32>, n: usize) -> Option<u32> {
+    fn argmax(&self, x: &AlignedBuf, n: usize) -> Option<u32> {
         let x = &x[..n];
         x.iter()
             .all(|v| v.is_finite())
