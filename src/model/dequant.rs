@@ -5,6 +5,8 @@
 
 use half::{bf16, f16};
 
+use super::arena::HugeBuf;
+
 /// Values per quantization block.
 pub const QK: usize = 32;
 
@@ -288,11 +290,11 @@ pub struct QuantMatrix {
     /// Columns (a multiple of 32).
     pub cols: usize,
     /// Per block: scale (empty for the float formats).
-    pub scales: Vec<f32>,
+    pub scales: HugeBuf<f32>,
     /// Per block: minimum, added once per value (empty for the float formats).
-    pub mins: Vec<f32>,
+    pub mins: HugeBuf<f32>,
     /// The packed values, block after block, row after row.
-    pub qs: Vec<u8>,
+    pub qs: HugeBuf<u8>,
 }
 
 impl QuantMatrix {
@@ -316,22 +318,16 @@ impl QuantMatrix {
                     format,
                     rows,
                     cols,
-                    scales: Vec::new(),
-                    mins: Vec::new(),
-                    qs: src.to_vec(),
+                    scales: HugeBuf::empty(),
+                    mins: HugeBuf::empty(),
+                    qs: src.into(),
                 });
             }
             _ => return None,
         };
         let nb = rows * cols / QK;
-        let mut m = QuantMatrix {
-            format,
-            rows,
-            cols,
-            scales: Vec::with_capacity(nb),
-            mins: Vec::with_capacity(nb),
-            qs: Vec::with_capacity(nb * format.bytes()),
-        };
+        let (mut scales, mut mins) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+        let mut qs = Vec::with_capacity(nb * format.bytes());
         for b in src.chunks_exact(block) {
             let d = f16_at(b, 0);
             let (min, data) = match ty {
@@ -339,11 +335,18 @@ impl QuantMatrix {
                 GgmlType::Q4_0 => (-8.0 * d, &b[2..]),
                 _ => (f16_at(b, 2), &b[4..]),
             };
-            m.scales.push(d);
-            m.mins.push(min);
-            m.qs.extend_from_slice(data);
+            scales.push(d);
+            mins.push(min);
+            qs.extend_from_slice(data);
         }
-        Some(m)
+        Some(QuantMatrix {
+            format,
+            rows,
+            cols,
+            scales: scales.into(),
+            mins: mins.into(),
+            qs: qs.into(),
+        })
     }
 
     /// Packed bytes per row.
@@ -365,20 +368,19 @@ impl QuantMatrix {
     /// Reorders rows: row `i` of the result is row `from[i]` of `self`.
     pub fn permute_rows(&self, from: &[usize]) -> QuantMatrix {
         let (rb, nb) = (self.row_bytes(), self.cols / QK);
-        let mut out = QuantMatrix {
-            qs: Vec::with_capacity(self.qs.len()),
-            scales: Vec::new(),
-            mins: Vec::new(),
-            ..*self
-        };
+        let (mut qs, mut scales, mut mins) = (Vec::with_capacity(self.qs.len()), vec![], vec![]);
         for &r in from {
-            out.qs.extend_from_slice(&self.qs[r * rb..(r + 1) * rb]);
+            qs.extend_from_slice(&self.qs[r * rb..(r + 1) * rb]);
             if self.format.scaled() {
-                out.scales
-                    .extend_from_slice(&self.scales[r * nb..(r + 1) * nb]);
-                out.mins.extend_from_slice(&self.mins[r * nb..(r + 1) * nb]);
+                scales.extend_from_slice(&self.scales[r * nb..(r + 1) * nb]);
+                mins.extend_from_slice(&self.mins[r * nb..(r + 1) * nb]);
             }
         }
-        out
+        QuantMatrix {
+            qs: qs.into(),
+            scales: scales.into(),
+            mins: mins.into(),
+            ..*self
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! f32 weights, tokenizer, chat template and the token ids that end a turn. The submodules
 //! each own one format or concern; this file only decides which to use and wires them.
 
+pub mod arena;
 pub mod config;
 pub mod dequant;
 pub mod error;
