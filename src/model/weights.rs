@@ -13,20 +13,21 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::arena::HugeBuf;
 use super::config::ModelConfig;
 use super::dequant::{dequantize, GgmlType, QuantMatrix};
 use super::error::LoadError;
 use super::gguf::GgufFile;
 
 /// A row-major tensor: f32 values, or a matrix kept compact (a GGUF file's 4/8-bit blocks,
-/// or F16/BF16 as stored). The data is shared, so a CPU backend "uploads" it by reference
-/// and workers never copy weights.
+/// or F16/BF16 as stored), in huge pages where the system gives them (`HugeBuf`). The data
+/// is shared, so a CPU backend "uploads" it by reference and workers never copy weights.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     /// Shape, outermost first (a linear weight is `[out_features, in_features]`).
     pub shape: Vec<usize>,
     /// The values; empty when `quant` holds the matrix.
-    pub data: Arc<[f32]>,
+    pub data: HugeBuf<f32>,
     /// The matrix in its compact form, when the file stored it as 4/8-bit blocks or 16-bit
     /// floats. Only this is kept (2-8x smaller than f32): the CPU reads it in every product,
     /// and `to_f32` widens it for a backend that needs f32.
@@ -48,7 +49,7 @@ impl Tensor {
     pub fn blocks(q: QuantMatrix) -> Tensor {
         Tensor {
             shape: vec![q.rows, q.cols],
-            data: Arc::from(Vec::new()),
+            data: HugeBuf::empty(),
             quant: Some(Arc::new(q)),
         }
     }
@@ -61,7 +62,7 @@ impl Tensor {
                 q.dequantize_rows(0, &mut out);
                 Cow::Owned(out)
             }
-            None => Cow::Borrowed(&self.data),
+            None => Cow::Borrowed(&self.data[..]),
         }
     }
 
