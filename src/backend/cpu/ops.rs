@@ -686,7 +686,10 @@ macro_rules! attend_in_registers {
                     // the tile's scores, each key row loaded once for the G heads
                     for jj in 0..len {
                         let kp = k.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                        prefetch_floats(kp.wrapping_add(PREFETCH_KEYS * a.kv_dim), d);
+                        crate::backend::cpu::ops::prefetch_floats(
+                            kp.wrapping_add(crate::backend::cpu::ops::PREFETCH_KEYS * a.kv_dim),
+                            d,
+                        );
                         let kv: [$vec; V] = std::array::from_fn(|i| $load(kp.add($lanes * i)));
                         for (g, part) in parts.iter_mut().enumerate() {
                             let qi = |i: usize| {
@@ -733,7 +736,10 @@ macro_rules! attend_in_registers {
                     // each value row loaded once for the G heads
                     for jj in 0..len {
                         let vp = v.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                        prefetch_floats(vp.wrapping_add(PREFETCH_KEYS * a.kv_dim), d);
+                        crate::backend::cpu::ops::prefetch_floats(
+                            vp.wrapping_add(crate::backend::cpu::ops::PREFETCH_KEYS * a.kv_dim),
+                            d,
+                        );
                         let vv: [$vec; V] = std::array::from_fn(|i| $load(vp.add($lanes * i)));
                         for (acc, sc) in acc.iter_mut().zip(&scores) {
                             let p = $set1(sc[jj]);
