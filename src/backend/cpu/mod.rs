@@ -1,6 +1,7 @@
-//! The CPU backend: `Backend` over host `AlignedBuf`s (f32s from a cache-line boundary), calling the rayon/SIMD ops in
-//! `ops.rs`. Weights are shared by reference (`Tensor` data is a shared `HugeBuf`), never copied.
-//! `naive.rs` holds the reference ops the tests compare against.
+//! The CPU backend: `Backend` over host `AlignedBuf`s (f32s from a cache-line boundary),
+//! calling the rayon/SIMD ops in `ops.rs`. Weights are shared by reference (`Tensor` data is
+//! a shared `HugeBuf`), never copied. `naive.rs` holds the reference ops the tests compare
+//! against.
 
 mod buf;
 pub mod naive;

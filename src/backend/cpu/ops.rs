@@ -821,7 +821,7 @@ unsafe fn hsums16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m
             _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
         )
     });
-    // quarters: (q0 of quarters 0+1, q0 of 2+3, q1 of 0+1, q1 of 2+3)
+    // quarters: q[2i]'s sums over quarters 0+1 and 2+3, then q[2i + 1]'s
     let h: [__m512; 2] = std::array::from_fn(|i| {
         let (a, b) = (q[2 * i], q[2 * i + 1]);
         _mm512_add_ps(
