@@ -1,13 +1,13 @@
-//! `HugeBuf<T>`: the packed values of compact weight matrices, side by side in large
-//! anonymous mappings that Linux is asked to back with 2 MB pages (`MADV_HUGEPAGE`; the
-//! machine's default is often "only when asked"). A decode step reads every weight once, in
-//! hundreds of matrices most of which are smaller than a 2 MB page: with 4 KB pages each
-//! page needed a TLB entry of its own. Each matrix alone could not fill a huge page, so they
-//! share chunks. SmolLM2's decode steps took 0.94 of the time at one sequence (median of 10
-//! rounds alternating binaries, 2 cores; the default model got 122 of its 168 MB in huge
-//! pages), and 1.02 (within the noise) at four, where the kernels compute more than they
-//! wait. Where the kernel gives no huge pages, these are ordinary pages and nothing else
-//! changes.
+//! `HugeBuf<T>`: the weights' values (compact matrices' blocks, scales and minimums, and
+//! f32 tensors), side by side in large anonymous mappings that Linux is asked to back with
+//! 2 MB pages (`MADV_HUGEPAGE`; the machine's default is often "only when asked"). A decode
+//! step reads every weight once, in hundreds of matrices most of which are smaller than a
+//! 2 MB page: with 4 KB pages each page needed a TLB entry of its own. Each matrix alone
+//! could not fill a huge page, so they share chunks. SmolLM2's decode steps took 0.94 of the
+//! time at one sequence (medians of two runs of 6 and 4 rounds alternating binaries, 2
+//! cores; the default model got 122 of its 168 MB in huge pages), and 1.02 (within the
+//! noise) at four, where the kernels compute more than they wait. Where the kernel gives no
+//! huge pages, these are ordinary pages and nothing else changes.
 
 use std::marker::PhantomData;
 use std::ops::Deref;

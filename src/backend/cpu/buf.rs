@@ -1,7 +1,7 @@
 //! `AlignedBuf`: the CPU backend's activation and KV-cache buffers, f32s that start on a
 //! cache-line boundary. The SIMD kernels read them a 64-byte vector at a time; from a
 //! 16-byte aligned `Vec` every such load straddled two cache lines, which cost batched
-//! decode's kernel 4-6% at four inputs and 25-40% at eight (one core, alternating in one
+//! decode's kernel 2-6% at four inputs and 23-39% at eight (one core, alternating in one
 //! process).
 
 use std::ops::{Deref, DerefMut};

@@ -788,17 +788,24 @@ const PREFETCH_KEYS: usize = 8;
 #[inline(always)]
 fn prefetch_floats(p: *const f32, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    for i in (0..len).step_by(16) {
+    prefetch(p as *const u8, 4 * len);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
+/// One prefetch into L1 for every 64 bytes of `bytes` from `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch(p: *const u8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
         // SAFETY: a prefetch only hints the cache and never faults; `wrapping_add` keeps
         // the address arithmetic defined past the end of the buffer.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_add(i) as *const i8
+                p.wrapping_add(off) as *const i8,
             )
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
 }
 
 /// Lane j of the result: the sum of the 16 lanes of `v[j]` (pairs of vectors interleaved

@@ -677,15 +677,7 @@ const PREFETCH_AHEAD: usize = 4096;
 #[inline(always)]
 pub(super) fn prefetch_ahead(qs: &[u8], from: usize, to: usize) {
     #[cfg(target_arch = "x86_64")]
-    for off in (from + PREFETCH_AHEAD..to + PREFETCH_AHEAD).step_by(64) {
-        // SAFETY: a prefetch only hints the cache and never faults; `wrapping_add` keeps
-        // the address arithmetic defined past the end of the slice.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                qs.as_ptr().wrapping_add(off) as *const i8,
-            )
-        }
-    }
+    super::ops::prefetch(qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD), to - from);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (qs, from, to);
 }
