@@ -6,14 +6,18 @@
 # see the same phases of its speed, which a single run cannot tell apart from a change.
 #
 #   scripts/bench-ab.sh OLD_BINARY NEW_BINARY [ROUNDS] [more `chatstream bench` options]
+#
+# SERVE_ARGS (e.g. "--int8-activations") goes to both servers.
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n 2,8p "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
 old=$1 new=$2 rounds=${3:-6}
 shift $(($# < 3 ? $# : 3))
 cd "$(dirname "$0")/.."
-"$old" serve --concurrency 4 --port 8101 >/tmp/bench-ab-old.log 2>&1 &
+# shellcheck disable=SC2086 # SERVE_ARGS is a list of options
+"$old" serve --concurrency 4 --port 8101 ${SERVE_ARGS:-} >/tmp/bench-ab-old.log 2>&1 &
 pids=$!
-"$new" serve --concurrency 4 --port 8102 >/tmp/bench-ab-new.log 2>&1 &
+# shellcheck disable=SC2086
+"$new" serve --concurrency 4 --port 8102 ${SERVE_ARGS:-} >/tmp/bench-ab-new.log 2>&1 &
 pids="$pids $!"
 trap 'kill $pids 2>/dev/null' EXIT
 for port in 8101 8102; do

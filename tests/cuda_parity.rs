@@ -82,7 +82,7 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
     ] {
         let (x, w) = (rand_vec(n * k, 1), tensor(&[m, k], 2));
         let mut cpu = Cpu.alloc(n * m);
-        Cpu.matmul(&mut cpu, &host(&x), &w, n);
+        Cpu.matmul(&mut cpu, &host(&x), &Cpu.upload(&w), n);
         let mut out = g.alloc(n * m);
         g.matmul(&mut out, &up(g, &x), &g.upload(&w), n);
         assert_close(
@@ -95,7 +95,7 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
     let (n, dim) = (7, 576);
     let (x, w) = (rand_vec(n * dim, 3), tensor(&[dim], 4));
     let mut cpu = Cpu.alloc(n * dim);
-    Cpu.rmsnorm(&mut cpu, &host(&x), &w, n, 1e-5);
+    Cpu.rmsnorm(&mut cpu, &host(&x), &Cpu.upload(&w), n, 1e-5);
     let mut out = g.alloc(n * dim);
     g.rmsnorm(&mut out, &up(g, &x), &g.upload(&w), n, 1e-5);
     assert_close("rmsnorm", &down(g, &out, n * dim), &cpu, 1e-5);
@@ -112,14 +112,14 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
     assert_close("add", &down(g, &ga, len), &ca, 1e-6);
     let bias = tensor(&[1536], 7);
     let (mut ca, mut ga) = (host(&a), up(g, &a));
-    Cpu.add_bias(&mut ca, &bias, 3);
+    Cpu.add_bias(&mut ca, &Cpu.upload(&bias), 3);
     g.add_bias(&mut ga, &g.upload(&bias), 3);
     assert_close("add_bias", &down(g, &ga, len), &ca, 1e-6);
 
     let table = tensor(&[1000, 64], 8);
     let ids = [3u32, 999, 0, 3];
     let mut cpu = Cpu.alloc(4 * 64);
-    Cpu.embed(&mut cpu, &table, &ids);
+    Cpu.embed(&mut cpu, &Cpu.upload(&table), &ids);
     let mut out = g.alloc(4 * 64);
     g.embed(&mut out, &g.upload(&table), &ids);
     assert_close("embed", &down(g, &out, 4 * 64), &cpu, 0.0);
@@ -152,7 +152,7 @@ fn rope_and_attention_match_cpu() {
         };
         let x = rand_vec(n_tokens * n_heads * hd, 12);
         let mut cpu = host(&x);
-        Cpu.rope(&mut cpu, &cos, &sin, s);
+        Cpu.rope(&mut cpu, &Cpu.upload(&cos), &Cpu.upload(&sin), s);
         let mut gx = up(g, &x);
         g.rope(&mut gx, &g.upload(&cos), &g.upload(&sin), s);
         assert_close(

@@ -19,6 +19,7 @@ use memmap2::MmapMut;
 pub trait Plain: Copy + Send + Sync + 'static {}
 impl Plain for u8 {}
 impl Plain for f32 {}
+impl Plain for i32 {}
 
 /// A huge page.
 const HUGE_PAGE: usize = 2 << 20;

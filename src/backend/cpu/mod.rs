@@ -9,6 +9,10 @@ pub mod ops;
 pub mod q8act;
 pub mod quant;
 pub mod vexp;
+pub mod vnni;
+
+use std::ops::Deref;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -16,20 +20,63 @@ use super::{AttnShape, Backend, RopeShape};
 use crate::model::weights::Tensor;
 pub use buf::AlignedBuf;
 
+/// A weight as the CPU backend holds it: the model's tensor (shared, never copied) and, for
+/// `--int8-activations` on a CPU with AVX-512 VNNI, its rows interleaved for the int8
+/// kernel, made at the first product (so a tied embedding table that only serves lookups
+/// never gets one).
+pub struct CpuWeight {
+    tensor: Tensor,
+    int8: OnceLock<Option<vnni::Interleaved>>,
+}
+
+impl CpuWeight {
+    /// The int8 layout, when int8 activations are on and this CPU and matrix take it.
+    fn int8(&self) -> Option<&vnni::Interleaved> {
+        if !q8act::enabled() {
+            return None;
+        }
+        let q = self.tensor.quant.as_ref()?;
+        self.int8
+            .get_or_init(|| {
+                vnni::detected()
+                    .then(|| vnni::Interleaved::new(q))
+                    .flatten()
+            })
+            .as_ref()
+    }
+}
+
+impl From<Tensor> for CpuWeight {
+    fn from(tensor: Tensor) -> CpuWeight {
+        CpuWeight {
+            tensor,
+            int8: OnceLock::new(),
+        }
+    }
+}
+
+impl Deref for CpuWeight {
+    type Target = Tensor;
+
+    fn deref(&self) -> &Tensor {
+        &self.tensor
+    }
+}
+
 /// Runs the forward pass on the host CPU with rayon's global thread pool.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 
 impl Backend for Cpu {
     type Buf = AlignedBuf;
-    type Weight = Tensor;
+    type Weight = CpuWeight;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn upload(&self, t: &Tensor) -> Tensor {
-        t.clone()
+    fn upload(&self, t: &Tensor) -> CpuWeight {
+        t.clone().into()
     }
 
     fn alloc(&self, len: usize) -> AlignedBuf {
@@ -52,7 +99,7 @@ impl Backend for Cpu {
         out.extend_from_slice(&buf[..len]);
     }
 
-    fn embed(&self, out: &mut AlignedBuf, table: &Tensor, ids: &[u32]) {
+    fn embed(&self, out: &mut AlignedBuf, table: &CpuWeight, ids: &[u32]) {
         let dim = table.cols();
         for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
             let r = id as usize;
@@ -63,11 +110,14 @@ impl Backend for Cpu {
         }
     }
 
-    fn rmsnorm(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &Tensor, n: usize, eps: f32) {
+    fn rmsnorm(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &CpuWeight, n: usize, eps: f32) {
         ops::rmsnorm(out, x, &w.data, n, eps);
     }
 
-    fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &Tensor, n: usize) {
+    fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &CpuWeight, n: usize) {
+        if let Some(il) = w.int8().filter(|_| n <= quant::MAX_ROWS) {
+            return vnni::matmul(out, x, il, n);
+        }
         match (&w.quant, n) {
             (Some(q), 1) => quant::matvec_q(out, x, q),
             (Some(q), n) if n <= quant::MAX_ROWS => quant::matmul_q(out, x, q, n),
@@ -76,14 +126,14 @@ impl Backend for Cpu {
         }
     }
 
-    fn add_bias(&self, x: &mut AlignedBuf, b: &Tensor, n: usize) {
+    fn add_bias(&self, x: &mut AlignedBuf, b: &CpuWeight, n: usize) {
         let m = b.data.len();
         for row in x[..n * m].chunks_exact_mut(m) {
             ops::add(row, &b.data);
         }
     }
 
-    fn rope(&self, x: &mut AlignedBuf, cos: &Tensor, sin: &Tensor, s: RopeShape) {
+    fn rope(&self, x: &mut AlignedBuf, cos: &CpuWeight, sin: &CpuWeight, s: RopeShape) {
         ops::rope_half(x, &cos.data, &sin.data, s);
     }
 

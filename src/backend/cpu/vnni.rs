@@ -1,0 +1,410 @@
+//! `--int8-activations` on CPUs with AVX-512 VNNI: the 4- and 8-bit matrices re-laid with
+//! their rows interleaved by 16, so that one `vpdpbusd` takes 4 values of one block from each
+//! of 16 rows against 4 int8 inputs (64 multiply-adds), and each block's scaling is one
+//! vector operation for all 16 rows. The f32 kernels must scale every row's block on its
+//! own; here a block of 16 rows costs 8 integer dot products and 3 float operations per
+//! input. The inputs are quantized per block exactly as `q8act` does (the same rounding,
+//! whose accuracy `tests/int8_activations.rs` measures); only the order of the float sums
+//! differs.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::model::arena::HugeBuf;
+use crate::model::dequant::{BlockFormat, QuantMatrix, QK};
+
+/// Rows per group: the 16 lanes of an AVX-512 register.
+const LANES: usize = 16;
+
+/// A 4- or 8-bit matrix with its rows interleaved by 16 (see the module doc): one record
+/// of 64-byte lines for each group of 16 rows and each block, group after group, so that a
+/// product reads a single stream. A record holds the block's bytes as dwords (4 for 4-bit
+/// blocks, whose byte j holds values j and j + 16; 8 for 8-bit ones), dword t of the 16 rows
+/// in line t; then a line of the 16 rows' scales; then a line of their minimums (4-bit) or
+/// of 128 times the sums of their block's values as i32 (8-bit: undoes the +128 that makes
+/// the inputs unsigned).
+pub struct Interleaved {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    records: HugeBuf<u8>,
+}
+
+/// Whether this CPU has the instructions (and the OS keeps the AVX-512 registers).
+pub fn detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Interleaved {
+    /// `w` re-laid, for 4- and 8-bit matrices whose rows are a multiple of 16 (else `None`).
+    pub fn new(w: &QuantMatrix) -> Option<Interleaved> {
+        if !w.format.scaled() || !w.rows.is_multiple_of(LANES) {
+            return None;
+        }
+        let (nb, bb) = (w.cols / QK, w.format.bytes());
+        let mut records = Vec::with_capacity(w.rows / LANES * nb * record_bytes(w.format));
+        for g in 0..w.rows / LANES {
+            for b in 0..nb {
+                let block = |r: usize| (g * LANES + r) * nb + b;
+                for t in 0..bb / 4 {
+                    for r in 0..LANES {
+                        let at = block(r) * bb + 4 * t;
+                        records.extend_from_slice(&w.qs[at..at + 4]);
+                    }
+                }
+                for r in 0..LANES {
+                    records.extend_from_slice(&w.scales[block(r)].to_le_bytes());
+                }
+                for r in 0..LANES {
+                    let extra = if w.format == BlockFormat::Q8 {
+                        let at = block(r) * bb;
+                        let sum: i32 = w.qs[at..at + bb].iter().map(|&q| q as i8 as i32).sum();
+                        (128 * sum).to_le_bytes()
+                    } else {
+                        w.mins[block(r)].to_le_bytes()
+                    };
+                    records.extend_from_slice(&extra);
+                }
+            }
+        }
+        Some(Interleaved {
+            format: w.format,
+            rows: w.rows,
+            cols: w.cols,
+            records: records.into(),
+        })
+    }
+}
+
+/// Bytes of one (group, block) record: the values' lines, then scales and minimums or sums.
+const fn record_bytes(format: BlockFormat) -> usize {
+    (format.bytes() / 4 + 2) * 64
+}
+
+/// n inputs quantized per block: values (+128 as unsigned bytes for 8-bit matrices), scales
+/// and exact block sums, input after input; kept per thread so that no token allocates.
+#[derive(Default)]
+struct QuantInputs {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+thread_local! {
+    static INPUTS: RefCell<QuantInputs> = RefCell::default();
+}
+
+/// Most inputs one pass over the weights takes (accumulators and widened blocks fill the
+/// 32 registers).
+const GROUP: usize = 8;
+
+/// out (n, rows) = x (n, cols) @ W^T with int8 inputs, n at most 16 (as `matmul_q`).
+pub fn matmul(out: &mut [f32], x: &[f32], w: &Interleaved, n: usize) {
+    let (rows, cols, nb) = (w.rows, w.cols, w.cols / QK);
+    assert!(
+        n <= super::quant::MAX_ROWS && x.len() >= n * cols && out.len() >= n * rows,
+        "vnni::matmul: shape"
+    );
+    assert!(detected(), "vnni::matmul: no AVX-512 VNNI");
+    INPUTS.with_borrow_mut(|xq| {
+        xq.q.resize(n * cols, 0);
+        xq.d.resize(n * nb, 0.0);
+        xq.sum.resize(n * nb, 0.0);
+        let unsigned = w.format == BlockFormat::Q8;
+        for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
+            let q = &mut xq.q[b * QK..(b + 1) * QK];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 detected (asserted above).
+            let (d, sum) = unsafe { x86::quantize_block(xb, q, unsigned) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = super::q8act::quantize_block(xb, q);
+            (xq.d[b], xq.sum[b]) = (d, sum);
+        }
+        let xq = &*xq;
+        let outp = super::ops::SendPtr(out.as_mut_ptr());
+        let groups = rows / LANES;
+        let per_task = (groups / (rayon::current_num_threads() * 8)).clamp(1, 16);
+        (0..groups.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|c| {
+                let o = outp;
+                for g in c * per_task..((c + 1) * per_task).min(groups) {
+                    for i0 in (0..n).step_by(GROUP) {
+                        // SAFETY: VNNI detected (asserted above); every index lies inside `w`
+                        // and `xq` by construction; out holds n * rows floats and this task
+                        // alone writes rows g * 16.. g * 16 + 16.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), o.0)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (o, g, i0);
+                    }
+                }
+            });
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Interleaved, QuantInputs};
+    use crate::model::dequant::{BlockFormat, QK};
+
+    /// `q8act::quantize_block` (the same values and scale; the sum in another order), plus
+    /// 128 on every value as unsigned bytes when `unsigned`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW present; `xb` and `q` hold 32 values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_block(xb: &[f32], q: &mut [i8], unsigned: bool) -> (f32, f32) {
+        assert!(xb.len() >= QK && q.len() >= QK);
+        let v = [
+            _mm512_loadu_ps(xb.as_ptr()),
+            _mm512_loadu_ps(xb.as_ptr().add(16)),
+        ];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let bias = _mm_set1_epi8(if unsigned { -128 } else { 0 });
+        for (j, v) in v.into_iter().enumerate() {
+            // rounded to the nearest integer, ties to even (the default rounding mode)
+            let i = _mm512_cvtps_epi32(_mm512_mul_ps(v, id));
+            let bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(i), bias);
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * j) as *mut __m128i, bytes);
+        }
+        (d, sum)
+    }
+
+    /// Bytes ahead of the record in use that each record asks the cache for (as the f32
+    /// kernels' `PREFETCH_AHEAD`).
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Inputs i0..i0 + n against rows g * 16.. g * 16 + 16 (see `matmul`).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI present; n in 1..=8; `xq` holds n + i0 quantized inputs of `w.cols`;
+    /// `out` holds `(i0 + n) * w.rows` floats.
+    pub(super) unsafe fn group_entry(
+        w: &Interleaved,
+        g: usize,
+        xq: &QuantInputs,
+        i0: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        macro_rules! pick {
+            ($($n:literal),+) => {
+                match (w.format == BlockFormat::Q8, n) {
+                    $(
+                        (true, $n) => group::<$n, true>(w, g, xq, i0, out),
+                        (false, $n) => group::<$n, false>(w, g, xq, i0, out),
+                    )+
+                    _ => unreachable!("1..=8 inputs"),
+                }
+            };
+        }
+        // SAFETY: the caller's.
+        unsafe { pick!(1, 2, 3, 4, 5, 6, 7, 8) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group<const N: usize, const Q8: bool>(
+        w: &Interleaved,
+        g: usize,
+        xq: &QuantInputs,
+        i0: usize,
+        out: *mut f32,
+    ) {
+        let (cols, nb) = (w.cols, w.cols / QK);
+        let format = if Q8 { BlockFormat::Q8 } else { BlockFormat::Q4 };
+        let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
+        let mask = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let first = w.records.as_ptr().add(g * nb * bytes);
+        for b in 0..nb {
+            let rec = first.add(b * bytes);
+            crate::backend::cpu::ops::prefetch(rec.wrapping_add(PREFETCH_AHEAD), bytes);
+            let p = rec as *const __m512i;
+            // line t: values 4t..4t + 4 of the block, in every row
+            let wv: [__m512i; 8] = if Q8 {
+                std::array::from_fn(|t| _mm512_loadu_si512(p.add(t)))
+            } else {
+                let v: [__m512i; 4] = std::array::from_fn(|t| _mm512_loadu_si512(p.add(t)));
+                std::array::from_fn(|t| {
+                    if t < 4 {
+                        _mm512_and_si512(v[t], mask)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16(v[t - 4], 4), mask)
+                    }
+                })
+            };
+            let scale = _mm512_loadu_ps(p.add(lines) as *const f32);
+            let extra = p.add(lines + 1);
+            let (mins, sums) = (
+                _mm512_loadu_ps(extra as *const f32),
+                _mm512_loadu_si512(extra),
+            );
+            for (i, a) in acc.iter_mut().enumerate() {
+                let at = (i0 + i) * nb + b;
+                let xp = xq.q.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
+                // four independent chains of two dot products: one chain of eight would
+                // wait on the instruction's latency
+                let mut dots = [_mm512_setzero_si512(); 4];
+                for (t, &wt) in wv.iter().enumerate() {
+                    let xt = _mm512_set1_epi32(xp.add(t).read_unaligned());
+                    let d = &mut dots[t % 4];
+                    *d = if Q8 {
+                        _mm512_dpbusd_epi32(*d, xt, wt)
+                    } else {
+                        _mm512_dpbusd_epi32(*d, wt, xt)
+                    };
+                }
+                let dot = _mm512_add_epi32(
+                    _mm512_add_epi32(dots[0], dots[1]),
+                    _mm512_add_epi32(dots[2], dots[3]),
+                );
+                let dot = if Q8 { _mm512_sub_epi32(dot, sums) } else { dot };
+                let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(at)));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
+                if !Q8 {
+                    *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(at)), *a);
+                }
+            }
+        }
+        for (i, &a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add((i0 + i) * w.rows + g * super::LANES), a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(format: BlockFormat, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
+        let nb = cols / QK;
+        let mut s = seed;
+        let mut next = move || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as u8
+        };
+        let scaled = |v: Vec<f32>| {
+            if format == BlockFormat::Q4 {
+                v
+            } else {
+                Vec::new()
+            }
+        };
+        QuantMatrix {
+            format,
+            rows,
+            cols,
+            qs: (0..rows * nb * format.bytes()).map(|_| next()).collect(),
+            scales: (0..rows * nb)
+                .map(|_| 0.001 + next() as f32 * 1e-4)
+                .collect(),
+            mins: scaled((0..rows * nb).map(|_| -(next() as f32) * 1e-3).collect()).into(),
+        }
+    }
+
+    /// The int8 product in plain integers, as `q8act`'s portable dot products compute it.
+    fn reference(w: &QuantMatrix, x: &[f32]) -> Vec<f32> {
+        let (nb, bb) = (w.cols / QK, w.format.bytes());
+        let mut q = [0i8; QK];
+        let blocks: Vec<(f32, f32, [i8; QK])> = x
+            .chunks_exact(QK)
+            .map(|xb| {
+                let (d, s) = super::super::q8act::quantize_block(xb, &mut q);
+                (d, s, q)
+            })
+            .collect();
+        (0..w.rows)
+            .map(|r| {
+                (0..nb)
+                    .map(|b| {
+                        let (d, s, q) = &blocks[b];
+                        let blk = &w.qs[(r * nb + b) * bb..(r * nb + b + 1) * bb];
+                        let dot: i32 = if w.format == BlockFormat::Q8 {
+                            blk.iter()
+                                .zip(q)
+                                .map(|(&v, &x)| v as i8 as i32 * x as i32)
+                                .sum()
+                        } else {
+                            (0..16)
+                                .map(|j| {
+                                    (blk[j] & 15) as i32 * q[j] as i32
+                                        + (blk[j] >> 4) as i32 * q[j + 16] as i32
+                                })
+                                .sum()
+                        };
+                        let min = if w.format == BlockFormat::Q8 {
+                            0.0
+                        } else {
+                            w.mins[r * nb + b] * s
+                        };
+                        w.scales[r * nb + b] * d * dot as f32 + min
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn interleaved_products_equal_the_integer_reference() {
+        if !detected() {
+            eprintln!("no AVX-512 VNNI here: the int8 kernel is not used");
+            return;
+        }
+        for format in [BlockFormat::Q4, BlockFormat::Q8] {
+            for (rows, cols) in [(16, 32), (48, 96), (64, 576)] {
+                let w = matrix(format, rows, cols, rows as u32 + 3);
+                let il = Interleaved::new(&w).expect("a multiple of 16 rows");
+                for n in [1, 2, 5, 8, 9, 16] {
+                    let x: Vec<f32> = (0..n * cols)
+                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                        .collect();
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul(&mut out, &x, &il, n);
+                    for i in 0..n {
+                        let want = reference(&w, &x[i * cols..(i + 1) * cols]);
+                        for (r, (&got, &want)) in out[i * rows..].iter().zip(&want).enumerate() {
+                            assert!(
+                                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                                "{format:?} {rows}x{cols} n={n} input {i} row {r}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_scaled_matrices_of_whole_row_groups_are_interleaved() {
+        assert!(Interleaved::new(&matrix(BlockFormat::Q4, 24, 64, 1)).is_none());
+        assert!(Interleaved::new(&matrix(BlockFormat::Q8, 32, 64, 1)).is_some());
+        let f16 = QuantMatrix {
+            format: BlockFormat::F16,
+            rows: 16,
+            cols: 32,
+            qs: vec![0u8; 16 * 64].into(),
+            scales: Vec::new().into(),
+            mins: Vec::new().into(),
+        };
+        assert!(Interleaved::new(&f16).is_none());
+    }
+}
