@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 
+use half::f16;
 use rayon::prelude::*;
 
 use crate::model::arena::HugeBuf;
@@ -21,9 +22,10 @@ const LANES: usize = 16;
 /// of 64-byte lines for each group of 16 rows and each block, group after group, so that a
 /// product reads a single stream. A record holds the block's bytes as dwords (4 for 4-bit
 /// blocks, whose byte j holds values j and j + 16; 8 for 8-bit ones), dword t of the 16 rows
-/// in line t; then a line of the 16 rows' scales; then a line of their minimums (4-bit) or
-/// of 128 times the sums of their block's values as i32 (8-bit: undoes the +128 that makes
-/// the inputs unsigned).
+/// in line t; then one line of the 16 rows' scales as f16 and their minimums as f16 (4-bit)
+/// or the sums of their block's values as i16 (8-bit: undoes the +128 that makes the inputs
+/// unsigned). GGUF stores scales and minimums as f16, so they fit exactly; a matrix whose
+/// do not is left to the other kernels.
 pub struct Interleaved {
     format: BlockFormat,
     rows: usize,
@@ -46,8 +48,13 @@ pub fn detected() -> bool {
 }
 
 impl Interleaved {
-    /// `w` re-laid, for 4- and 8-bit matrices whose rows are a multiple of 16 (else `None`).
+    /// `w` re-laid, for 4- and 8-bit matrices whose rows are a multiple of 16 and whose
+    /// scales and minimums are f16 values (else `None`).
     pub fn new(w: &QuantMatrix) -> Option<Interleaved> {
+        let f16 = |v: f32| {
+            let h = f16::from_f32(v);
+            (h.to_f32() == v).then_some(h.to_bits())
+        };
         if !w.format.scaled() || !w.rows.is_multiple_of(LANES) {
             return None;
         }
@@ -63,15 +70,15 @@ impl Interleaved {
                     }
                 }
                 for r in 0..LANES {
-                    records.extend_from_slice(&w.scales[block(r)].to_le_bytes());
+                    records.extend_from_slice(&f16(w.scales[block(r)])?.to_le_bytes());
                 }
                 for r in 0..LANES {
                     let extra = if w.format == BlockFormat::Q8 {
                         let at = block(r) * bb;
                         let sum: i32 = w.qs[at..at + bb].iter().map(|&q| q as i8 as i32).sum();
-                        (128 * sum).to_le_bytes()
+                        (sum as i16).to_le_bytes()
                     } else {
-                        w.mins[block(r)].to_le_bytes()
+                        f16(w.mins[block(r)])?.to_le_bytes()
                     };
                     records.extend_from_slice(&extra);
                 }
@@ -88,7 +95,7 @@ impl Interleaved {
 
 /// Bytes of one (group, block) record: the values' lines, then scales and minimums or sums.
 const fn record_bytes(format: BlockFormat) -> usize {
-    (format.bytes() / 4 + 2) * 64
+    (format.bytes() / 4 + 1) * 64
 }
 
 /// n inputs quantized per block: values (+128 as unsigned bytes for 8-bit matrices), scales
@@ -252,12 +259,15 @@ mod x86 {
                     }
                 })
             };
-            let scale = _mm512_loadu_ps(p.add(lines) as *const f32);
-            let extra = p.add(lines + 1);
-            let (mins, sums) = (
-                _mm512_loadu_ps(extra as *const f32),
-                _mm512_loadu_si512(extra),
-            );
+            let params = p.add(lines) as *const __m256i;
+            let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params));
+            let extra = _mm256_loadu_si256(params.add(1));
+            let (mins, sums) = if Q8 {
+                let sums = _mm512_slli_epi32(_mm512_cvtepi16_epi32(extra), 7);
+                (_mm512_setzero_ps(), sums)
+            } else {
+                (_mm512_cvtph_ps(extra), _mm512_setzero_si512())
+            };
             for (i, a) in acc.iter_mut().enumerate() {
                 let at = (i0 + i) * nb + b;
                 let xp = xq.q.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
@@ -309,15 +319,17 @@ mod tests {
                 Vec::new()
             }
         };
+        let h = |v: f32| f16::from_f32(v).to_f32();
         QuantMatrix {
             format,
             rows,
             cols,
             qs: (0..rows * nb * format.bytes()).map(|_| next()).collect(),
+            // as GGUF stores them: f16 values
             scales: (0..rows * nb)
-                .map(|_| 0.001 + next() as f32 * 1e-4)
+                .map(|_| h(0.001 + next() as f32 * 1e-4))
                 .collect(),
-            mins: scaled((0..rows * nb).map(|_| -(next() as f32) * 1e-3).collect()).into(),
+            mins: scaled((0..rows * nb).map(|_| h(-(next() as f32) * 1e-3)).collect()).into(),
         }
     }
 
@@ -394,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn only_scaled_matrices_of_whole_row_groups_are_interleaved() {
+    fn only_scaled_matrices_of_whole_row_groups_and_f16_scales_are_interleaved() {
         assert!(Interleaved::new(&matrix(BlockFormat::Q4, 24, 64, 1)).is_none());
         assert!(Interleaved::new(&matrix(BlockFormat::Q8, 32, 64, 1)).is_some());
         let f16 = QuantMatrix {
@@ -406,5 +418,11 @@ mod tests {
             mins: Vec::new().into(),
         };
         assert!(Interleaved::new(&f16).is_none());
+        let mut wide = matrix(BlockFormat::Q4, 16, 32, 1);
+        wide.scales = vec![1.0 + f32::EPSILON; 16].into();
+        assert!(
+            Interleaved::new(&wide).is_none(),
+            "a scale that f16 cannot hold"
+        );
     }
 }
