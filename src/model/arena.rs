@@ -133,6 +133,26 @@ impl<T: Plain> HugeBuf<T> {
             _values: PhantomData,
         }
     }
+
+    /// `len` values written in place by `fill` (which finds them zero), read-only after: no
+    /// copy, and no second buffer.
+    pub fn filled(len: usize, fill: impl FnOnce(&mut [T])) -> HugeBuf<T> {
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return HugeBuf::empty();
+        }
+        let (chunk, at) = reserve(bytes);
+        // SAFETY: `at..at + bytes` was reserved for this buffer alone, inside the chunk, at a
+        // 64-byte boundary (enough for T's alignment); a new mapping reads as zeros, which
+        // any `Plain` type takes; nothing else sees it until `fill` returns.
+        let values = unsafe { std::slice::from_raw_parts_mut(chunk.base.add(at) as *mut T, len) };
+        fill(values);
+        HugeBuf {
+            place: Some((chunk, at)),
+            len,
+            _values: PhantomData,
+        }
+    }
 }
 
 impl<T: Plain> Deref for HugeBuf<T> {
@@ -197,5 +217,17 @@ mod tests {
         let bytes: HugeBuf<u8> = (0..=255u8).collect();
         assert!(bytes.iter().enumerate().all(|(i, &b)| b as usize == i));
         assert!(HugeBuf::<u8>::empty().is_empty());
+    }
+
+    #[test]
+    fn filled_buffers_start_at_zero_and_keep_what_was_written() {
+        for n in [0usize, 5, CHUNK / 4 + 3] {
+            let b = HugeBuf::<i32>::filled(n, |v| {
+                assert!(v.iter().all(|&x| x == 0));
+                v.iter_mut().enumerate().for_each(|(i, x)| *x = i as i32 - 2);
+            });
+            assert_eq!(b.len(), n);
+            assert!(b.iter().enumerate().all(|(i, &x)| x == i as i32 - 2));
+        }
     }
 }

@@ -51,44 +51,53 @@ impl Interleaved {
     /// `w` re-laid, for 4- and 8-bit matrices whose rows are a multiple of 16 and whose
     /// scales and minimums are f16 values (else `None`).
     pub fn new(w: &QuantMatrix) -> Option<Interleaved> {
-        let f16 = |v: f32| {
-            let h = f16::from_f32(v);
-            (h.to_f32() == v).then_some(h.to_bits())
-        };
-        if !w.format.scaled() || !w.rows.is_multiple_of(LANES) {
+        let f16 = |v: f32| f16::from_f32(v).to_f32() == v;
+        let q8 = w.format == BlockFormat::Q8;
+        if !w.format.scaled()
+            || !w.rows.is_multiple_of(LANES)
+            || !w
+                .scales
+                .iter()
+                .chain(if q8 { &[][..] } else { &w.mins })
+                .all(|&v| f16(v))
+        {
             return None;
         }
         let (nb, bb) = (w.cols / QK, w.format.bytes());
-        let mut records = Vec::with_capacity(w.rows / LANES * nb * record_bytes(w.format));
-        for g in 0..w.rows / LANES {
-            for b in 0..nb {
-                let block = |r: usize| (g * LANES + r) * nb + b;
-                for t in 0..bb / 4 {
-                    for r in 0..LANES {
-                        let at = block(r) * bb + 4 * t;
-                        records.extend_from_slice(&w.qs[at..at + 4]);
+        let record = record_bytes(w.format);
+        let records = HugeBuf::filled(w.rows / LANES * nb * record, |records| {
+            // record i: group i / nb, block i % nb
+            records
+                .par_chunks_mut(record)
+                .enumerate()
+                .for_each(|(i, rec)| {
+                    let block = |r: usize| ((i / nb) * LANES + r) * nb + i % nb;
+                    let (values, params) = rec.split_at_mut(bb * LANES);
+                    for (t, line) in values.chunks_exact_mut(64).enumerate() {
+                        for (r, dword) in line.chunks_exact_mut(4).enumerate() {
+                            let at = block(r) * bb + 4 * t;
+                            dword.copy_from_slice(&w.qs[at..at + 4]);
+                        }
                     }
-                }
-                for r in 0..LANES {
-                    records.extend_from_slice(&f16(w.scales[block(r)])?.to_le_bytes());
-                }
-                for r in 0..LANES {
-                    let extra = if w.format == BlockFormat::Q8 {
-                        let at = block(r) * bb;
-                        let sum: i32 = w.qs[at..at + bb].iter().map(|&q| q as i8 as i32).sum();
-                        (sum as i16).to_le_bytes()
-                    } else {
-                        f16(w.mins[block(r)])?.to_le_bytes()
-                    };
-                    records.extend_from_slice(&extra);
-                }
-            }
-        }
+                    let (scales, extra) = params.split_at_mut(2 * LANES);
+                    let pairs = scales.chunks_exact_mut(2).zip(extra.chunks_exact_mut(2));
+                    for (r, (s, e)) in pairs.enumerate() {
+                        s.copy_from_slice(&f16::from_f32(w.scales[block(r)]).to_le_bytes());
+                        e.copy_from_slice(&if q8 {
+                            let at = block(r) * bb;
+                            let sum: i32 = w.qs[at..at + bb].iter().map(|&q| q as i8 as i32).sum();
+                            (sum as i16).to_le_bytes()
+                        } else {
+                            f16::from_f32(w.mins[block(r)]).to_le_bytes()
+                        });
+                    }
+                })
+        });
         Some(Interleaved {
             format: w.format,
             rows: w.rows,
             cols: w.cols,
-            records: records.into(),
+            records,
         })
     }
 }
