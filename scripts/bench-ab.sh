@@ -7,17 +7,18 @@
 #
 #   scripts/bench-ab.sh OLD_BINARY NEW_BINARY [ROUNDS] [more `chatstream bench` options]
 #
-# SERVE_ARGS (e.g. "--int8-activations") goes to both servers.
+# SERVE_ARGS (e.g. "--int8-activations") goes to both servers, OLD_ARGS and NEW_ARGS to one
+# each (one binary twice, with and without an option: NEW_ARGS=--int8-activations B B).
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,11p "$0" >&2; exit 2; }
 old=$1 new=$2 rounds=${3:-6}
 shift $(($# < 3 ? $# : 3))
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
-"$old" serve --concurrency 4 --port 8101 ${SERVE_ARGS:-} >/tmp/bench-ab-old.log 2>&1 &
+"$old" serve --concurrency 4 --port 8101 ${SERVE_ARGS:-} ${OLD_ARGS:-} >/tmp/bench-ab-old.log 2>&1 &
 pids=$!
 # shellcheck disable=SC2086
-"$new" serve --concurrency 4 --port 8102 ${SERVE_ARGS:-} >/tmp/bench-ab-new.log 2>&1 &
+"$new" serve --concurrency 4 --port 8102 ${SERVE_ARGS:-} ${NEW_ARGS:-} >/tmp/bench-ab-new.log 2>&1 &
 pids="$pids $!"
 trap 'kill $pids 2>/dev/null' EXIT
 for port in 8101 8102; do
