@@ -224,7 +224,9 @@ mod tests {
         for n in [0usize, 5, CHUNK / 4 + 3] {
             let b = HugeBuf::<i32>::filled(n, |v| {
                 assert!(v.iter().all(|&x| x == 0));
-                v.iter_mut().enumerate().for_each(|(i, x)| *x = i as i32 - 2);
+                v.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = i as i32 - 2);
             });
             assert_eq!(b.len(), n);
             assert!(b.iter().enumerate().all(|(i, &x)| x == i as i32 - 2));

@@ -2,8 +2,8 @@
 //! their rows interleaved by 16, so that one `vpdpbusd` takes 4 values of one block from each
 //! of 16 rows against 4 int8 inputs (64 multiply-adds), and each block's scaling is one
 //! vector operation for all 16 rows. The f32 kernels must scale every row's block on its
-//! own; here a block of 16 rows costs 8 integer dot products and 3 float operations per
-//! input. The inputs are quantized per block exactly as `q8act` does (the same rounding,
+//! own; here a block of 16 rows costs each input 8 integer dot products, 3 integer adds and
+//! 4 float operations, against 32 FMAs. The inputs are quantized per block exactly as `q8act` does (the same rounding,
 //! whose accuracy `tests/int8_activations.rs` measures); only the order of the float sums
 //! differs.
 
@@ -204,10 +204,6 @@ mod x86 {
         (d, sum)
     }
 
-    /// Bytes ahead of the record in use that each record asks the cache for (as the f32
-    /// kernels' `PREFETCH_AHEAD`).
-    const PREFETCH_AHEAD: usize = 4096;
-
     /// Inputs i0..i0 + n against rows g * 16.. g * 16 + 16 (see `matmul`).
     ///
     /// # Safety
@@ -250,11 +246,10 @@ mod x86 {
         let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); N];
-        let first = w.records.as_ptr().add(g * nb * bytes);
         for b in 0..nb {
-            let rec = first.add(b * bytes);
-            crate::backend::cpu::ops::prefetch(rec.wrapping_add(PREFETCH_AHEAD), bytes);
-            let p = rec as *const __m512i;
+            let at = (g * nb + b) * bytes;
+            crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes);
+            let p = w.records.as_ptr().add(at) as *const __m512i;
             // line t: values 4t..4t + 4 of the block, in every row
             let wv: [__m512i; 8] = if Q8 {
                 std::array::from_fn(|t| _mm512_loadu_si512(p.add(t)))
@@ -278,7 +273,7 @@ mod x86 {
                 (_mm512_cvtph_ps(extra), _mm512_setzero_si512())
             };
             for (i, a) in acc.iter_mut().enumerate() {
-                let at = (i0 + i) * nb + b;
+                let xb = (i0 + i) * nb + b;
                 let xp = xq.q.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
                 // four independent chains of two dot products: one chain of eight would
                 // wait on the instruction's latency
@@ -297,10 +292,10 @@ mod x86 {
                     _mm512_add_epi32(dots[2], dots[3]),
                 );
                 let dot = if Q8 { _mm512_sub_epi32(dot, sums) } else { dot };
-                let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(at)));
+                let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(xb)));
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
                 if !Q8 {
-                    *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(at)), *a);
+                    *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(xb)), *a);
                 }
             }
         }
