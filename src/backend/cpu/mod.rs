@@ -9,9 +9,11 @@ pub mod ops;
 pub mod q8act;
 pub mod quant;
 pub mod vexp;
+#[cfg(target_arch = "x86_64")]
 pub mod vnni;
 
 use std::ops::Deref;
+#[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -26,11 +28,13 @@ pub use buf::AlignedBuf;
 /// never gets one).
 pub struct CpuWeight {
     tensor: Tensor,
+    #[cfg(target_arch = "x86_64")]
     int8: OnceLock<Option<vnni::Interleaved>>,
 }
 
 impl CpuWeight {
     /// The int8 layout, when int8 activations are on and this CPU and matrix take it.
+    #[cfg(target_arch = "x86_64")]
     fn int8(&self) -> Option<&vnni::Interleaved> {
         if !q8act::enabled() {
             return None;
@@ -50,6 +54,7 @@ impl From<Tensor> for CpuWeight {
     fn from(tensor: Tensor) -> CpuWeight {
         CpuWeight {
             tensor,
+            #[cfg(target_arch = "x86_64")]
             int8: OnceLock::new(),
         }
     }
@@ -115,6 +120,7 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &CpuWeight, n: usize) {
+        #[cfg(target_arch = "x86_64")]
         if let Some(il) = w.int8().filter(|_| n <= quant::MAX_ROWS) {
             return vnni::matmul(out, x, il, n);
         }

@@ -5,7 +5,7 @@
 //! own; here a block of 16 rows costs each input 8 integer dot products, 3 integer adds and
 //! 4 float operations, against 32 FMAs. The inputs are quantized per block exactly as `q8act` does (the same rounding,
 //! whose accuracy `tests/int8_activations.rs` measures); only the order of the float sums
-//! differs.
+//! differs. x86-64 only (the module is compiled there alone).
 
 use std::cell::RefCell;
 
@@ -35,16 +35,9 @@ pub struct Interleaved {
 
 /// Whether this CPU has the instructions (and the OS keeps the AVX-512 registers).
 pub fn detected() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 impl Interleaved {
@@ -139,12 +132,8 @@ pub fn matmul(out: &mut [f32], x: &[f32], w: &Interleaved, n: usize) {
         let unsigned = w.format == BlockFormat::Q8;
         for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
             let q = &mut xq.q[b * QK..(b + 1) * QK];
-            #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512 detected (asserted above).
-            let (d, sum) = unsafe { x86::quantize_block(xb, q, unsigned) };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (d, sum) = super::q8act::quantize_block(xb, q);
-            (xq.d[b], xq.sum[b]) = (d, sum);
+            (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q, unsigned) };
         }
         let xq = &*xq;
         let outp = super::ops::SendPtr(out.as_mut_ptr());
@@ -159,19 +148,13 @@ pub fn matmul(out: &mut [f32], x: &[f32], w: &Interleaved, n: usize) {
                         // SAFETY: VNNI detected (asserted above); every index lies inside `w`
                         // and `xq` by construction; out holds n * rows floats and this task
                         // alone writes rows g * 16.. g * 16 + 16.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), o.0)
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let _ = (o, g, i0);
+                        unsafe { x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), o.0) };
                     }
                 }
             });
     });
 }
 
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
