@@ -272,10 +272,18 @@ mod neon {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn quant_matrix(eight_bit: bool, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
+    /// A 4- or 8-bit test matrix, its scales and minimums f16 values as in GGUF (`vnni.rs`
+    /// takes only those).
+    pub(in crate::backend::cpu) fn quant_matrix(
+        eight_bit: bool,
+        rows: usize,
+        cols: usize,
+        seed: u32,
+    ) -> QuantMatrix {
+        let h = |v: f32| half::f16::from_f32(v).to_f32();
         let nb = cols / QK;
         let mut s = seed;
         let mut next = move || {
@@ -293,14 +301,14 @@ mod tests {
             },
             qs: (0..rows * rb).map(|_| next()).collect(),
             scales: (0..rows * nb)
-                .map(|i| 0.01 + (i % 7) as f32 * 0.003)
+                .map(|i| h(0.01 + (i % 7) as f32 * 0.003))
                 .collect(),
             mins: (0..rows * nb)
                 .map(|i| {
                     if eight_bit {
                         0.0
                     } else {
-                        -0.05 + (i % 5) as f32 * 0.01
+                        h(-0.05 + (i % 5) as f32 * 0.01)
                     }
                 })
                 .collect(),

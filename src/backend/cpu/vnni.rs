@@ -293,31 +293,7 @@ mod tests {
     use super::*;
 
     fn matrix(format: BlockFormat, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
-        let nb = cols / QK;
-        let mut s = seed;
-        let mut next = move || {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 8) as u8
-        };
-        let scaled = |v: Vec<f32>| {
-            if format == BlockFormat::Q4 {
-                v
-            } else {
-                Vec::new()
-            }
-        };
-        let h = |v: f32| f16::from_f32(v).to_f32();
-        QuantMatrix {
-            format,
-            rows,
-            cols,
-            qs: (0..rows * nb * format.bytes()).map(|_| next()).collect(),
-            // as GGUF stores them: f16 values
-            scales: (0..rows * nb)
-                .map(|_| h(0.001 + next() as f32 * 1e-4))
-                .collect(),
-            mins: scaled((0..rows * nb).map(|_| h(-(next() as f32) * 1e-3)).collect()).into(),
-        }
+        super::super::q8act::tests::quant_matrix(format == BlockFormat::Q8, rows, cols, seed)
     }
 
     /// The int8 product in plain integers, as `q8act`'s portable dot products compute it.
