@@ -121,7 +121,7 @@ impl Backend for Cpu {
 
     fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &CpuWeight, n: usize) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(il) = w.int8().filter(|_| n <= quant::MAX_ROWS) {
+        if let Some(il) = (n <= quant::MAX_ROWS).then(|| w.int8()).flatten() {
             return vnni::matmul(out, x, il, n);
         }
         match (&w.quant, n) {
