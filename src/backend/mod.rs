@@ -48,6 +48,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
     /// Places a host tensor on the device.
     fn upload(&self, t: &Tensor) -> Self::Weight;
+    /// Readies an uploaded matrix that `matmul` will take, at start-up rather than in a
+    /// request (a layout of the backend's own, say); by default nothing.
+    fn prepare(&self, _w: &Self::Weight) {}
     /// A zeroed buffer of `len` floats.
     fn alloc(&self, len: usize) -> Self::Buf;
     /// Copies `len` floats from `src[src_off..]` to `dst[dst_off..]`.

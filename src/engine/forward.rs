@@ -114,20 +114,26 @@ impl<B: Backend> Transformer<B> {
     /// Uploads `w` to `backend` and builds the RoPE tables.
     pub fn new(backend: B, cfg: &ModelConfig, w: &Weights) -> Transformer<B> {
         let up = |t: &Tensor| backend.upload(t);
+        // a matrix that `matmul` takes
+        let matrix = |t: &Tensor| {
+            let w = backend.upload(t);
+            backend.prepare(&w);
+            w
+        };
         let layers = w
             .layers
             .iter()
             .map(|l| Layer {
                 attn_norm: up(&l.attn_norm),
-                wq: up(&l.wq),
-                wk: up(&l.wk),
-                wv: up(&l.wv),
+                wq: matrix(&l.wq),
+                wk: matrix(&l.wk),
+                wv: matrix(&l.wv),
                 bqkv: l.bqkv.as_ref().map(|[a, b, c]| [up(a), up(b), up(c)]),
-                wo: up(&l.wo),
+                wo: matrix(&l.wo),
                 ffn_norm: up(&l.ffn_norm),
-                w_gate: up(&l.w_gate),
-                w_up: up(&l.w_up),
-                w_down: up(&l.w_down),
+                w_gate: matrix(&l.w_gate),
+                w_up: matrix(&l.w_up),
+                w_down: matrix(&l.w_down),
             })
             .collect();
         let max_pos = cfg.max_position_embeddings.min(MAX_ROPE_POSITIONS);
@@ -136,7 +142,7 @@ impl<B: Backend> Transformer<B> {
             embed: up(&w.embed),
             layers,
             norm: up(&w.norm),
-            output: up(w.output()),
+            output: matrix(w.output()),
             rope_cos: up(&cos),
             rope_sin: up(&sin),
             max_pos,

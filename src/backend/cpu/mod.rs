@@ -24,8 +24,8 @@ pub use buf::AlignedBuf;
 
 /// A weight as the CPU backend holds it: the model's tensor (shared, never copied) and, for
 /// `--int8-activations` on a CPU with AVX-512 VNNI, its rows interleaved for the int8
-/// kernel, made at the first product (so a tied embedding table that only serves lookups
-/// never gets one).
+/// kernel, made by `prepare` or at the first product (so a tied embedding table that only
+/// serves lookups never gets one).
 pub struct CpuWeight {
     tensor: Tensor,
     #[cfg(target_arch = "x86_64")]
@@ -82,6 +82,15 @@ impl Backend for Cpu {
 
     fn upload(&self, t: &Tensor) -> CpuWeight {
         t.clone().into()
+    }
+
+    /// Makes the int8 layout now, when int8 activations are on (else it waits for the first
+    /// product).
+    fn prepare(&self, w: &CpuWeight) {
+        #[cfg(target_arch = "x86_64")]
+        w.int8();
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = w;
     }
 
     fn alloc(&self, len: usize) -> AlignedBuf {
