@@ -19,7 +19,6 @@ use memmap2::MmapMut;
 pub trait Plain: Copy + Send + Sync + 'static {}
 impl Plain for u8 {}
 impl Plain for f32 {}
-impl Plain for i32 {}
 
 /// A huge page.
 const HUGE_PAGE: usize = 2 << 20;
@@ -35,7 +34,7 @@ struct Chunk {
 }
 
 // SAFETY: `base` points into `_map`, which lives as long as the chunk. Bytes are written
-// once, through `HugeBuf::from`, before any `HugeBuf` for them exists; after that they are
+// once, through `HugeBuf::filled`, before any `HugeBuf` for them exists; after that they are
 // only read.
 unsafe impl Send for Chunk {}
 unsafe impl Sync for Chunk {}
@@ -96,19 +95,7 @@ pub struct HugeBuf<T: Plain> {
 impl<T: Plain> From<&[T]> for HugeBuf<T> {
     /// A copy of `v`.
     fn from(v: &[T]) -> HugeBuf<T> {
-        let bytes = std::mem::size_of_val(v);
-        if bytes == 0 {
-            return HugeBuf::empty();
-        }
-        let (chunk, at) = reserve(bytes);
-        // SAFETY: `at..at + bytes` was reserved for this buffer alone, inside the chunk, at a
-        // 64-byte boundary (enough for T's alignment); nothing reads it before this copy.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), chunk.base.add(at) as *mut T, v.len()) };
-        HugeBuf {
-            place: Some((chunk, at)),
-            len: v.len(),
-            _values: PhantomData,
-        }
+        HugeBuf::filled(v.len(), |dst| dst.copy_from_slice(v))
     }
 }
 
@@ -222,14 +209,14 @@ mod tests {
     #[test]
     fn filled_buffers_start_at_zero_and_keep_what_was_written() {
         for n in [0usize, 5, CHUNK / 4 + 3] {
-            let b = HugeBuf::<i32>::filled(n, |v| {
-                assert!(v.iter().all(|&x| x == 0));
+            let b = HugeBuf::<f32>::filled(n, |v| {
+                assert!(v.iter().all(|&x| x == 0.0));
                 v.iter_mut()
                     .enumerate()
-                    .for_each(|(i, x)| *x = i as i32 - 2);
+                    .for_each(|(i, x)| *x = i as f32 - 2.0);
             });
             assert_eq!(b.len(), n);
-            assert!(b.iter().enumerate().all(|(i, &x)| x == i as i32 - 2));
+            assert!(b.iter().enumerate().all(|(i, &x)| x == i as f32 - 2.0));
         }
     }
 }
