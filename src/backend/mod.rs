@@ -71,6 +71,29 @@ pub trait Backend: Send + Sync {
     fn rmsnorm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, n: usize, eps: f32);
     /// out (n, m) = x (n, k) @ w (m, k)^T.
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, n: usize);
+    /// outs[i] = x @ ws[i]^T (each as `matmul`) for three matrices that take the same input
+    /// (q, k and v): by default three `matmul`s; a backend may run them as one pass.
+    fn matmul3(&self, outs: [&mut Self::Buf; 3], x: &Self::Buf, ws: [&Self::Weight; 3], n: usize) {
+        for (out, w) in outs.into_iter().zip(ws) {
+            self.matmul(out, x, w, n);
+        }
+    }
+    /// gate (n, width) = silu(x @ w_gate^T) * (x @ w_up^T), the MLP's first half, with `up`
+    /// as scratch: by default two `matmul`s and `silu_mul`; a backend may run it as one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up(
+        &self,
+        gate: &mut Self::Buf,
+        up: &mut Self::Buf,
+        x: &Self::Buf,
+        [w_gate, w_up]: [&Self::Weight; 2],
+        n: usize,
+        width: usize,
+    ) {
+        self.matmul(gate, x, w_gate, n);
+        self.matmul(up, x, w_up, n);
+        self.silu_mul(gate, up, n * width);
+    }
     /// x (n, m) += b (m), row-wise.
     fn add_bias(&self, x: &mut Self::Buf, b: &Self::Weight, n: usize);
     /// Rotates pairs (i, i + head_dim/2) of each head by the angles of its position;

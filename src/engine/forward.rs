@@ -257,9 +257,12 @@ impl<B: Backend> Transformer<B> {
     fn qkv(&self, st: &mut RunState<B>, w: &Layer<B>, n: usize) {
         let (b, eps) = (&self.backend, self.cfg.rms_norm_eps);
         b.rmsnorm(&mut st.xb, &st.x, &w.attn_norm, n, eps);
-        b.matmul(&mut st.q, &st.xb, &w.wq, n);
-        b.matmul(&mut st.k, &st.xb, &w.wk, n);
-        b.matmul(&mut st.v, &st.xb, &w.wv, n);
+        b.matmul3(
+            [&mut st.q, &mut st.k, &mut st.v],
+            &st.xb,
+            [&w.wq, &w.wk, &w.wv],
+            n,
+        );
         if let Some([bq, bk, bv]) = &w.bqkv {
             b.add_bias(&mut st.q, bq, n);
             b.add_bias(&mut st.k, bk, n);
@@ -274,9 +277,14 @@ impl<B: Backend> Transformer<B> {
         b.matmul(&mut st.xb, &st.att, &w.wo, n);
         b.add(&mut st.x, &st.xb, n * c.hidden_size);
         b.rmsnorm(&mut st.xb, &st.x, &w.ffn_norm, n, c.rms_norm_eps);
-        b.matmul(&mut st.hb, &st.xb, &w.w_gate, n);
-        b.matmul(&mut st.hb2, &st.xb, &w.w_up, n);
-        b.silu_mul(&mut st.hb, &st.hb2, n * c.intermediate_size);
+        b.gate_up(
+            &mut st.hb,
+            &mut st.hb2,
+            &st.xb,
+            [&w.w_gate, &w.w_up],
+            n,
+            c.intermediate_size,
+        );
         b.matmul(&mut st.xb, &st.hb, &w.w_down, n);
         b.add(&mut st.x, &st.xb, n * c.hidden_size);
     }

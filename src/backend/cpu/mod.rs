@@ -48,6 +48,12 @@ impl CpuWeight {
             })
             .as_ref()
     }
+
+    /// The int8 layout, when a product of `n` inputs can use it.
+    #[cfg(target_arch = "x86_64")]
+    fn int8_for(&self, n: usize) -> Option<&vnni::Interleaved> {
+        (n <= quant::MAX_ROWS).then(|| self.int8()).flatten()
+    }
 }
 
 impl From<Tensor> for CpuWeight {
@@ -130,7 +136,7 @@ impl Backend for Cpu {
 
     fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &CpuWeight, n: usize) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(il) = (n <= quant::MAX_ROWS).then(|| w.int8()).flatten() {
+        if let Some(il) = w.int8_for(n) {
             return vnni::matmul(out, x, il, n);
         }
         match (&w.quant, n) {
@@ -139,6 +145,37 @@ impl Backend for Cpu {
             (Some(q), n) => quant::matmul_q_gemm(out, x, q, n),
             (None, n) => ops::matmul(out, x, &w.data, n, w.cols(), w.rows()),
         }
+    }
+
+    fn matmul3(&self, outs: [&mut AlignedBuf; 3], x: &AlignedBuf, ws: [&CpuWeight; 3], n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let [Some(a), Some(b), Some(c)] = ws.map(|w| w.int8_for(n)) {
+            let [q, k, v] = outs;
+            return vnni::products(x, n, [(q, a), (k, b), (v, c)], false);
+        }
+        for (out, w) in outs.into_iter().zip(ws) {
+            self.matmul(out, x, w, n);
+        }
+    }
+
+    fn gate_up(
+        &self,
+        gate: &mut AlignedBuf,
+        up: &mut AlignedBuf,
+        x: &AlignedBuf,
+        [w_gate, w_up]: [&CpuWeight; 2],
+        n: usize,
+        width: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(g), Some(u)) = (w_gate.int8_for(n), w_up.int8_for(n)) {
+            if g.rows() == u.rows() {
+                return vnni::products(x, n, [(gate, g), (up, u)], true);
+            }
+        }
+        self.matmul(gate, x, w_gate, n);
+        self.matmul(up, x, w_up, n);
+        self.silu_mul(gate, up, n * width);
     }
 
     fn add_bias(&self, x: &mut AlignedBuf, b: &CpuWeight, n: usize) {

@@ -95,16 +95,25 @@ impl Interleaved {
     }
 }
 
+impl Interleaved {
+    /// Rows of the matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
 /// Bytes of one (group, block) record: the values' lines, then scales and minimums or sums.
 const fn record_bytes(format: BlockFormat) -> usize {
     (format.bytes() / 4 + 1) * 64
 }
 
-/// n inputs quantized per block: values (+128 as unsigned bytes for 8-bit matrices), scales
-/// and exact block sums, input after input; kept per thread so that no token allocates.
+/// n inputs quantized per block: signed values, and the same + 128 as unsigned bytes when
+/// an 8-bit matrix takes them; scales and exact block sums; input after input; kept per
+/// thread so that no token allocates.
 #[derive(Default)]
 struct QuantInputs {
     q: Vec<i8>,
+    unsigned: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<f32>,
 }
@@ -119,39 +128,91 @@ const GROUP: usize = 8;
 
 /// out (n, rows) = x (n, cols) @ W^T with int8 inputs, n at most 16 (as `matmul_q`).
 pub fn matmul(out: &mut [f32], x: &[f32], w: &Interleaved, n: usize) {
-    let (rows, cols, nb) = (w.rows, w.cols, w.cols / QK);
+    products(x, n, [(out, w)], false);
+}
+
+/// `K` products of one input x (n, cols), `(out, W)` each as in `matmul`, in one pass: x
+/// quantized once, and one set of tasks over all the matrices' row groups (q, k and v;
+/// gate and up). With `glu` (K = 2, matrices of the same shape), the first output becomes
+/// silu(first) * second, each task scaling the rows it computed (the MLP's first half).
+pub fn products<const K: usize>(
+    x: &[f32],
+    n: usize,
+    products: [(&mut [f32], &Interleaved); K],
+    glu: bool,
+) {
+    let cols = products[0].1.cols;
     assert!(
-        n <= super::quant::MAX_ROWS && x.len() >= n * cols && out.len() >= n * rows,
-        "vnni::matmul: shape"
+        n <= super::quant::MAX_ROWS
+            && x.len() >= n * cols
+            && products
+                .iter()
+                .all(|(out, w)| w.cols == cols && out.len() >= n * w.rows)
+            && (!glu || K == 2 && products[0].1.rows == products[1].1.rows),
+        "vnni::products: shape"
     );
-    assert!(detected(), "vnni::matmul: no AVX-512 VNNI");
+    assert!(detected(), "vnni::products: no AVX-512 VNNI");
+    let nb = cols / QK;
     INPUTS.with_borrow_mut(|xq| {
         xq.q.resize(n * cols, 0);
         xq.d.resize(n * nb, 0.0);
         xq.sum.resize(n * nb, 0.0);
-        let unsigned = w.format == BlockFormat::Q8;
         for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
             let q = &mut xq.q[b * QK..(b + 1) * QK];
             // SAFETY: AVX-512 detected (asserted above).
-            (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q, unsigned) };
+            (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q) };
+        }
+        if products.iter().any(|(_, w)| w.format == BlockFormat::Q8) {
+            // `vpdpbusd` takes unsigned bytes on one side: the 8-bit matrices' inputs + 128
+            xq.unsigned.clear();
+            xq.unsigned
+                .extend(xq.q.iter().map(|&v| (v as u8 ^ 0x80) as i8));
         }
         let xq = &*xq;
-        let outp = super::ops::SendPtr(out.as_mut_ptr());
-        let groups = rows / LANES;
-        let per_task = (groups / (rayon::current_num_threads() * 8)).clamp(1, 16);
-        (0..groups.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|c| {
-                let o = outp;
-                for g in c * per_task..((c + 1) * per_task).min(groups) {
+        let mats = products.map(|(out, w)| (super::ops::SendPtr(out.as_mut_ptr()), w));
+        // Tasks of `per_task` row groups, matrix after matrix (with `glu`, the first's
+        // groups, each task computing them in both).
+        let groups = mats.map(|(_, w)| w.rows / LANES);
+        let total: usize = if glu { groups[0] } else { groups.iter().sum() };
+        let per_task = (total / (rayon::current_num_threads() * 8)).clamp(1, 16);
+        let tasks = groups.map(|g| g.div_ceil(per_task));
+        let all = if glu { tasks[0] } else { tasks.iter().sum() };
+        (0..all).into_par_iter().for_each(|mut t| {
+            let mut m = 0;
+            while !glu && t >= tasks[m] {
+                t -= tasks[m];
+                m += 1;
+            }
+            let range = t * per_task..((t + 1) * per_task).min(groups[m]);
+            let run = |(out, w): (super::ops::SendPtr, &Interleaved)| {
+                for g in range.clone() {
                     for i0 in (0..n).step_by(GROUP) {
-                        // SAFETY: VNNI detected (asserted above); every index lies inside `w`
-                        // and `xq` by construction; out holds n * rows floats and this task
-                        // alone writes rows g * 16.. g * 16 + 16.
-                        unsafe { x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), o.0) };
+                        // SAFETY: VNNI detected (asserted above); every index lies inside
+                        // `w` and `xq` by construction; out holds n * rows floats and this
+                        // task alone writes rows g * 16.. g * 16 + 16 of it.
+                        unsafe { x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), out.0) };
                     }
                 }
-            });
+            };
+            if !glu {
+                return run(mats[m]);
+            }
+            run(mats[0]);
+            run(mats[1]);
+            let (rows, lanes) = (mats[0].1.rows, range.start * LANES..range.end * LANES);
+            for i in 0..n {
+                let at = i * rows + lanes.start;
+                // SAFETY: rows `lanes` of input i, which this task alone wrote (above), in
+                // outputs of n * rows floats each.
+                let (gate, up) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(mats[0].0 .0.add(at), lanes.len()),
+                        std::slice::from_raw_parts(mats[1].0 .0.add(at), lanes.len()),
+                    )
+                };
+                super::ops::silu_mul(gate, up);
+            }
+        });
     });
 }
 
@@ -161,13 +222,12 @@ mod x86 {
     use super::{Interleaved, QuantInputs};
     use crate::model::dequant::{BlockFormat, QK};
 
-    /// `q8act::quantize_block` (the same values and scale; the sum in another order), plus
-    /// 128 on every value as unsigned bytes when `unsigned`.
+    /// `q8act::quantize_block` (the same values and scale; the sum in another order).
     ///
     /// # Safety
     /// AVX-512F/BW present; `xb` and `q` hold 32 values.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_block(xb: &[f32], q: &mut [i8], unsigned: bool) -> (f32, f32) {
+    pub(super) unsafe fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
         assert!(xb.len() >= QK && q.len() >= QK);
         let v = [
             _mm512_loadu_ps(xb.as_ptr()),
@@ -177,11 +237,10 @@ mod x86 {
         let sum = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
         let d = amax / 127.0;
         let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let bias = _mm_set1_epi8(if unsigned { -128 } else { 0 });
         for (j, v) in v.into_iter().enumerate() {
             // rounded to the nearest integer, ties to even (the default rounding mode)
             let i = _mm512_cvtps_epi32(_mm512_mul_ps(v, id));
-            let bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(i), bias);
+            let bytes = _mm512_cvtsepi32_epi8(i);
             _mm_storeu_si128(q.as_mut_ptr().add(16 * j) as *mut __m128i, bytes);
         }
         (d, sum)
@@ -257,7 +316,8 @@ mod x86 {
             };
             for (i, a) in acc.iter_mut().enumerate() {
                 let xb = (i0 + i) * nb + b;
-                let xp = xq.q.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
+                let q = if Q8 { &xq.unsigned } else { &xq.q };
+                let xp = q.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
                 // four independent chains of two dot products: one chain of eight would
                 // wait on the instruction's latency
                 let mut dots = [_mm512_setzero_si512(); 4];
@@ -365,6 +425,45 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn products_in_one_pass_equal_separate_products() {
+        if !detected() {
+            eprintln!("no AVX-512 VNNI here: the int8 kernel is not used");
+            return;
+        }
+        let cols = 96;
+        // q, k and v of mixed formats and heights; gate and up of one shape
+        let [a, b, c] = [
+            (BlockFormat::Q4, 48),
+            (BlockFormat::Q8, 16),
+            (BlockFormat::Q4, 32),
+        ]
+        .map(|(f, rows)| Interleaved::new(&matrix(f, rows, cols, rows as u32)).unwrap());
+        let [gate, up] = [BlockFormat::Q8, BlockFormat::Q4]
+            .map(|f| Interleaved::new(&matrix(f, 64, cols, 7)).unwrap());
+        for n in [1, 3, 9, 16] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 29 % 89) as f32 - 44.0) / 13.0)
+                .collect();
+            let alone = |w: &Interleaved| {
+                let mut out = vec![f32::NAN; n * w.rows];
+                matmul(&mut out, &x, w, n);
+                out
+            };
+            let mut outs = [&a, &b, &c].map(|w| vec![f32::NAN; n * w.rows]);
+            let [oa, ob, oc] = &mut outs;
+            products(&x, n, [(oa, &a), (ob, &b), (oc, &c)], false);
+            for (got, w) in outs.iter().zip([&a, &b, &c]) {
+                assert_eq!(got, &alone(w), "n={n}: {} rows", w.rows);
+            }
+            let (mut g, mut u) = (vec![f32::NAN; n * 64], vec![f32::NAN; n * 64]);
+            products(&x, n, [(&mut g, &gate), (&mut u, &up)], true);
+            let mut want = alone(&gate);
+            crate::backend::cpu::ops::silu_mul(&mut want, &alone(&up));
+            assert_eq!(g, want, "n={n}: silu(gate) * up");
         }
     }
 
