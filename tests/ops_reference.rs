@@ -395,6 +395,43 @@ fn quantized_few_row_matmul_matches_the_dequantized_naive_product() {
 }
 
 #[test]
+fn products_of_one_input_in_one_pass_equal_separate_products() {
+    use chatstream::backend::cpu::quant;
+    use chatstream::model::dequant::QuantMatrix;
+    let cols = 576;
+    let matrix = |ty, rows, seed| {
+        QuantMatrix::from_ggml(ty, &random_blocks(ty, rows, cols, seed), rows, cols).unwrap()
+    };
+    // q, k and v of different formats and heights (k shorter than a task); gate and up
+    let qkv = [
+        matrix(GgmlType::Q4_1, 576, 1),
+        matrix(GgmlType::Q8_0, 48, 2),
+        matrix(GgmlType::F16, 192, 3),
+    ];
+    let [gate, up] = [GgmlType::Q4_0, GgmlType::Q8_0].map(|ty| matrix(ty, 1536, 4));
+    for n in [1, 2, 5, quant::MAX_ROWS] {
+        let x = rand_vec(n * cols, 33);
+        let alone = |w: &QuantMatrix| {
+            let mut out = vec![f32::NAN; n * w.rows];
+            quant::matmul_q(&mut out, &x, w, n);
+            out
+        };
+        let mut outs = qkv.each_ref().map(|w| vec![f32::NAN; n * w.rows]);
+        let [a, b, c] = &mut outs;
+        let [wa, wb, wc] = qkv.each_ref();
+        quant::products(&x, n, [(a, wa), (b, wb), (c, wc)], false);
+        for (got, w) in outs.iter().zip(&qkv) {
+            assert_eq!(got, &alone(w), "n={n}: {:?} {} rows", w.format, w.rows);
+        }
+        let (mut g, mut u) = (vec![f32::NAN; n * 1536], vec![f32::NAN; n * 1536]);
+        quant::products(&x, n, [(&mut g, &gate), (&mut u, &up)], true);
+        let mut want = alone(&gate);
+        ops::silu_mul(&mut want, &alone(&up));
+        assert_eq!(g, want, "n={n}: silu(gate) * up");
+    }
+}
+
+#[test]
 fn quantized_prefill_matmul_equals_sgemm_on_the_dequantized_weights() {
     use chatstream::backend::cpu::quant;
     use chatstream::model::dequant::{dequantize, QuantMatrix};

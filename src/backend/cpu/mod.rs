@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, RopeShape};
+use crate::model::dequant::QuantMatrix;
 use crate::model::weights::Tensor;
 pub use buf::AlignedBuf;
 
@@ -47,6 +48,11 @@ impl CpuWeight {
                     .flatten()
             })
             .as_ref()
+    }
+
+    /// The compact matrix, when `quant::products` takes a product of `n` inputs with it.
+    fn compact_for(&self, n: usize) -> Option<&QuantMatrix> {
+        self.quant.as_deref().filter(|q| quant::takes(q, n))
     }
 
     /// The int8 layout, when a product of `n` inputs can use it.
@@ -153,6 +159,10 @@ impl Backend for Cpu {
             let [q, k, v] = outs;
             return vnni::products(x, n, [(q, a), (k, b), (v, c)], false);
         }
+        if let [Some(a), Some(b), Some(c)] = ws.map(|w| w.compact_for(n)) {
+            let [q, k, v] = outs;
+            return quant::products(x, n, [(q, a), (k, b), (v, c)], false);
+        }
         for (out, w) in outs.into_iter().zip(ws) {
             self.matmul(out, x, w, n);
         }
@@ -171,6 +181,11 @@ impl Backend for Cpu {
         if let (Some(g), Some(u)) = (w_gate.int8_for(n), w_up.int8_for(n)) {
             if g.rows() == u.rows() {
                 return vnni::products(x, n, [(gate, g), (up, u)], true);
+            }
+        }
+        if let (Some(g), Some(u)) = (w_gate.compact_for(n), w_up.compact_for(n)) {
+            if g.rows == u.rows {
+                return quant::products(x, n, [(gate, g), (up, u)], true);
             }
         }
         self.matmul(gate, x, w_gate, n);

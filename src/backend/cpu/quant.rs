@@ -723,39 +723,116 @@ const TILE: usize = 32;
 /// each block is widened to f32 once and dotted with all n inputs, so the weights are read
 /// from memory once per step whatever n is.
 pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
+    products(x, n, [(out, w)], false);
+}
+
+/// Whether `matmul_q` (and `products`) is what a product of `w` with n inputs runs on: n in
+/// 1..=MAX_ROWS, except single inputs that `matvec_q` gives other kernels (int8 activations,
+/// or a row at a time where the CPU's kernels prefer it).
+pub fn takes(w: &QuantMatrix, n: usize) -> bool {
+    (1..=MAX_ROWS).contains(&n)
+        && (n > 1 || !w.format.scaled() || kernels().matvec_by_rows && !super::q8act::enabled())
+}
+
+/// `K` products of one input x (n, cols), `(out, W)` each as in `matmul_q`, in one set of
+/// tasks (q, k and v; gate and up). With `glu` (K = 2, matrices of the same shape), the
+/// first output becomes silu(first) * second, each task scaling the rows it computed.
+pub fn products<const K: usize>(
+    x: &[f32],
+    n: usize,
+    products: [(&mut [f32], &QuantMatrix); K],
+    glu: bool,
+) {
+    let cols = products[0].1.cols;
     assert!(
-        n <= MAX_ROWS && x.len() >= n * w.cols && out.len() >= n * w.rows,
-        "matmul_q: shape"
+        n <= MAX_ROWS
+            && x.len() >= n * cols
+            && products
+                .iter()
+                .all(|(out, w)| w.cols == cols && out.len() >= n * w.rows)
+            && (!glu || K == 2 && products[0].1.rows == products[1].1.rows),
+        "quant::products: shape"
     );
     if n == 0 {
         return;
     }
-    let outp = super::ops::SendPtr(out.as_mut_ptr());
-    // whole cache lines of each output row per task: no line is written from two cores
-    let rows_per_task = (w.rows / (rayon::current_num_threads() * 8))
+    let mats = products.map(|(out, w)| (super::ops::SendPtr(out.as_mut_ptr()), w));
+    par_products(mats.map(|(o, w)| (o, w.rows)), n, glu, |m, rows| {
+        let (o, w) = mats[m];
+        let mut tile = [0f32; TILE * MAX_ROWS];
+        for r0 in rows.clone().step_by(TILE) {
+            let r1 = (r0 + TILE).min(rows.end);
+            let len = r1 - r0;
+            let tile = &mut tile[..len * n];
+            let (qs, scales, mins) = row_slices(w, r0, r1);
+            (kernels().rows)(w.format, qs, scales, mins, x, w.cols, n, tile);
+            for (i, sums) in tile.chunks_exact(len).enumerate() {
+                // SAFETY: out holds n * rows floats; rows r0..r1 of each input are
+                // written only by the task that owns them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(sums.as_ptr(), o.0.add(i * w.rows + r0), len)
+                };
+            }
+        }
+    });
+}
+
+/// Runs `task(m, rows)`, which computes rows `rows` of product m (for n inputs into
+/// `outs[m]`, of the given widths), in parallel over all the products' rows split into tasks
+/// of whole 16-row groups (no output cache line is written from two cores). With `glu`
+/// (two products of one width), each task computes its rows of both, then makes the first
+/// silu(first) * second there.
+pub(super) fn par_products<const K: usize>(
+    outs: [(super::ops::SendPtr, usize); K],
+    n: usize,
+    glu: bool,
+    task: impl Fn(usize, std::ops::Range<usize>) + Sync,
+) {
+    let rows = outs.map(|(_, r)| r);
+    let total: usize = if glu { rows[0] } else { rows.iter().sum() };
+    let per_task = (total / (rayon::current_num_threads() * 8))
         .clamp(16, 256)
         .next_multiple_of(16);
-    (0..w.rows.div_ceil(rows_per_task))
-        .into_par_iter()
-        .for_each(|c| {
-            let o = outp;
-            let mut tile = [0f32; TILE * MAX_ROWS];
-            let end = ((c + 1) * rows_per_task).min(w.rows);
-            for r0 in (c * rows_per_task..end).step_by(TILE) {
-                let r1 = (r0 + TILE).min(end);
-                let len = r1 - r0;
-                let tile = &mut tile[..len * n];
-                let (qs, scales, mins) = row_slices(w, r0, r1);
-                (kernels().rows)(w.format, qs, scales, mins, x, w.cols, n, tile);
-                for (i, sums) in tile.chunks_exact(len).enumerate() {
-                    // SAFETY: out holds n * rows floats; rows r0..r1 of each input are
-                    // written only by the task that owns them.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(sums.as_ptr(), o.0.add(i * w.rows + r0), len)
-                    };
-                }
-            }
-        });
+    let tasks = rows.map(|r| r.div_ceil(per_task));
+    let all = if glu { tasks[0] } else { tasks.iter().sum() };
+    (0..all).into_par_iter().for_each(|mut t| {
+        let mut m = 0;
+        while !glu && t >= tasks[m] {
+            t -= tasks[m];
+            m += 1;
+        }
+        let range = t * per_task..((t + 1) * per_task).min(rows[m]);
+        task(m, range.clone());
+        if glu {
+            task(1, range.clone());
+            // SAFETY: this task alone wrote these rows of both outputs (above).
+            unsafe { silu_rows(outs[0].0, outs[1].0, rows[0], n, range) };
+        }
+    });
+}
+
+/// gate = silu(gate) * up on rows `rows` of each of n inputs, in outputs `width` wide.
+///
+/// # Safety
+/// Both outputs hold n * width floats, and no other thread touches these rows meanwhile.
+unsafe fn silu_rows(
+    gate: super::ops::SendPtr,
+    up: super::ops::SendPtr,
+    width: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+) {
+    for i in 0..n {
+        let at = i * width + rows.start;
+        // SAFETY: the caller's.
+        let (g, u) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(gate.0.add(at), rows.len()),
+                std::slice::from_raw_parts(up.0.add(at), rows.len()),
+            )
+        };
+        super::ops::silu_mul(g, u);
+    }
 }
 
 /// Rows r0..r1 of `w`: their packed values, scales and minimums (none for the float
@@ -862,13 +939,13 @@ const MAX_BLOCKS: usize = 1024;
 /// against 3.7 ns per block); with AVX2 the dot product below, which takes each block's
 /// minimum through the block sums of x (the float formats go through the batched kernel).
 pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
-    if super::q8act::enabled() && w.format.scaled() {
+    if takes(w, 1) {
+        return matmul_q(out, x, w, 1);
+    }
+    if super::q8act::enabled() {
         return super::q8act::matvec(out, x, w);
     }
     let k = kernels();
-    if k.matvec_by_rows || !w.format.scaled() {
-        return matmul_q(out, x, w, 1);
-    }
     let nb = w.cols / QK;
     assert!(
         nb <= MAX_BLOCKS && x.len() >= w.cols && out.len() >= w.rows,

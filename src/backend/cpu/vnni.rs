@@ -170,49 +170,18 @@ pub fn products<const K: usize>(
         }
         let xq = &*xq;
         let mats = products.map(|(out, w)| (super::ops::SendPtr(out.as_mut_ptr()), w));
-        // Tasks of `per_task` row groups, matrix after matrix (with `glu`, the first's
-        // groups, each task computing them in both).
-        let groups = mats.map(|(_, w)| w.rows / LANES);
-        let total: usize = if glu { groups[0] } else { groups.iter().sum() };
-        let per_task = (total / (rayon::current_num_threads() * 8)).clamp(1, 16);
-        let tasks = groups.map(|g| g.div_ceil(per_task));
-        let all = if glu { tasks[0] } else { tasks.iter().sum() };
-        (0..all).into_par_iter().for_each(|mut t| {
-            let mut m = 0;
-            while !glu && t >= tasks[m] {
-                t -= tasks[m];
-                m += 1;
-            }
-            let range = t * per_task..((t + 1) * per_task).min(groups[m]);
-            let run = |(out, w): (super::ops::SendPtr, &Interleaved)| {
-                for g in range.clone() {
-                    for i0 in (0..n).step_by(GROUP) {
-                        // SAFETY: VNNI detected (asserted above); every index lies inside
-                        // `w` and `xq` by construction; out holds n * rows floats and this
-                        // task alone writes rows g * 16.. g * 16 + 16 of it.
-                        unsafe { x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), out.0) };
-                    }
+        let task = |m: usize, rows: std::ops::Range<usize>| {
+            let (out, w) = mats[m];
+            for g in rows.start / LANES..rows.end / LANES {
+                for i0 in (0..n).step_by(GROUP) {
+                    // SAFETY: VNNI detected (asserted above); every index lies inside `w` and
+                    // `xq` by construction; out holds n * rows floats and this task alone
+                    // writes rows g * 16.. g * 16 + 16 of it.
+                    unsafe { x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), out.0) };
                 }
-            };
-            if !glu {
-                return run(mats[m]);
             }
-            run(mats[0]);
-            run(mats[1]);
-            let (rows, lanes) = (mats[0].1.rows, range.start * LANES..range.end * LANES);
-            for i in 0..n {
-                let at = i * rows + lanes.start;
-                // SAFETY: rows `lanes` of input i, which this task alone wrote (above), in
-                // outputs of n * rows floats each.
-                let (gate, up) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(mats[0].0 .0.add(at), lanes.len()),
-                        std::slice::from_raw_parts(mats[1].0 .0.add(at), lanes.len()),
-                    )
-                };
-                super::ops::silu_mul(gate, up);
-            }
-        });
+        };
+        super::quant::par_products(mats.map(|(o, w)| (o, w.rows)), n, glu, task);
     });
 }
 
