@@ -743,22 +743,10 @@ pub fn products<const K: usize>(
     products: [(&mut [f32], &QuantMatrix); K],
     glu: bool,
 ) {
-    let cols = products[0].1.cols;
-    assert!(
-        n <= MAX_ROWS
-            && x.len() >= n * cols
-            && products
-                .iter()
-                .all(|(out, w)| w.cols == cols && out.len() >= n * w.rows)
-            && (!glu || K == 2 && products[0].1.rows == products[1].1.rows),
-        "quant::products: shape"
-    );
-    if n == 0 {
-        return;
-    }
-    let mats = products.map(|(out, w)| (super::ops::SendPtr(out.as_mut_ptr()), w));
-    par_products(mats.map(|(o, w)| (o, w.rows)), n, glu, |m, rows| {
-        let (o, w) = mats[m];
+    let ws = products.each_ref().map(|&(_, w)| w);
+    let outs = products.map(|(out, w)| (out, w.rows, w.cols));
+    par_products(outs, x.len(), n, glu, |m, rows, o| {
+        let w = ws[m];
         let mut tile = [0f32; TILE * MAX_ROWS];
         for r0 in rows.clone().step_by(TILE) {
             let r1 = (r0 + TILE).min(rows.end);
@@ -777,18 +765,34 @@ pub fn products<const K: usize>(
     });
 }
 
-/// Runs `task(m, rows)`, which computes rows `rows` of product m (for n inputs into
-/// `outs[m]`, of the given widths), in parallel over all the products' rows split into tasks
-/// of whole 16-row groups (no output cache line is written from two cores). With `glu`
-/// (two products of one width), each task computes its rows of both, then makes the first
-/// silu(first) * second there.
+/// Runs `task(m, rows, out)`, which computes rows `rows` of product m for n inputs into
+/// `out` (the output `outs[m]`: `(out, rows, cols)` of each product, all of `cols`
+/// columns, whose input holds `x_len` floats), in parallel over all the products' rows
+/// split into tasks of whole 16-row groups (no output cache line is written from two
+/// cores). With `glu` (two products of one shape), each task computes its rows of both,
+/// then makes the first silu(first) * second there.
 pub(super) fn par_products<const K: usize>(
-    outs: [(super::ops::SendPtr, usize); K],
+    outs: [(&mut [f32], usize, usize); K],
+    x_len: usize,
     n: usize,
     glu: bool,
-    task: impl Fn(usize, std::ops::Range<usize>) + Sync,
+    task: impl Fn(usize, std::ops::Range<usize>, super::ops::SendPtr) + Sync,
 ) {
-    let rows = outs.map(|(_, r)| r);
+    let cols = outs[0].2;
+    assert!(
+        n <= MAX_ROWS
+            && x_len >= n * cols
+            && outs
+                .iter()
+                .all(|(out, rows, c)| *c == cols && out.len() >= n * rows)
+            && (!glu || K == 2 && outs[0].1 == outs[1].1),
+        "products: shape"
+    );
+    if n == 0 {
+        return;
+    }
+    let rows = outs.each_ref().map(|o| o.1);
+    let ptrs = outs.map(|(out, _, _)| super::ops::SendPtr(out.as_mut_ptr()));
     let total: usize = if glu { rows[0] } else { rows.iter().sum() };
     let per_task = (total / (rayon::current_num_threads() * 8))
         .clamp(16, 256)
@@ -802,11 +806,12 @@ pub(super) fn par_products<const K: usize>(
             m += 1;
         }
         let range = t * per_task..((t + 1) * per_task).min(rows[m]);
-        task(m, range.clone());
+        task(m, range.clone(), ptrs[m]);
         if glu {
-            task(1, range.clone());
-            // SAFETY: this task alone wrote these rows of both outputs (above).
-            unsafe { silu_rows(outs[0].0, outs[1].0, rows[0], n, range) };
+            task(1, range.clone(), ptrs[1]);
+            // SAFETY: this task alone wrote these rows of both outputs (above), which hold
+            // n * rows floats each (asserted).
+            unsafe { silu_rows(ptrs[0], ptrs[1], rows[0], n, range) };
         }
     });
 }

@@ -93,9 +93,7 @@ impl Interleaved {
             records,
         })
     }
-}
 
-impl Interleaved {
     /// Rows of the matrix.
     pub fn rows(&self) -> usize {
         self.rows
@@ -141,18 +139,9 @@ pub fn products<const K: usize>(
     products: [(&mut [f32], &Interleaved); K],
     glu: bool,
 ) {
-    let cols = products[0].1.cols;
-    assert!(
-        n <= super::quant::MAX_ROWS
-            && x.len() >= n * cols
-            && products
-                .iter()
-                .all(|(out, w)| w.cols == cols && out.len() >= n * w.rows)
-            && (!glu || K == 2 && products[0].1.rows == products[1].1.rows),
-        "vnni::products: shape"
-    );
     assert!(detected(), "vnni::products: no AVX-512 VNNI");
-    let nb = cols / QK;
+    let ws = products.each_ref().map(|&(_, w)| w);
+    let (cols, nb) = (ws[0].cols, ws[0].cols / QK);
     INPUTS.with_borrow_mut(|xq| {
         xq.q.resize(n * cols, 0);
         xq.d.resize(n * nb, 0.0);
@@ -162,26 +151,24 @@ pub fn products<const K: usize>(
             // SAFETY: AVX-512 detected (asserted above).
             (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q) };
         }
-        if products.iter().any(|(_, w)| w.format == BlockFormat::Q8) {
+        if ws.iter().any(|w| w.format == BlockFormat::Q8) {
             // `vpdpbusd` takes unsigned bytes on one side: the 8-bit matrices' inputs + 128
             xq.unsigned.clear();
             xq.unsigned
                 .extend(xq.q.iter().map(|&v| (v as u8 ^ 0x80) as i8));
         }
         let xq = &*xq;
-        let mats = products.map(|(out, w)| (super::ops::SendPtr(out.as_mut_ptr()), w));
-        let task = |m: usize, rows: std::ops::Range<usize>| {
-            let (out, w) = mats[m];
+        let outs = products.map(|(out, w)| (out, w.rows, w.cols));
+        super::quant::par_products(outs, x.len(), n, glu, |m, rows, out| {
             for g in rows.start / LANES..rows.end / LANES {
                 for i0 in (0..n).step_by(GROUP) {
-                    // SAFETY: VNNI detected (asserted above); every index lies inside `w` and
-                    // `xq` by construction; out holds n * rows floats and this task alone
-                    // writes rows g * 16.. g * 16 + 16 of it.
-                    unsafe { x86::group_entry(w, g, xq, i0, (n - i0).min(GROUP), out.0) };
+                    // SAFETY: VNNI detected (asserted above); every index lies inside the
+                    // matrix and `xq` by construction; out holds n * rows floats and this
+                    // task alone writes rows g * 16.. g * 16 + 16 of it.
+                    unsafe { x86::group_entry(ws[m], g, xq, i0, (n - i0).min(GROUP), out.0) };
                 }
             }
-        };
-        super::quant::par_products(mats.map(|(o, w)| (o, w.rows)), n, glu, task);
+        });
     });
 }
 
