@@ -99,9 +99,8 @@ fn batched(c: &mut Criterion) {
                     let start = Instant::now();
                     for s in 0..STEPS {
                         let tokens: Vec<u32> = (0..n).map(|i| (s * 13 + i * 7) as u32).collect();
-                        let mut refs: Vec<&mut KvCache<Cpu>> = kvs.iter_mut().collect();
                         // as the server's engine thread runs it: inside the thread pool
-                        Cpu.within(|| t.forward_batch(&mut st, &mut refs, &tokens))
+                        Cpu.within(|| t.forward_batch(&mut st, &mut kvs, &tokens))
                             .unwrap();
                     }
                     total += start.elapsed();

@@ -2,7 +2,8 @@
 //! to one engine thread, which runs them as a single batched forward pass (the weights are
 //! read once for all of them) and answers each on its own reply channel. Each worker keeps
 //! its request from start to end; only the decode step is shared. A worker lends its KV cache
-//! with the step and gets it back with the logits.
+//! and its logits buffer with the step and gets both back, the logits filled, on its own
+//! `Lane`: no step allocates.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,12 +22,26 @@ use super::kv_cache::KvCache;
 /// How long the engine thread waits for the other decoding workers to send their steps.
 const GATHER: Duration = Duration::from_millis(2);
 
-type Reply<B> = (KvCache<B>, Result<Vec<f32>, InferenceError>);
+type Reply<B> = (KvCache<B>, Vec<f32>, Result<(), InferenceError>);
 
 struct Step<B: Backend> {
     token: u32,
     kv: KvCache<B>,
+    logits: Vec<f32>,
     reply: Sender<Reply<B>>,
+}
+
+/// A worker's reply channel, made once and used for each of its steps.
+pub struct Lane<B: Backend> {
+    tx: Sender<Reply<B>>,
+    rx: Receiver<Reply<B>>,
+}
+
+impl<B: Backend> Default for Lane<B> {
+    fn default() -> Lane<B> {
+        let (tx, rx) = bounded(1);
+        Lane { tx, rx }
+    }
 }
 
 /// The handle workers use to submit decode steps.
@@ -84,21 +99,27 @@ impl<B: Backend + 'static> Batcher<B> {
         Decoding(&self.decoding)
     }
 
-    /// Runs one decode step of `token` on the sequence in `kv`; returns its logits.
-    pub fn step(&self, token: u32, kv: &mut KvCache<B>) -> Result<Vec<f32>, InferenceError> {
-        let (reply, rx) = bounded(1);
-        let lent = std::mem::replace(kv, KvCache::placeholder());
+    /// Runs one decode step of `token` on the sequence in `kv`, answered on `lane`; leaves
+    /// its logits in `logits`.
+    pub fn step(
+        &self,
+        lane: &Lane<B>,
+        token: u32,
+        kv: &mut KvCache<B>,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), InferenceError> {
         let lost = || InferenceError::Decode("the engine thread stopped".into());
         self.tx
             .send(Step {
                 token,
-                kv: lent,
-                reply,
+                kv: std::mem::replace(kv, KvCache::placeholder()),
+                logits: std::mem::take(logits),
+                reply: lane.tx.clone(),
             })
             .map_err(|_| lost())?;
-        let (back, logits) = rx.recv().map_err(|_| lost())?;
-        *kv = back;
-        logits
+        let result;
+        (*kv, *logits, result) = lane.rx.recv().map_err(|_| lost())?;
+        result
     }
 }
 
@@ -110,9 +131,12 @@ fn run<B: Backend>(
     max_batch: usize,
 ) {
     let mut state: Option<RunState<B>> = None;
+    // reused from pass to pass
     let mut host = Vec::new();
+    let mut batch: Vec<Step<B>> = Vec::with_capacity(max_batch);
+    let (mut tokens, mut kvs) = (Vec::with_capacity(max_batch), Vec::with_capacity(max_batch));
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+        batch.push(first);
         let deadline = Instant::now() + GATHER;
         while batch.len() < max_batch && batch.len() < decoding.load(Ordering::SeqCst) {
             match rx.recv_deadline(deadline) {
@@ -127,15 +151,17 @@ fn run<B: Backend>(
         stats.steps.fetch_add(batch.len(), Ordering::Relaxed);
         let t = &engine.transformer;
         let st = state.get_or_insert_with(|| RunState::new(t, max_batch, max_batch));
-        let tokens: Vec<u32> = batch.iter().map(|s| s.token).collect();
-        let mut kvs: Vec<KvCache<B>> = batch
-            .iter_mut()
-            .map(|s| std::mem::replace(&mut s.kv, KvCache::placeholder()))
-            .collect();
+        tokens.clear();
+        tokens.extend(batch.iter().map(|s| s.token));
+        kvs.clear();
+        kvs.extend(
+            batch
+                .iter_mut()
+                .map(|s| std::mem::replace(&mut s.kv, KvCache::placeholder())),
+        );
         let result = catch_unwind(AssertUnwindSafe(|| {
             t.backend.within(|| {
-                let mut refs: Vec<&mut KvCache<B>> = kvs.iter_mut().collect();
-                t.forward_batch(st, &mut refs, &tokens)?;
+                t.forward_batch(st, &mut kvs, &tokens)?;
                 t.backend
                     .read(st.logits(), tokens.len() * t.cfg.vocab_size, &mut host);
                 Ok(())
@@ -147,11 +173,13 @@ fn run<B: Backend>(
             ))
         });
         let vocab = t.cfg.vocab_size;
-        for (i, (step, kv)) in batch.into_iter().zip(kvs).enumerate() {
-            let logits = result
-                .clone()
-                .map(|()| host[i * vocab..(i + 1) * vocab].to_vec());
-            let _ = step.reply.send((kv, logits));
+        for (i, (mut step, kv)) in batch.drain(..).zip(kvs.drain(..)).enumerate() {
+            step.logits.clear();
+            if result.is_ok() {
+                step.logits
+                    .extend_from_slice(&host[i * vocab..(i + 1) * vocab]);
+            }
+            let _ = step.reply.send((kv, step.logits, result.clone()));
         }
     }
 }

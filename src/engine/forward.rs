@@ -297,7 +297,7 @@ impl<B: Backend> Transformer<B> {
     pub fn forward_batch(
         &self,
         st: &mut RunState<B>,
-        caches: &mut [&mut KvCache<B>],
+        caches: &mut [KvCache<B>],
         tokens: &[u32],
     ) -> Result<(), InferenceError> {
         let c = &self.cfg;

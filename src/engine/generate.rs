@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::model::Model;
 
-use super::batch::Batcher;
+use super::batch::{Batcher, Lane};
 use super::detok::Detokenizer;
 use super::error::InferenceError;
 use super::forward::{Logits, RunState, Transformer};
@@ -116,6 +116,7 @@ pub struct Generator<B: Backend> {
     cache: SeqCache<B>,
     logits: Vec<f32>,
     context: Vec<u32>,
+    lane: Lane<B>,
 }
 
 impl<B: Backend + 'static> Generator<B> {
@@ -131,6 +132,7 @@ impl<B: Backend + 'static> Generator<B> {
             cache,
             logits: Vec::with_capacity(vocab),
             context: Vec::with_capacity(capacity),
+            lane: Lane::default(),
             engine,
         }
     }
@@ -240,7 +242,7 @@ impl<B: Backend + 'static> Generator<B> {
             }
             match batcher {
                 Some(b) => {
-                    self.logits = b.step(id, &mut self.cache.kv)?;
+                    b.step(&self.lane, id, &mut self.cache.kv, &mut self.logits)?;
                     on_host = true;
                 }
                 None => t.forward(
