@@ -22,7 +22,13 @@ use super::kv_cache::KvCache;
 /// How long the engine thread waits for the other decoding workers to send their steps.
 const GATHER: Duration = Duration::from_millis(2);
 
-type Reply<B> = (KvCache<B>, Vec<f32>, Result<(), InferenceError>);
+/// A step's answer: the lent cache and buffer, and the sender to answer the next step on.
+struct Reply<B: Backend> {
+    kv: KvCache<B>,
+    logits: Vec<f32>,
+    result: Result<(), InferenceError>,
+    lane: Sender<Reply<B>>,
+}
 
 struct Step<B: Backend> {
     token: u32,
@@ -31,16 +37,18 @@ struct Step<B: Backend> {
     reply: Sender<Reply<B>>,
 }
 
-/// A worker's reply channel, made once and used for each of its steps.
+/// A worker's reply channel, made once and used for each of its steps. Its sender travels
+/// with each step and comes back with the answer, so that a step the engine thread drops
+/// (had it died) ends the worker's wait instead of leaving it waiting for good.
 pub struct Lane<B: Backend> {
-    tx: Sender<Reply<B>>,
+    tx: Option<Sender<Reply<B>>>,
     rx: Receiver<Reply<B>>,
 }
 
 impl<B: Backend> Default for Lane<B> {
     fn default() -> Lane<B> {
         let (tx, rx) = bounded(1);
-        Lane { tx, rx }
+        Lane { tx: Some(tx), rx }
     }
 }
 
@@ -103,23 +111,25 @@ impl<B: Backend + 'static> Batcher<B> {
     /// its logits in `logits`.
     pub fn step(
         &self,
-        lane: &Lane<B>,
+        lane: &mut Lane<B>,
         token: u32,
         kv: &mut KvCache<B>,
         logits: &mut Vec<f32>,
     ) -> Result<(), InferenceError> {
         let lost = || InferenceError::Decode("the engine thread stopped".into());
+        // none: an earlier step never came back
+        let reply = lane.tx.take().ok_or_else(lost)?;
         self.tx
             .send(Step {
                 token,
                 kv: std::mem::replace(kv, KvCache::placeholder()),
                 logits: std::mem::take(logits),
-                reply: lane.tx.clone(),
+                reply,
             })
             .map_err(|_| lost())?;
-        let result;
-        (*kv, *logits, result) = lane.rx.recv().map_err(|_| lost())?;
-        result
+        let back = lane.rx.recv().map_err(|_| lost())?;
+        (*kv, *logits, lane.tx) = (back.kv, back.logits, Some(back.lane));
+        back.result
     }
 }
 
@@ -179,7 +189,36 @@ fn run<B: Backend>(
                 step.logits
                     .extend_from_slice(&host[i * vocab..(i + 1) * vocab]);
             }
-            let _ = step.reply.send((kv, step.logits, result.clone()));
+            let lane = step.reply.clone();
+            let _ = step.reply.send(Reply {
+                kv,
+                logits: step.logits,
+                result: result.clone(),
+                lane,
+            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    #[test]
+    fn a_step_the_engine_thread_drops_ends_in_an_error_not_a_wait() {
+        // no engine behind the batcher: its thread takes the first step, finds the engine
+        // gone and ends, dropping the step
+        let batcher: Batcher<Cpu> = Batcher::start(Weak::new(), 4);
+        let (done, finished) = bounded(1);
+        std::thread::spawn(move || {
+            let mut lane = Lane::default();
+            let (mut kv, mut logits) = (KvCache::placeholder(), Vec::new());
+            let first = batcher.step(&mut lane, 1, &mut kv, &mut logits);
+            let second = batcher.step(&mut lane, 1, &mut kv, &mut logits);
+            let _ = done.send((first.is_err(), second.is_err()));
+        });
+        let got = finished.recv_timeout(Duration::from_secs(10));
+        assert_eq!(got, Ok((true, true)), "the worker still waits");
     }
 }

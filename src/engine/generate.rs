@@ -242,7 +242,7 @@ impl<B: Backend + 'static> Generator<B> {
             }
             match batcher {
                 Some(b) => {
-                    b.step(&self.lane, id, &mut self.cache.kv, &mut self.logits)?;
+                    b.step(&mut self.lane, id, &mut self.cache.kv, &mut self.logits)?;
                     on_host = true;
                 }
                 None => t.forward(
