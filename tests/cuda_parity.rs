@@ -52,7 +52,7 @@ fn host(v: &[f32]) -> AlignedBuf {
 
 fn down(g: &Cuda, b: &<Cuda as Backend>::Buf, n: usize) -> Vec<f32> {
     let mut out = Vec::new();
-    g.read(b, n, &mut out);
+    g.read(b, 0..n, &mut out);
     out
 }
 
@@ -197,7 +197,8 @@ fn logits_of<B: Backend>(b: B, cfg: &ModelConfig, w: &Weights, tokens: &[u32]) -
     t.forward(&mut st, &mut kv, tokens, Logits::All, None)
         .unwrap();
     let mut out = Vec::new();
-    t.backend.read(st.logits(), n * t.cfg.vocab_size, &mut out);
+    t.backend
+        .read(st.logits(), 0..n * t.cfg.vocab_size, &mut out);
     out
 }
 
@@ -261,7 +262,8 @@ fn tiny_goldens_on_gpu() {
             t.forward(&mut st, &mut kv, &tokens, Logits::Last, None)
                 .unwrap();
             let mut logits = Vec::new();
-            t.backend.read(st.logits(), t.cfg.vocab_size, &mut logits);
+            t.backend
+                .read(st.logits(), 0..t.cfg.vocab_size, &mut logits);
             let want = common::floats(&seq["last_position_logits"]);
             assert_close(
                 &format!("{name} len {} last logits on GPU", tokens.len()),

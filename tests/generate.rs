@@ -221,3 +221,35 @@ fn coalesced_decode_steps_give_each_sequence_its_own_tokens() {
         "no step was coalesced: {steps} steps in {passes} passes"
     );
 }
+
+#[test]
+fn a_repeated_prompt_runs_its_last_token_as_a_coalesced_step_and_gives_the_same_tokens() {
+    let engine = common::engine(common::fixtures().join("tiny-llama"));
+    engine.enable_batching(4);
+    let steps = || {
+        let stats = engine.batcher().unwrap().stats();
+        stats.steps.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut warm = Generator::new(engine.clone(), 64);
+    let prompt = vec![0, 304, 503, 316];
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        seed: Some(7),
+        ..SamplingParams::default()
+    };
+    for sampling in [SamplingParams::default(), sampled] {
+        let cold = tiny()
+            .generate(&req(prompt.clone(), 6, sampling), &mut |_| true)
+            .unwrap();
+        warm.generate(&req(prompt.clone(), 6, sampling), &mut |_| true)
+            .unwrap();
+        let before = steps();
+        let again = warm
+            .generate(&req(prompt.clone(), 6, sampling), &mut |_| true)
+            .unwrap();
+        assert_eq!(again.cached_prompt_tokens, prompt.len() - 1);
+        assert_eq!(again.token_ids, cold.token_ids);
+        // the prompt's last token and five decode steps, all through the engine thread
+        assert_eq!(steps() - before, 6);
+    }
+}

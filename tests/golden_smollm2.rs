@@ -40,7 +40,7 @@ fn smollm2_gguf_matches_transformers() {
         let mut kv = KvCache::new(&Cpu, &t.cfg, 1024);
         t.prefill(&mut st, &mut kv, &prompt).unwrap();
         let mut logits = Vec::new();
-        Cpu.read(st.logits(), t.cfg.vocab_size, &mut logits);
+        Cpu.read(st.logits(), 0..t.cfg.vocab_size, &mut logits);
         let top: Vec<(u32, f32)> = conv["last_position_top10"]
             .as_array()
             .unwrap()

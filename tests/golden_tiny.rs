@@ -45,7 +45,7 @@ fn check_model(name: &str) {
         t.forward(&mut st, &mut kv, &tokens, Logits::All, Some(&mut trace))
             .unwrap();
         let mut logits = Vec::new();
-        Cpu.read(st.logits(), n * vocab, &mut logits);
+        Cpu.read(st.logits(), 0..n * vocab, &mut logits);
         assert_close(
             &format!("{what} last logits"),
             &logits[(n - 1) * vocab..],
@@ -96,7 +96,7 @@ fn check_model(name: &str) {
     let mut kv = KvCache::new(&Cpu, &t.cfg, 256);
     t.prefill(&mut st, &mut kv, &prompt).unwrap();
     let mut logits = Vec::new();
-    Cpu.read(st.logits(), vocab, &mut logits);
+    Cpu.read(st.logits(), 0..vocab, &mut logits);
     for e in ex["last_position_top5"].as_array().unwrap() {
         let id = e["id"].as_u64().unwrap() as usize;
         assert_close(

@@ -131,11 +131,11 @@ fn logits_of(model: &Model) -> Vec<f32> {
     let (mut all, mut step) = (Vec::new(), Vec::new());
     t.forward(&mut st, &mut kv, &prompt, Logits::All, None)
         .unwrap();
-    Cpu.read(st.logits(), prompt.len() * vocab, &mut all);
+    Cpu.read(st.logits(), 0..prompt.len() * vocab, &mut all);
     for tok in [3, 141, 59, 26] {
         t.forward(&mut st, &mut kv, &[tok], Logits::Last, None)
             .unwrap();
-        Cpu.read(st.logits(), vocab, &mut step);
+        Cpu.read(st.logits(), 0..vocab, &mut step);
         all.extend_from_slice(&step);
     }
     all

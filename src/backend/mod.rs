@@ -5,6 +5,8 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::ops::Range;
+
 use crate::model::weights::Tensor;
 
 /// Shape of one attention call: `n_tokens` queries at positions `pos0..pos0 + n_tokens`,
@@ -62,8 +64,8 @@ pub trait Backend: Send + Sync {
         src_off: usize,
         len: usize,
     );
-    /// Reads `len` floats from the start of a buffer back to the host.
-    fn read(&self, buf: &Self::Buf, len: usize, out: &mut Vec<f32>);
+    /// Reads the floats `at` of a buffer back to the host, into `out` (replacing its contents).
+    fn read(&self, buf: &Self::Buf, at: Range<usize>, out: &mut Vec<f32>);
 
     /// out (ids.len(), dim) = rows `ids` of table (vocab, dim).
     fn embed(&self, out: &mut Self::Buf, table: &Self::Weight, ids: &[u32]);

@@ -142,7 +142,6 @@ fn run<B: Backend>(
 ) {
     let mut state: Option<RunState<B>> = None;
     // reused from pass to pass
-    let mut host = Vec::new();
     let mut batch: Vec<Step<B>> = Vec::with_capacity(max_batch);
     let (mut tokens, mut kvs) = (Vec::with_capacity(max_batch), Vec::with_capacity(max_batch));
     while let Ok(first) = rx.recv() {
@@ -169,11 +168,15 @@ fn run<B: Backend>(
                 .iter_mut()
                 .map(|s| std::mem::replace(&mut s.kv, KvCache::placeholder())),
         );
+        let vocab = t.cfg.vocab_size;
         let result = catch_unwind(AssertUnwindSafe(|| {
             t.backend.within(|| {
                 t.forward_batch(st, &mut kvs, &tokens)?;
-                t.backend
-                    .read(st.logits(), tokens.len() * t.cfg.vocab_size, &mut host);
+                // each row straight into its step's buffer
+                for (i, step) in batch.iter_mut().enumerate() {
+                    t.backend
+                        .read(st.logits(), i * vocab..(i + 1) * vocab, &mut step.logits);
+                }
                 Ok(())
             })
         }))
@@ -182,12 +185,11 @@ fn run<B: Backend>(
                 "the batched forward pass panicked".into(),
             ))
         });
-        let vocab = t.cfg.vocab_size;
-        for (i, (mut step, kv)) in batch.drain(..).zip(kvs.drain(..)).enumerate() {
-            step.logits.clear();
-            if result.is_ok() {
-                step.logits
-                    .extend_from_slice(&host[i * vocab..(i + 1) * vocab]);
+        // Every row is copied before the first reply goes: a woken worker would take the
+        // core the copies run on.
+        for (mut step, kv) in batch.drain(..).zip(kvs.drain(..)) {
+            if result.is_err() {
+                step.logits.clear();
             }
             let lane = step.reply.clone();
             let _ = step.reply.send(Reply {

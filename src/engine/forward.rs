@@ -197,7 +197,7 @@ impl<B: Backend> Transformer<B> {
         let mut record = |buf: &B::Buf| {
             if let Some(t) = trace.as_deref_mut() {
                 let mut v = Vec::new();
-                b.read(buf, n * dim, &mut v);
+                b.read(buf, 0..n * dim, &mut v);
                 t.push(v);
             }
         };

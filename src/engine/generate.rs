@@ -186,21 +186,30 @@ impl<B: Backend + 'static> Generator<B> {
         // Keys and values of a prefix this cache already holds are not computed again.
         let reused = self.cache.reuse_prefix(&req.prompt_ids);
 
+        let batcher = engine.batcher.get();
         let t0 = Instant::now();
-        t.prefill(
-            &mut self.state,
-            &mut self.cache.kv,
-            &req.prompt_ids[reused..],
-        )?;
+        // Logits of a batched step come back to the host; a solo pass leaves them on the device.
+        let mut on_host = false;
+        let _decoding = match (batcher, &req.prompt_ids[reused..]) {
+            // A prompt whose prefix was cached but for its last token (a repeated system
+            // prompt, a regenerate) joins the others' decode step instead of running a pass
+            // of its own beside it.
+            (Some(b), &[last]) if (last as usize) < t.cfg.vocab_size => {
+                let decoding = b.decoding();
+                b.step(&mut self.lane, last, &mut self.cache.kv, &mut self.logits)?;
+                on_host = true;
+                Some(decoding)
+            }
+            (_, rest) => {
+                t.prefill(&mut self.state, &mut self.cache.kv, rest)?;
+                batcher.map(Batcher::decoding)
+            }
+        };
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
-        let batcher = engine.batcher.get();
-        let _decoding = batcher.map(Batcher::decoding);
-        // Logits of a batched step come back to the host; a solo step leaves them on the device.
-        let mut on_host = false;
         for step in 0..req.max_new_tokens {
             let id = if on_host && greedy {
                 match self.logits.iter().all(|v| v.is_finite()) {
@@ -215,7 +224,7 @@ impl<B: Backend + 'static> Generator<B> {
             } else {
                 if !on_host {
                     t.backend
-                        .read(self.state.logits(), t.cfg.vocab_size, &mut self.logits);
+                        .read(self.state.logits(), 0..t.cfg.vocab_size, &mut self.logits);
                 }
                 sampler.sample(&mut self.logits, &self.context, step)?
             };

@@ -12,7 +12,7 @@ pub mod vexp;
 #[cfg(target_arch = "x86_64")]
 pub mod vnni;
 
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
@@ -120,9 +120,9 @@ impl Backend for Cpu {
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
     }
 
-    fn read(&self, buf: &AlignedBuf, len: usize, out: &mut Vec<f32>) {
+    fn read(&self, buf: &AlignedBuf, at: Range<usize>, out: &mut Vec<f32>) {
         out.clear();
-        out.extend_from_slice(&buf[..len]);
+        out.extend_from_slice(&buf[at]);
     }
 
     fn embed(&self, out: &mut AlignedBuf, table: &CpuWeight, ids: &[u32]) {

@@ -8,6 +8,7 @@
 pub mod probe;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t;
@@ -194,10 +195,10 @@ impl Backend for Cuda {
         self.stream.memcpy_dtod(&s, &mut d).expect("device copy");
     }
 
-    fn read(&self, buf: &CudaSlice<f32>, len: usize, out: &mut Vec<f32>) {
+    fn read(&self, buf: &CudaSlice<f32>, at: Range<usize>, out: &mut Vec<f32>) {
         *out = self
             .stream
-            .clone_dtoh(&buf.slice(0..len))
+            .clone_dtoh(&buf.slice(at))
             .expect("device to host copy");
     }
 
