@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use chatstream::backend::cpu::Cpu;
 use chatstream::backend::cuda::Cuda;
-use chatstream::backend::Backend;
+use chatstream::backend::{Backend, KvDtype};
 use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::generate::{Engine, GenerateRequest, Generator, PREFILL_CHUNK};
 use chatstream::engine::kv_cache::KvCache;
@@ -486,8 +486,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         .serve(Arc::clone(&cs))
         .context("starting the server threads")?;
     eprintln!(
-        "chatstream: ready on http://{} model={name} device={device} concurrency={} max_queue={} context_len={} name={}",
-        handle.addr, a.concurrency.max(1), a.max_queue, a.model.context_len, a.name
+        "chatstream: ready on http://{} model={name} device={device} concurrency={} max_queue={} context_len={} kv_cache={} name={}",
+        handle.addr, a.concurrency.max(1), a.max_queue, a.model.context_len,
+        format!("{:?}", a.model.kv_cache_dtype).to_lowercase(), a.name
     );
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
@@ -536,6 +537,11 @@ struct ModelArgs {
     /// tests/int8_activations.rs); off by default.
     #[arg(long, env = "CHATSTREAM_INT8_ACTIVATIONS")]
     int8_activations: bool,
+    /// How KV caches store keys and values: f32 (exact) or f16 (CPU only: half the memory,
+    /// so twice the sessions in the budget, and attention reads half as much; the logits
+    /// move a little, measured in tests/golden_smollm2.rs).
+    #[arg(long, env = "CHATSTREAM_KV_CACHE_DTYPE", value_enum, default_value_t = KvDtype::F32)]
+    kv_cache_dtype: KvDtype,
 }
 
 #[derive(Args)]
@@ -664,13 +670,15 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             Err(e) => eprintln!("chatstream: running on CPU: {e}"),
         }
     }
+    let dtype = args.kv_cache_dtype;
+    let kv = |e: String| anyhow!("--kv-cache-dtype: {e}");
     Ok(match gpu {
         Some(g) => Loaded::Cuda(Generator::new(
-            Arc::new(Engine::new(model, g)),
+            Arc::new(Engine::new(model, g).with_kv_dtype(dtype).map_err(kv)?),
             args.context_len,
         )),
         None => Loaded::Cpu(Generator::new(
-            Arc::new(Engine::new(model, Cpu)),
+            Arc::new(Engine::new(model, Cpu).with_kv_dtype(dtype).map_err(kv)?),
             args.context_len,
         )),
     })

@@ -1,12 +1,14 @@
 //! Golden test on the real model, SmolLM2-135M-Instruct loaded from its Q4_1 GGUF (the file
 //! `scripts/fetch-model.sh` fetches), against `../shared/fixtures/smollm2/golden.json`: the
 //! rendered prompt and its token ids identical, the top-10 logits of the last prompt position
-//! within 1e-2 and in the same order, and the greedy answers identical.
+//! within 1e-2 and in the same order, and the greedy answers identical; with the KV cache in
+//! f32 and in f16 (`--kv-cache-dtype f16`, decoding through the engine thread's batched
+//! steps).
 
 mod common;
 
 use chatstream::backend::cpu::Cpu;
-use chatstream::backend::Backend;
+use chatstream::backend::{Backend, KvDtype};
 use chatstream::engine::forward::RunState;
 use chatstream::engine::generate::{FinishReason, GenerateRequest, Generator};
 use chatstream::engine::kv_cache::KvCache;
@@ -17,8 +19,20 @@ const TOL: f32 = 1e-2;
 
 #[test]
 fn smollm2_gguf_matches_transformers() {
+    matches_transformers(KvDtype::F32);
+}
+
+#[test]
+fn smollm2_gguf_with_an_f16_kv_cache_matches_transformers() {
+    matches_transformers(KvDtype::F16);
+}
+
+fn matches_transformers(dtype: KvDtype) {
     let golden = read_json(fixtures().join("smollm2/golden.json"));
-    let engine = engine(default_model());
+    let engine = engine_storing(default_model(), dtype);
+    if dtype == KvDtype::F16 {
+        engine.enable_batching(4);
+    }
     let (model, t) = (&engine.model, &engine.transformer);
     assert_eq!(
         model.template.source,
@@ -37,7 +51,7 @@ fn smollm2_gguf_matches_transformers() {
         assert_eq!(prompt, ids(&conv["prompt_token_ids"]), "{name}: prompt ids");
 
         let mut st = RunState::new(t, 256, 1);
-        let mut kv = KvCache::new(&Cpu, &t.cfg, 1024);
+        let mut kv = KvCache::of(&Cpu, &t.cfg, 1024, dtype);
         t.prefill(&mut st, &mut kv, &prompt).unwrap();
         let mut logits = Vec::new();
         Cpu.read(st.logits(), 0..t.cfg.vocab_size, &mut logits);
@@ -52,6 +66,11 @@ fn smollm2_gguf_matches_transformers() {
                 )
             })
             .collect();
+        let worst = top
+            .iter()
+            .map(|&(id, want)| (logits[id as usize] - want).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name} ({dtype:?} KV cache): top-10 logits within {worst:.5}");
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         for (rank, &(id, want)) in top.iter().enumerate() {

@@ -130,6 +130,82 @@ fn attention_matches_naive_for_prefill_and_decode() {
     }
 }
 
+/// `x` rounded to IEEE halves: their bits, and their values as f32s.
+fn halves(x: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    (
+        h.iter().map(|v| v.to_bits()).collect(),
+        h.iter().map(|v| v.to_f32()).collect(),
+    )
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
+#[test]
+fn attention_over_an_f16_cache_is_attention_over_its_values_widened() {
+    for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
+        let kv_dim = n_kv_heads * head_dim;
+        for (n_tokens, pos0) in [(1, 0), (1, 300), (1, 1300), (12, 0), (7, 40)] {
+            let s = AttnShape {
+                n_tokens,
+                pos0,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            let positions = pos0 + n_tokens;
+            let q = rand_vec(n_tokens * n_heads * head_dim, 8);
+            let k: Vec<f32> = rand_vec(positions * kv_dim, 9)
+                .iter()
+                .map(|x| x * 4.0)
+                .collect();
+            let (k16, k32) = halves(&k);
+            let (v16, v32) = halves(&rand_vec(positions * kv_dim, 10));
+            let what = format!("{n_heads}/{n_kv_heads}x{head_dim} n={n_tokens} pos0={pos0}");
+            for simd in ops::attention_simd() {
+                let (mut wide, mut half) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+                ops::attention_using(simd, &mut wide, &q, &k32, &v32, s);
+                ops::attention_using(simd, &mut half, &q, &k16, &v16, s);
+                assert!(same_bits(&half, &wide), "attention {simd:?} {what}");
+            }
+        }
+        // batched decode rows, one of them split into spans
+        let pos = [0usize, 130, 1100, 37];
+        let caches: Vec<_> = pos
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let len = (p + 5) * kv_dim;
+                (
+                    halves(&rand_vec(len, 20 + i as u64)),
+                    halves(&rand_vec(len, 30 + i as u64)),
+                )
+            })
+            .collect();
+        let kv16: Vec<(&[u16], &[u16])> =
+            caches.iter().map(|(k, v)| (&k.0[..], &v.0[..])).collect();
+        let kv32: Vec<(&[f32], &[f32])> =
+            caches.iter().map(|(k, v)| (&k.1[..], &v.1[..])).collect();
+        let q = rand_vec(pos.len() * n_heads * head_dim, 40);
+        let s = AttnShape {
+            n_tokens: pos.len(),
+            pos0: 0,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
+        let (mut wide, mut half) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+        ops::attention_rows(&mut wide, &q, &kv32, &pos, s);
+        ops::attention_rows(&mut half, &q, &kv16, &pos, s);
+        assert!(
+            same_bits(&half, &wide),
+            "attention_rows {n_heads}/{n_kv_heads}x{head_dim}"
+        );
+    }
+}
+
 #[test]
 fn batched_decode_attention_matches_naive_row_by_row() {
     for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {

@@ -25,6 +25,26 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// How a KV cache stores keys and values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvDtype {
+    /// As computed: exact.
+    #[default]
+    F32,
+    /// Rounded to IEEE half floats: half the memory and the reading (not exact).
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes one stored value takes.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
 /// Shape of one RoPE call: `n_tokens` rows of `n_heads` heads starting at position `pos0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RopeShape {
@@ -55,6 +75,30 @@ pub trait Backend: Send + Sync {
     fn prepare(&self, _w: &Self::Weight) {}
     /// A zeroed buffer of `len` floats.
     fn alloc(&self, len: usize) -> Self::Buf;
+    /// Whether KV caches on this backend can store `dtype` (f32 everywhere).
+    fn stores_kv(&self, dtype: KvDtype) -> bool {
+        dtype == KvDtype::F32
+    }
+    /// A zeroed KV-cache buffer of `len` values stored as `dtype`, which `stores_kv` took.
+    fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Self::Buf {
+        assert!(
+            self.stores_kv(dtype),
+            "KV caches here do not store {dtype:?}"
+        );
+        self.alloc(len)
+    }
+    /// Writes `len` floats from `src[src_off..]` into a KV-cache buffer at `dst_off`, in the
+    /// cache's own type.
+    fn append_kv(
+        &self,
+        cache: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        len: usize,
+    ) {
+        self.copy(cache, dst_off, src, src_off, len);
+    }
     /// Copies `len` floats from `src[src_off..]` to `dst[dst_off..]`.
     fn copy(
         &self,

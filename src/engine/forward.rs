@@ -228,8 +228,8 @@ impl<B: Backend> Transformer<B> {
             // rotate q and k by their positions, then append k, v to the cache
             b.rope(&mut st.q, &self.rope_cos, &self.rope_sin, rope_q);
             b.rope(&mut st.k, &self.rope_cos, &self.rope_sin, rope_k);
-            b.copy(&mut kv.k[l], pos0 * kv_dim, &st.k, 0, n * kv_dim);
-            b.copy(&mut kv.v[l], pos0 * kv_dim, &st.v, 0, n * kv_dim);
+            b.append_kv(&mut kv.k[l], pos0 * kv_dim, &st.k, 0, n * kv_dim);
+            b.append_kv(&mut kv.v[l], pos0 * kv_dim, &st.v, 0, n * kv_dim);
             // att = causal attention over positions 0..=pos; x += att @ wo; then the MLP
             b.attention(&mut st.att, &st.q, &kv.k[l], &kv.v[l], attn);
             self.out_and_mlp(st, w, n);
@@ -350,8 +350,8 @@ impl<B: Backend> Transformer<B> {
                     },
                 );
                 b.copy(&mut st.q, i * q_dim, &st.row_q, 0, q_dim);
-                b.copy(&mut kv.k[l], pos * kv_dim, &st.row_k, 0, kv_dim);
-                b.copy(&mut kv.v[l], pos * kv_dim, &st.v, i * kv_dim, kv_dim);
+                b.append_kv(&mut kv.k[l], pos * kv_dim, &st.row_k, 0, kv_dim);
+                b.append_kv(&mut kv.v[l], pos * kv_dim, &st.v, i * kv_dim, kv_dim);
             }
             let shape = AttnShape {
                 n_tokens: n,

@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KvDtype};
 use crate::model::Model;
 
 use super::batch::{Batcher, Lane};
@@ -28,6 +28,7 @@ pub struct Engine<B: Backend> {
     pub transformer: Transformer<B>,
     /// When set, decode steps of concurrent generators are coalesced into batches.
     batcher: OnceLock<Batcher<B>>,
+    kv_dtype: KvDtype,
 }
 
 impl<B: Backend + 'static> Engine<B> {
@@ -38,7 +39,27 @@ impl<B: Backend + 'static> Engine<B> {
             model,
             transformer,
             batcher: OnceLock::new(),
+            kv_dtype: KvDtype::F32,
         }
+    }
+
+    /// Has its generators store their KV caches as `dtype`; an error where the backend
+    /// cannot.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Result<Engine<B>, String> {
+        let backend = &self.transformer.backend;
+        if !backend.stores_kv(dtype) {
+            return Err(format!(
+                "{} cannot store KV caches as {dtype:?}",
+                backend.name()
+            ));
+        }
+        self.kv_dtype = dtype;
+        Ok(self)
+    }
+
+    /// How its generators store their KV caches.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// The step coalescer, when batching is on.
@@ -125,7 +146,7 @@ impl<B: Backend + 'static> Generator<B> {
         let t = &engine.transformer;
         let capacity = context_len.clamp(1, t.max_positions());
         let state = RunState::new(t, PREFILL_CHUNK, 1);
-        let cache = SeqCache::new(&t.backend, &t.cfg, capacity);
+        let cache = SeqCache::new(&t.backend, &t.cfg, capacity, engine.kv_dtype);
         let vocab = t.cfg.vocab_size;
         Generator {
             state,

@@ -3,7 +3,7 @@
 //! reuse a shared prefix). `SeqCache` pairs a cache with the token ids it holds, so a new
 //! prompt that extends them only prefills the rest.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KvDtype};
 use crate::model::ModelConfig;
 
 /// Keys and values of one sequence.
@@ -17,12 +17,18 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// A cache for up to `capacity` positions.
+    /// An f32 cache for up to `capacity` positions.
     pub fn new(backend: &B, cfg: &ModelConfig, capacity: usize) -> KvCache<B> {
+        KvCache::of(backend, cfg, capacity, KvDtype::F32)
+    }
+
+    /// A cache for up to `capacity` positions stored as `dtype` (which the backend stores).
+    pub fn of(backend: &B, cfg: &ModelConfig, capacity: usize, dtype: KvDtype) -> KvCache<B> {
         let n = capacity * cfg.kv_dim();
+        let layer = || backend.alloc_kv(n, dtype);
         KvCache {
-            k: (0..cfg.n_layers).map(|_| backend.alloc(n)).collect(),
-            v: (0..cfg.n_layers).map(|_| backend.alloc(n)).collect(),
+            k: (0..cfg.n_layers).map(|_| layer()).collect(),
+            v: (0..cfg.n_layers).map(|_| layer()).collect(),
             capacity,
             len: 0,
         }
@@ -74,10 +80,10 @@ pub struct SeqCache<B: Backend> {
 }
 
 impl<B: Backend> SeqCache<B> {
-    /// An empty cache for `capacity` positions.
-    pub fn new(backend: &B, cfg: &ModelConfig, capacity: usize) -> SeqCache<B> {
+    /// An empty cache for `capacity` positions, stored as `dtype`.
+    pub fn new(backend: &B, cfg: &ModelConfig, capacity: usize, dtype: KvDtype) -> SeqCache<B> {
         SeqCache {
-            kv: KvCache::new(backend, cfg, capacity),
+            kv: KvCache::of(backend, cfg, capacity, dtype),
             ids: Vec::with_capacity(capacity),
         }
     }
@@ -100,7 +106,7 @@ impl<B: Backend> SeqCache<B> {
     }
 
     /// Bytes of device memory a cache of this shape takes.
-    pub fn bytes(cfg: &ModelConfig, capacity: usize) -> usize {
-        2 * cfg.n_layers * capacity * cfg.kv_dim() * std::mem::size_of::<f32>()
+    pub fn bytes(cfg: &ModelConfig, capacity: usize, dtype: KvDtype) -> usize {
+        2 * cfg.n_layers * capacity * cfg.kv_dim() * dtype.bytes()
     }
 }

@@ -106,7 +106,7 @@ impl<B: Backend + 'static> ModelChat<B> {
     ) -> ModelChat<B> {
         let t = &engine.transformer;
         let capacity = context_len.clamp(1, t.max_positions());
-        let per_cache = SeqCache::<B>::bytes(&t.cfg, capacity).max(1);
+        let per_cache = SeqCache::<B>::bytes(&t.cfg, capacity, engine.kv_dtype()).max(1);
         let budget = kv_budget_bytes.unwrap_or_else(|| {
             let free = t
                 .backend
@@ -242,7 +242,8 @@ impl<B: Backend + 'static> ChatWorker for ModelWorker<B> {
             let spare = self.pool().spare();
             let spare = spare.unwrap_or_else(|| {
                 let t = &self.gen.engine().transformer;
-                SeqCache::new(&t.backend, &t.cfg, self.gen.context_len())
+                let dtype = self.gen.engine().kv_dtype();
+                SeqCache::new(&t.backend, &t.cfg, self.gen.context_len(), dtype)
             });
             let mine = std::mem::replace(self.gen.cache_mut(), spare);
             self.pool().put(key, mine);

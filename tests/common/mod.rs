@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use chatstream::backend::cpu::Cpu;
+use chatstream::backend::KvDtype;
 use chatstream::engine::generate::Engine;
 use chatstream::Model;
 use serde_json::Value;
@@ -75,8 +76,13 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 pub fn engine(path: PathBuf) -> Arc<Engine<Cpu>> {
+    engine_storing(path, KvDtype::F32)
+}
+
+/// As `engine`, its generators' KV caches stored as `dtype`.
+pub fn engine_storing(path: PathBuf, dtype: KvDtype) -> Arc<Engine<Cpu>> {
     let model = Model::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-    Arc::new(Engine::new(model, Cpu))
+    Arc::new(Engine::new(model, Cpu).with_kv_dtype(dtype).unwrap())
 }
 
 /// Deterministic pseudo-random values in [-1, 1).

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, RopeShape};
+use super::{AttnShape, Backend, KvDtype, RopeShape};
 use crate::model::dequant::QuantMatrix;
 use crate::model::weights::Tensor;
 pub use buf::AlignedBuf;
@@ -107,6 +107,37 @@ impl Backend for Cpu {
 
     fn alloc(&self, len: usize) -> AlignedBuf {
         AlignedBuf::zeroed(len)
+    }
+
+    fn stores_kv(&self, _dtype: KvDtype) -> bool {
+        true
+    }
+
+    fn alloc_kv(&self, len: usize, dtype: KvDtype) -> AlignedBuf {
+        match dtype {
+            KvDtype::F32 => AlignedBuf::zeroed(len),
+            KvDtype::F16 => AlignedBuf::halves(len),
+        }
+    }
+
+    fn append_kv(
+        &self,
+        cache: &mut AlignedBuf,
+        dst_off: usize,
+        src: &AlignedBuf,
+        src_off: usize,
+        len: usize,
+    ) {
+        let from = &src[src_off..src_off + len];
+        match cache.as_halves_mut() {
+            Some(h) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let to = &mut h[dst_off..dst_off + len];
+                to.reinterpret_cast_mut::<half::f16>()
+                    .convert_from_f32_slice(from);
+            }
+            None => cache[dst_off..dst_off + len].copy_from_slice(from),
+        }
     }
 
     fn copy(
@@ -212,7 +243,10 @@ impl Backend for Cpu {
         v: &AlignedBuf,
         s: AttnShape,
     ) {
-        ops::attention(out, q, k, v, s);
+        match (k.as_halves(), v.as_halves()) {
+            (Some(k), Some(v)) => ops::attention(out, q, k, v, s),
+            _ => ops::attention::<f32>(out, q, k, v, s),
+        }
     }
 
     fn attention_rows<'c>(
@@ -224,12 +258,22 @@ impl Backend for Cpu {
         s: AttnShape,
         _scratch: [&mut AlignedBuf; 2],
     ) {
+        let n = pos.len();
+        if n > 0 && kv(0).0.as_halves().is_some() {
+            let mut rows: [(&[u16], &[u16]); ops::MAX_ATTN_ROWS] = [(&[], &[]); ops::MAX_ATTN_ROWS];
+            for (i, r) in rows.iter_mut().enumerate().take(n) {
+                let (k, v) = kv(i);
+                // a cache of f32s among halves reads as empty and fails the shape check
+                *r = (k.as_halves().unwrap_or(&[]), v.as_halves().unwrap_or(&[]));
+            }
+            return ops::attention_rows(out, q, &rows[..n], pos, s);
+        }
         let mut rows: [(&[f32], &[f32]); ops::MAX_ATTN_ROWS] = [(&[], &[]); ops::MAX_ATTN_ROWS];
-        for (i, r) in rows.iter_mut().enumerate().take(pos.len()) {
+        for (i, r) in rows.iter_mut().enumerate().take(n) {
             let (k, v) = kv(i);
             *r = (k, v);
         }
-        ops::attention_rows(out, q, &rows[..pos.len()], pos, s);
+        ops::attention_rows(out, q, &rows[..n], pos, s);
     }
 
     fn silu_mul(&self, gate: &mut AlignedBuf, up: &AlignedBuf, len: usize) {

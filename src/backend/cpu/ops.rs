@@ -269,8 +269,37 @@ const KEY_TILE: usize = 128;
 /// Causal attention: out = softmax(q k^T / sqrt(d)) v over positions 0..=pos, one task per
 /// token and group of query heads that share a KV head (see `attend`); one token (a decode
 /// step) over more than `SPAN` positions is split as in `attention_rows`.
-pub fn attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+pub fn attention<E: KvElem>(out: &mut [f32], q: &[f32], k: &[E], v: &[E], s: AttnShape) {
     attention_using(best_simd(), out, q, k, v, s);
+}
+
+/// A type of cached key and value the attention routines read: `f32`, or `u16` for the bits
+/// of an IEEE half (an f16 KV cache), widened exactly as it is loaded.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// Whether the values are halves.
+    const HALF: bool;
+    /// `src` as f32s: itself, or widened into `buf`.
+    fn floats<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    const HALF: bool = false;
+
+    fn floats<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for u16 {
+    const HALF: bool = true;
+
+    fn floats<'a>(src: &'a [u16], buf: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let out = &mut buf[..src.len()];
+        src.reinterpret_cast::<half::f16>()
+            .convert_to_f32_slice(out);
+        out
+    }
 }
 
 /// An instruction set the attention routines can use.
@@ -294,7 +323,10 @@ pub fn attention_simd() -> Vec<Simd> {
         if is_x86_feature_detected!("avx512f") {
             all.push(Simd::Avx512);
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             all.push(Simd::Avx2);
         }
     }
@@ -315,8 +347,15 @@ fn best_simd() -> Simd {
 }
 
 /// `attention` with the given instruction set (one `attention_simd` gave).
-pub fn attention_using(simd: Simd, out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    let attend = attend_kernel(simd, s.head_dim);
+pub fn attention_using<E: KvElem>(
+    simd: Simd,
+    out: &mut [f32],
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    s: AttnShape,
+) {
+    let attend = attend_kernel::<E>(simd, s.head_dim);
     attention_tasks(out, q, s, attend, s.n_tokens, s.n_tokens == 1, |t| {
         (k, v, s.pos0 + t + 1)
     });
@@ -329,10 +368,10 @@ pub const MAX_ATTN_ROWS: usize = 64;
 /// over positions 0..=pos[i] of that sequence's cache `kv[i] = (k, v)`; out row i. One task
 /// per row and group of query heads that share a KV head. `s.n_tokens` and `s.pos0` are not
 /// used.
-pub fn attention_rows(
+pub fn attention_rows<E: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    kv: &[(&[f32], &[f32])],
+    kv: &[(&[E], &[E])],
     pos: &[usize],
     s: AttnShape,
 ) {
@@ -341,7 +380,7 @@ pub fn attention_rows(
         rows == pos.len() && rows <= MAX_ATTN_ROWS,
         "attention_rows: rows"
     );
-    let attend = attend_kernel(best_simd(), s.head_dim);
+    let attend = attend_kernel::<E>(best_simd(), s.head_dim);
     attention_tasks(out, q, s, attend, rows, true, |r| {
         (kv[r].0, kv[r].1, pos[r] + 1)
     });
@@ -362,14 +401,14 @@ thread_local! {
 /// `rows` rows of query heads split into tasks of heads that share a KV head, each run by
 /// `attend`; `row(r)` gives row r's keys, values and number of positions. With `split`, rows
 /// longer than `SPAN` positions are split too.
-fn attention_tasks<'a>(
+fn attention_tasks<'a, E: KvElem>(
     out: &mut [f32],
     q: &[f32],
     s: AttnShape,
-    attend: AttendFn,
+    attend: AttendFn<E>,
     rows: usize,
     split: bool,
-    row: impl Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync,
+    row: impl Fn(usize) -> (&'a [E], &'a [E], usize) + Sync,
 ) {
     let heads = heads_per_task(&s);
     let width = heads * s.head_dim;
@@ -491,28 +530,28 @@ impl HeadAttn {
 /// `v`; each head's output goes to `out` and the log of its softmax denominator (with the
 /// maximum score added back) to `lse`, which is what `attention_tasks` needs to merge the
 /// parts of a split row.
-type AttendFn = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32], HeadAttn);
+type AttendFn<E> = fn(&mut [f32], &mut [f32], &[f32], &[E], &[E], HeadAttn);
 
 /// The attention routine for an instruction set and head size, chosen once per call (not
 /// per key).
-fn attend_kernel(simd: Simd, head_dim: usize) -> AttendFn {
+fn attend_kernel<E: KvElem>(simd: Simd, head_dim: usize) -> AttendFn<E> {
     #[cfg(target_arch = "x86_64")]
     {
         match (simd, head_dim) {
-            (Simd::Avx512, 64) => return attend_avx512_entry::<4>,
-            (Simd::Avx512, 128) => return attend_avx512_entry::<8>,
-            (Simd::Avx2, 64) => return attend_avx2_entry::<8>,
-            (Simd::Avx2, 128) => return attend_avx2_entry::<16>,
-            (Simd::Avx512 | Simd::Avx2, _) => return attend_avx2_entry::<0>,
+            (Simd::Avx512, 64) => return attend_avx512_entry::<4, E>,
+            (Simd::Avx512, 128) => return attend_avx512_entry::<8, E>,
+            (Simd::Avx2, 64) => return attend_avx2_entry::<8, E>,
+            (Simd::Avx2, 128) => return attend_avx2_entry::<16, E>,
+            (Simd::Avx512 | Simd::Avx2, _) => return attend_avx2_entry::<0, E>,
             _ => {}
         }
     }
     #[cfg(target_arch = "aarch64")]
     {
         match (simd, head_dim) {
-            (Simd::Neon, 64) => return neon::attend_entry::<16>,
-            (Simd::Neon, 128) => return neon::attend_entry::<32>,
-            (Simd::Neon, _) => return neon::attend_entry::<0>,
+            (Simd::Neon, 64) => return neon::attend_entry::<16, E>,
+            (Simd::Neon, 128) => return neon::attend_entry::<32, E>,
+            (Simd::Neon, _) => return neon::attend_entry::<0, E>,
             _ => {}
         }
     }
@@ -523,15 +562,7 @@ fn attend_kernel(simd: Simd, head_dim: usize) -> AttendFn {
 /// The bounds the SIMD attention routines rely on: every key and value row read lies inside
 /// k and v, and a head of `lanes * vectors` values when `vectors` is not 0.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn check_attend(
-    o: &[f32],
-    lse: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    a: HeadAttn,
-    width: usize,
-) {
+fn check_attend<E>(o: &[f32], lse: &[f32], q: &[f32], k: &[E], v: &[E], a: HeadAttn, width: usize) {
     assert!(
         (width == 0 || a.head_dim == width)
             && o.len() >= q.len()
@@ -546,49 +577,50 @@ fn check_attend(
 
 /// `V` is the head size in 8-lane vectors (0: any size).
 #[cfg(target_arch = "x86_64")]
-fn attend_avx2_entry<const V: usize>(
+fn attend_avx2_entry<const V: usize, E: KvElem>(
     o: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     a: HeadAttn,
 ) {
     check_attend(o, lse, q, k, v, a, 8 * V);
-    // SAFETY: selected only when AVX2 and FMA were detected at run time; shapes checked.
+    // SAFETY: selected only when AVX2, FMA and F16C were detected at run time (or
+    // AVX-512F, which has them); shapes checked.
     unsafe {
         if V == 0 {
             attend_avx2_any(o, lse, q, k, v, a)
         } else {
-            attend_avx2::<V>(o, lse, q, k, v, a)
+            attend_avx2::<V, E>(o, lse, q, k, v, a)
         }
     }
 }
 
 /// `V` is the head size in 16-lane vectors.
 #[cfg(target_arch = "x86_64")]
-fn attend_avx512_entry<const V: usize>(
+fn attend_avx512_entry<const V: usize, E: KvElem>(
     o: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     a: HeadAttn,
 ) {
     check_attend(o, lse, q, k, v, a, 16 * V);
     // SAFETY: selected only when AVX-512F was detected at run time; shapes checked.
-    unsafe { attend_avx512::<V>(o, lse, q, k, v, a) }
+    unsafe { attend_avx512::<V, E>(o, lse, q, k, v, a) }
 }
 
 /// `attend` with AVX2 dot products and axpys, for any head size.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2_any(
+unsafe fn attend_avx2_any<E: KvElem>(
     o: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     a: HeadAttn,
 ) {
     // SAFETY (both closures): this function runs only where AVX2 and FMA exist.
@@ -639,26 +671,37 @@ fn sum_of(x: &[f32]) -> f32 {
 /// intrinsics.
 macro_rules! attend_in_registers {
     ($name:ident, $arch:literal, $features:literal, $regs:literal, $vec:ty, $lanes:literal,
-     $load:path, $store:path, $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path,
+     $load:path, $loadh:path, $store:path, $set1:path, $zero:path, $fmadd:path, $mul:path, $add:path,
      $hsums:path, $exp_minus:path) => {
         #[cfg(target_arch = $arch)]
         #[target_feature(enable = $features)]
-        unsafe fn $name<const V: usize>(
+        unsafe fn $name<const V: usize, E: KvElem>(
             o: &mut [f32],
             lse: &mut [f32],
             q: &[f32],
-            k: &[f32],
-            v: &[f32],
+            k: &[E],
+            v: &[E],
             a: HeadAttn,
         ) {
+            /// `$lanes` cached values from `p` as f32s (halves widened: exact).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn load_kv<E: KvElem>(p: *const E) -> $vec {
+                if E::HALF {
+                    $loadh(p.cast())
+                } else {
+                    $load(p.cast())
+                }
+            }
+
             /// Query heads `G` of V vectors each (`q` and `o` start at the first).
             #[target_feature(enable = $features)]
-            unsafe fn heads<const V: usize, const G: usize>(
+            unsafe fn heads<const V: usize, const G: usize, E: KvElem>(
                 o: *mut f32,
                 lse: *mut f32,
                 q: *const f32,
-                k: &[f32],
-                v: &[f32],
+                k: &[E],
+                v: &[E],
                 a: &HeadAttn,
             ) {
                 let d = V * $lanes;
@@ -686,11 +729,11 @@ macro_rules! attend_in_registers {
                     // the tile's scores, each key row loaded once for the G heads
                     for jj in 0..len {
                         let kp = k.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                        crate::backend::cpu::ops::prefetch_floats(
+                        crate::backend::cpu::ops::prefetch_values(
                             kp.wrapping_add(crate::backend::cpu::ops::PREFETCH_KEYS * a.kv_dim),
                             d,
                         );
-                        let kv: [$vec; V] = std::array::from_fn(|i| $load(kp.add($lanes * i)));
+                        let kv: [$vec; V] = std::array::from_fn(|i| load_kv(kp.add($lanes * i)));
                         for (g, part) in parts.iter_mut().enumerate() {
                             let qi = |i: usize| {
                                 if q_in_regs {
@@ -736,11 +779,11 @@ macro_rules! attend_in_registers {
                     // each value row loaded once for the G heads
                     for jj in 0..len {
                         let vp = v.as_ptr().add((j0 + jj) * a.kv_dim + a.off);
-                        crate::backend::cpu::ops::prefetch_floats(
+                        crate::backend::cpu::ops::prefetch_values(
                             vp.wrapping_add(crate::backend::cpu::ops::PREFETCH_KEYS * a.kv_dim),
                             d,
                         );
-                        let vv: [$vec; V] = std::array::from_fn(|i| $load(vp.add($lanes * i)));
+                        let vv: [$vec; V] = std::array::from_fn(|i| load_kv(vp.add($lanes * i)));
                         for (acc, sc) in acc.iter_mut().zip(&scores) {
                             let p = $set1(sc[jj]);
                             for (x, &vv) in acc.iter_mut().zip(&vv) {
@@ -767,10 +810,10 @@ macro_rules! attend_in_registers {
                 let (op, qp) = (o.as_mut_ptr().add(h * d), q.as_ptr().add(h * d));
                 let lp = lse.as_mut_ptr().add(h);
                 match g {
-                    1 => heads::<V, 1>(op, lp, qp, k, v, &a),
-                    2 => heads::<V, 2>(op, lp, qp, k, v, &a),
-                    3 => heads::<V, 3>(op, lp, qp, k, v, &a),
-                    _ => heads::<V, 4>(op, lp, qp, k, v, &a),
+                    1 => heads::<V, 1, E>(op, lp, qp, k, v, &a),
+                    2 => heads::<V, 2, E>(op, lp, qp, k, v, &a),
+                    3 => heads::<V, 3, E>(op, lp, qp, k, v, &a),
+                    _ => heads::<V, 4, E>(op, lp, qp, k, v, &a),
                 }
                 h += g;
             }
@@ -783,12 +826,12 @@ macro_rules! attend_in_registers {
 /// step without it (SmolLM2's shape, 2 cores, alternating binaries).
 const PREFETCH_KEYS: usize = 8;
 
-/// Asks the cache for the `len` floats from `p` (x86; elsewhere the hardware prefetcher
+/// Asks the cache for the `len` values from `p` (x86; elsewhere the hardware prefetcher
 /// alone).
 #[inline(always)]
-fn prefetch_floats(p: *const f32, len: usize) {
+fn prefetch_values<E>(p: *const E, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    prefetch(p as *const u8, 4 * len);
+    prefetch(p as *const u8, std::mem::size_of::<E>() * len);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, len);
 }
@@ -865,14 +908,33 @@ unsafe fn hsums8(v: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m25
     )
 }
 
+/// 8 IEEE halves from `p`, widened (exactly).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_halves8(p: *const u16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+}
+
+/// 16 IEEE halves from `p`, widened (exactly).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_halves16(p: *const u16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
 attend_in_registers!(
     attend_avx2,
     "x86_64",
-    "avx2,fma",
+    "avx2,fma,f16c",
     16,
     std::arch::x86_64::__m256,
     8,
     std::arch::x86_64::_mm256_loadu_ps,
+    load_halves8,
     std::arch::x86_64::_mm256_storeu_ps,
     std::arch::x86_64::_mm256_set1_ps,
     std::arch::x86_64::_mm256_setzero_ps,
@@ -891,6 +953,7 @@ attend_in_registers!(
     std::arch::x86_64::__m512,
     16,
     std::arch::x86_64::_mm512_loadu_ps,
+    load_halves16,
     std::arch::x86_64::_mm512_storeu_ps,
     std::arch::x86_64::_mm512_set1_ps,
     std::arch::x86_64::_mm512_setzero_ps,
@@ -909,12 +972,12 @@ attend_in_registers!(
 /// cache by the others.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<E: KvElem>(
     o: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     a: HeadAttn,
     dot: impl Fn(&[f32], &[f32]) -> f32,
     axpy: impl Fn(&mut [f32], f32, &[f32]),
@@ -922,6 +985,8 @@ fn attend(
     let d = a.head_dim;
     let heads = q.len() / d;
     let mut acc = [0f32; MAX_GROUP * MAX_HEAD_DIM];
+    // a cached row widened to f32s (halves only)
+    let mut row_buf = [0f32; MAX_HEAD_DIM];
     let mut scores = [0f32; KEY_TILE];
     let mut max = [f32::NEG_INFINITY; MAX_GROUP];
     let mut sum = [0f32; MAX_GROUP];
@@ -932,7 +997,7 @@ fn attend(
             let mut tile_max = f32::NEG_INFINITY;
             for (jj, sc) in tile.iter_mut().enumerate() {
                 let row = (j0 + jj) * a.kv_dim + a.off;
-                *sc = dot(qh, &k[row..row + d]) * a.scale;
+                *sc = dot(qh, E::floats(&k[row..row + d], &mut row_buf)) * a.scale;
                 tile_max = tile_max.max(*sc);
             }
             if tile_max > max[h] {
@@ -946,7 +1011,7 @@ fn attend(
                 let p = (sc - max[h]).exp();
                 sum[h] += p;
                 let row = (j0 + jj) * a.kv_dim + a.off;
-                axpy(acc, p, &v[row..row + d]);
+                axpy(acc, p, E::floats(&v[row..row + d], &mut row_buf));
             }
         }
     }
@@ -1047,7 +1112,7 @@ pub fn softmax(x: &mut [f32]) {
 mod neon {
     use std::arch::aarch64::*;
 
-    use super::{check_attend, max_of, sum_of, HeadAttn, KEY_TILE};
+    use super::{check_attend, max_of, sum_of, HeadAttn, KvElem, KEY_TILE};
 
     pub(super) fn dot_entry(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: selected only when NEON was detected; the loop stays in bounds.
@@ -1107,12 +1172,12 @@ mod neon {
     }
 
     /// `V` is the head size in 4-lane vectors (0: any size).
-    pub(super) fn attend_entry<const V: usize>(
+    pub(super) fn attend_entry<const V: usize, E: KvElem>(
         o: &mut [f32],
         lse: &mut [f32],
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         a: HeadAttn,
     ) {
         check_attend(o, lse, q, k, v, a, 4 * V);
@@ -1121,19 +1186,19 @@ mod neon {
             if V == 0 {
                 attend_any(o, lse, q, k, v, a)
             } else {
-                attend::<V>(o, lse, q, k, v, a)
+                attend::<V, E>(o, lse, q, k, v, a)
             }
         }
     }
 
     /// `attend` with NEON dot products and axpys, for any head size.
     #[target_feature(enable = "neon")]
-    unsafe fn attend_any(
+    unsafe fn attend_any<E: KvElem>(
         o: &mut [f32],
         lse: &mut [f32],
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         a: HeadAttn,
     ) {
         // SAFETY (both closures): this function runs only where NEON exists.
@@ -1162,6 +1227,13 @@ mod neon {
         vfmaq_f32(c, a, b)
     }
 
+    /// 4 IEEE halves from `p`, widened (exactly, in integers: see `quant`).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load_halves4(p: *const u16) -> float32x4_t {
+        crate::backend::cpu::quant::neon::f16_to_f32(vmovl_u16(vld1_u16(p)))
+    }
+
     /// Lane j of the result: the sum of the 4 lanes of `v[j]` (pairwise adds).
     #[inline]
     #[target_feature(enable = "neon")]
@@ -1177,6 +1249,7 @@ mod neon {
         float32x4_t,
         4,
         vld1q_f32,
+        load_halves4,
         vst1q_f32,
         vdupq_n_f32,
         zero,

@@ -536,7 +536,7 @@ mod avx512 {
 }
 
 #[cfg(target_arch = "aarch64")]
-mod neon {
+pub(super) mod neon {
     use std::arch::aarch64::*;
 
     pub fn detected() -> bool {
@@ -584,7 +584,7 @@ mod neon {
     /// The same bits as `half`'s conversion for every half (the test below).
     #[inline]
     #[target_feature(enable = "neon")]
-    unsafe fn f16_to_f32(h: uint32x4_t) -> float32x4_t {
+    pub(in crate::backend::cpu) unsafe fn f16_to_f32(h: uint32x4_t) -> float32x4_t {
         let em = vshlq_n_u32::<13>(vandq_u32(h, vdupq_n_u32(0x7fff)));
         let scaled = vmulq_f32(
             vreinterpretq_f32_u32(em),
