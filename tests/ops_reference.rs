@@ -95,10 +95,19 @@ const ATTN_SHAPES: [(usize, usize, usize); 6] = [
     (6, 2, 24),
 ];
 
-#[test]
-fn attention_matches_naive_for_prefill_and_decode() {
+/// An attention call: its shape, q, k (scaled up, for sharp scores) and v.
+struct AttnCase {
+    s: AttnShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Prefill and decode calls of every shape in `ATTN_SHAPES`. At 1,301 positions one token is
+/// a decode step split into spans of 512.
+fn attention_cases() -> Vec<AttnCase> {
+    let mut cases = Vec::new();
     for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
-        // 1,301 positions: one token is a decode step, split into spans of 512
         for (n_tokens, pos0) in [(1, 0), (1, 300), (1, 1300), (12, 0), (7, 40)] {
             let s = AttnShape {
                 n_tokens,
@@ -107,25 +116,61 @@ fn attention_matches_naive_for_prefill_and_decode() {
                 n_kv_heads,
                 head_dim,
             };
-            let positions = pos0 + n_tokens;
-            let q = rand_vec(n_tokens * n_heads * head_dim, 8);
-            let k: Vec<f32> = rand_vec(positions * n_kv_heads * head_dim, 9)
+            let cache = (pos0 + n_tokens) * n_kv_heads * head_dim;
+            cases.push(AttnCase {
+                s,
+                q: rand_vec(n_tokens * n_heads * head_dim, 8),
+                k: rand_vec(cache, 9).iter().map(|x| x * 4.0).collect(),
+                v: rand_vec(cache, 10),
+            });
+        }
+    }
+    cases
+}
+
+/// A batched decode step: rows at positions `pos` of their own sequences, each with its own
+/// cache (keys scaled up; longer than used); one long enough to be split into spans.
+struct RowsCase {
+    s: AttnShape,
+    pos: [usize; 4],
+    q: Vec<f32>,
+    caches: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+fn rows_case((n_heads, n_kv_heads, head_dim): (usize, usize, usize)) -> RowsCase {
+    let pos = [0usize, 130, 1100, 37];
+    let caches = pos
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let len = (p + 5) * n_kv_heads * head_dim;
+            let k = rand_vec(len, 20 + i as u64)
                 .iter()
                 .map(|x| x * 4.0)
                 .collect();
-            let v = rand_vec(positions * n_kv_heads * head_dim, 10);
-            let mut slow = vec![0.0; q.len()];
-            naive::attention(&mut slow, &q, &k, &v, s);
-            for simd in ops::attention_simd() {
-                let mut fast = vec![0.0; q.len()];
-                ops::attention_using(simd, &mut fast, &q, &k, &v, s);
-                assert_close(
-                    &format!("attention {simd:?} {n_heads}/{n_kv_heads}x{head_dim} n={n_tokens} pos0={pos0}"),
-                    &fast,
-                    &slow,
-                    1e-5,
-                );
-            }
+            (k, rand_vec(len, 30 + i as u64))
+        })
+        .collect();
+    let s = AttnShape {
+        n_tokens: pos.len(),
+        pos0: 0,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    let q = rand_vec(pos.len() * n_heads * head_dim, 40);
+    RowsCase { s, pos, q, caches }
+}
+
+#[test]
+fn attention_matches_naive_for_prefill_and_decode() {
+    for AttnCase { s, q, k, v } in attention_cases() {
+        let mut slow = vec![0.0; q.len()];
+        naive::attention(&mut slow, &q, &k, &v, s);
+        for simd in ops::attention_simd() {
+            let mut fast = vec![0.0; q.len()];
+            ops::attention_using(simd, &mut fast, &q, &k, &v, s);
+            assert_close(&format!("attention {simd:?} {s:?}"), &fast, &slow, 1e-5);
         }
     }
 }
@@ -145,99 +190,39 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 
 #[test]
 fn attention_over_an_f16_cache_is_attention_over_its_values_widened() {
-    for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
-        let kv_dim = n_kv_heads * head_dim;
-        for (n_tokens, pos0) in [(1, 0), (1, 300), (1, 1300), (12, 0), (7, 40)] {
-            let s = AttnShape {
-                n_tokens,
-                pos0,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-            };
-            let positions = pos0 + n_tokens;
-            let q = rand_vec(n_tokens * n_heads * head_dim, 8);
-            let k: Vec<f32> = rand_vec(positions * kv_dim, 9)
-                .iter()
-                .map(|x| x * 4.0)
-                .collect();
-            let (k16, k32) = halves(&k);
-            let (v16, v32) = halves(&rand_vec(positions * kv_dim, 10));
-            let what = format!("{n_heads}/{n_kv_heads}x{head_dim} n={n_tokens} pos0={pos0}");
-            for simd in ops::attention_simd() {
-                let (mut wide, mut half) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-                ops::attention_using(simd, &mut wide, &q, &k32, &v32, s);
-                ops::attention_using(simd, &mut half, &q, &k16, &v16, s);
-                assert!(same_bits(&half, &wide), "attention {simd:?} {what}");
-            }
+    for AttnCase { s, q, k, v } in attention_cases() {
+        let ((k16, k32), (v16, v32)) = (halves(&k), halves(&v));
+        for simd in ops::attention_simd() {
+            let (mut wide, mut half) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            ops::attention_using(simd, &mut wide, &q, &k32, &v32, s);
+            ops::attention_using(simd, &mut half, &q, &k16, &v16, s);
+            assert!(same_bits(&half, &wide), "attention {simd:?} {s:?}");
         }
-        // batched decode rows, one of them split into spans
-        let pos = [0usize, 130, 1100, 37];
-        let caches: Vec<_> = pos
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                let len = (p + 5) * kv_dim;
-                (
-                    halves(&rand_vec(len, 20 + i as u64)),
-                    halves(&rand_vec(len, 30 + i as u64)),
-                )
-            })
-            .collect();
+    }
+    for shape in ATTN_SHAPES {
+        let RowsCase { s, pos, q, caches } = rows_case(shape);
+        let caches: Vec<_> = caches.iter().map(|(k, v)| (halves(k), halves(v))).collect();
         let kv16: Vec<(&[u16], &[u16])> =
             caches.iter().map(|(k, v)| (&k.0[..], &v.0[..])).collect();
         let kv32: Vec<(&[f32], &[f32])> =
             caches.iter().map(|(k, v)| (&k.1[..], &v.1[..])).collect();
-        let q = rand_vec(pos.len() * n_heads * head_dim, 40);
-        let s = AttnShape {
-            n_tokens: pos.len(),
-            pos0: 0,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        };
         let (mut wide, mut half) = (vec![0.0; q.len()], vec![0.0; q.len()]);
         ops::attention_rows(&mut wide, &q, &kv32, &pos, s);
         ops::attention_rows(&mut half, &q, &kv16, &pos, s);
-        assert!(
-            same_bits(&half, &wide),
-            "attention_rows {n_heads}/{n_kv_heads}x{head_dim}"
-        );
+        assert!(same_bits(&half, &wide), "attention_rows {s:?}");
     }
 }
 
 #[test]
 fn batched_decode_attention_matches_naive_row_by_row() {
-    for (n_heads, n_kv_heads, head_dim) in ATTN_SHAPES {
-        let kv_dim = n_kv_heads * head_dim;
+    for shape in ATTN_SHAPES {
+        let (n_heads, n_kv_heads, head_dim) = shape;
         let q_dim = n_heads * head_dim;
-        // sequences at different positions, each with its own cache (longer than used); one
-        // long enough to be split into spans
-        let pos = [0usize, 130, 1100, 37];
-        let caches: Vec<(Vec<f32>, Vec<f32>)> = pos
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                let len = (p + 5) * kv_dim;
-                let k = rand_vec(len, 20 + i as u64)
-                    .iter()
-                    .map(|x| x * 4.0)
-                    .collect();
-                (k, rand_vec(len, 30 + i as u64))
-            })
-            .collect();
+        let RowsCase { s, pos, q, caches } = rows_case(shape);
         let kv: Vec<(&[f32], &[f32])> = caches
             .iter()
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
             .collect();
-        let q = rand_vec(pos.len() * q_dim, 40);
-        let s = AttnShape {
-            n_tokens: pos.len(),
-            pos0: 0,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        };
         let mut fast = vec![0.0; q.len()];
         ops::attention_rows(&mut fast, &q, &kv, &pos, s);
         for (i, &p) in pos.iter().enumerate() {
