@@ -1,8 +1,8 @@
 //! `AlignedBuf`: the CPU backend's activation and KV-cache buffers, f32s (or, for an f16 KV
-//! cache, IEEE halves) that start on a cache-line boundary. The SIMD kernels read them a 64-byte vector at a time; from a
-//! 16-byte aligned `Vec` every such load straddled two cache lines, which cost batched
-//! decode's kernel 2-6% at four inputs and 23-39% at eight (one core, alternating in one
-//! process).
+//! cache, IEEE halves) that start on a cache-line boundary. The SIMD kernels read them a
+//! 64-byte vector at a time; from a 16-byte aligned `Vec` every such load straddled two cache
+//! lines, which cost batched decode's kernel 2-6% at four inputs and 23-39% at eight (one
+//! core, alternating in one process).
 
 use std::ops::{Deref, DerefMut};
 
@@ -48,6 +48,14 @@ impl AlignedBuf {
             .then(|| unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) })
     }
 
+    /// As `as_halves`, to write.
+    pub fn as_halves_mut(&mut self) -> Option<&mut [u16]> {
+        // SAFETY: as in `as_halves`, borrowed mutably through `self`.
+        self.half.then(|| unsafe {
+            std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len)
+        })
+    }
+
     /// f32s the buffer holds (none when it holds halves).
     fn f32s(&self) -> usize {
         if self.half {
@@ -55,14 +63,6 @@ impl AlignedBuf {
         } else {
             self.len
         }
-    }
-
-    /// As `as_halves`, to write.
-    pub fn as_halves_mut(&mut self) -> Option<&mut [u16]> {
-        // SAFETY: as in `as_halves`, borrowed mutably through `self`.
-        self.half.then(|| unsafe {
-            std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len)
-        })
     }
 }
 
