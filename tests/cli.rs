@@ -1,5 +1,6 @@
-//! The `chatstream` binary: `generate --json` on the default model gives the golden answer,
-//! `--messages`, `--raw` and `--stop` work, and errors print one line and exit non-zero.
+//! The `chatstream` binary: `generate --json` on the default model gives the golden answer
+//! (with an f16 KV cache too), `--messages`, `--raw` and `--stop` work, and errors print one
+//! line and exit non-zero.
 
 mod common;
 
@@ -44,6 +45,18 @@ fn generate_json_gives_the_golden_answer() {
     assert_eq!(v["finish_reason"], "stop");
     assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // With the KV cache in f16 (opt-in, not exact), the same greedy answer.
+    let half = json_out(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--json",
+        "--kv-cache-dtype",
+        "f16",
+    ]);
+    assert_eq!(half["token_ids"], conv["greedy"]["new_token_ids"]);
 
     // The same conversation from a --messages file, and cut by a stop string.
     let path = std::env::temp_dir().join(format!("chatstream-cli-{}.json", std::process::id()));
