@@ -223,15 +223,20 @@ fn coalesced_decode_steps_give_each_sequence_its_own_tokens() {
 }
 
 #[test]
-fn a_repeated_prompt_runs_its_last_token_as_a_coalesced_step_and_gives_the_same_tokens() {
+fn a_repeated_prompt_joins_the_others_decode_with_its_last_token_and_gives_the_same_tokens() {
     let engine = common::engine(common::fixtures().join("tiny-llama"));
     engine.enable_batching(4);
+    // decode steps: all, and those run alone
     let steps = || {
         let stats = engine.batcher().unwrap().stats();
-        stats.steps.load(std::sync::atomic::Ordering::Relaxed)
+        let load =
+            |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&stats.steps), load(&stats.solo))
     };
     let mut warm = Generator::new(engine.clone(), 64);
     let prompt = vec![0, 304, 503, 316];
+    // another worker decoding (the engine thread waits for it a moment each pass)
+    let other = engine.batcher().unwrap().decoding();
     let sampled = SamplingParams {
         temperature: 0.8,
         seed: Some(7),
@@ -243,13 +248,28 @@ fn a_repeated_prompt_runs_its_last_token_as_a_coalesced_step_and_gives_the_same_
             .unwrap();
         warm.generate(&req(prompt.clone(), 6, sampling), &mut |_| true)
             .unwrap();
-        let before = steps();
+        let (all, solo) = steps();
         let again = warm
             .generate(&req(prompt.clone(), 6, sampling), &mut |_| true)
             .unwrap();
         assert_eq!(again.cached_prompt_tokens, prompt.len() - 1);
         assert_eq!(again.token_ids, cold.token_ids);
         // the prompt's last token and five decode steps, all through the engine thread
-        assert_eq!(steps() - before, 6);
+        assert_eq!(steps(), (all + 6, solo));
     }
+    // alone, the generator runs its steps itself, with the same tokens
+    drop(other);
+    let (all, solo) = steps();
+    let alone = warm
+        .generate(
+            &req(prompt.clone(), 6, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    let cold = tiny()
+        .generate(&req(prompt, 6, SamplingParams::default()), &mut |_| true)
+        .unwrap();
+    assert_eq!(alone.token_ids, cold.token_ids);
+    // five decode steps, none through the engine thread (the prompt token is prefill)
+    assert_eq!(steps(), (all + 5, solo + 5));
 }

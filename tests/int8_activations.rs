@@ -65,6 +65,7 @@ fn int8_activations_stay_near_the_goldens() {
                 .count();
         }
     }
+    concurrent_answers_are_the_answers_alone(&golden);
     q8act::set_enabled(false);
     println!(
         "decode-path top-10 logits, max error against the goldens: f32 {:.4}, int8 {:.4}; greedy tokens identical before the first difference: f32 {}/{total_tokens}, int8 {}/{total_tokens}",
@@ -87,4 +88,57 @@ fn int8_activations_stay_near_the_goldens() {
         "{} of {total_tokens}",
         same_tokens[1]
     );
+}
+
+/// With int8 on: four greedy answers at once (the engine thread's batched steps and the
+/// workers' own passes running in the thread pool together) are each the answer alone. A
+/// pool thread waiting inside one product may run another pass's product; each must keep its
+/// own quantized inputs (it once panicked: "RefCell already borrowed").
+fn concurrent_answers_are_the_answers_alone(golden: &serde_json::Value) {
+    q8act::set_enabled(true);
+    let engine = engine(default_model());
+    engine.enable_batching(4);
+    let convs = golden["conversations"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            let conv = &convs[i % convs.len()];
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(conv["messages"].clone()).unwrap();
+            engine.model.encode_chat(&messages).unwrap()
+        })
+        .collect();
+    let answer = |engine: &std::sync::Arc<_>, prompt: Vec<u32>, n: usize| {
+        let req = GenerateRequest {
+            prompt_ids: prompt,
+            max_new_tokens: n,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            ignore_eos: true,
+        };
+        Generator::new(std::sync::Arc::clone(engine), 512)
+            .generate(&req, &mut |_| true)
+            .unwrap()
+            .token_ids
+    };
+    for round in 0..3 {
+        // answers of different lengths, so that workers decode alone and together in turn
+        let lens: Vec<usize> = (0..4).map(|i| 8 + 6 * ((i + round) % 4)).collect();
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&lens)
+            .map(|(p, &n)| answer(&engine, p.clone(), n))
+            .collect();
+        let together: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&lens)
+            .map(|(p, &n)| {
+                let (engine, p) = (std::sync::Arc::clone(&engine), p.clone());
+                std::thread::spawn(move || answer(&engine, p, n))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().expect("a generation panicked"))
+            .collect();
+        assert_eq!(together, alone, "round {round}");
+    }
 }

@@ -262,8 +262,8 @@ fn real_model_answers_as_generate_does() {
         conv["greedy"]["text"]
     );
     assert_eq!(v["usage"]["prompt_tokens"], conv["prompt_len"]);
-    // Every token after the first came from a decode pass of the step coalescer; alone, each
-    // pass carried one row.
+    // Every token after the first came from a decode pass; alone, the worker ran each itself,
+    // one row a pass.
     s.wait_idle();
     let m = request(s.addr, "GET", "/metrics", &[], b"").text();
     let counter = |name: &str| -> u64 {

@@ -62,10 +62,12 @@ pub struct Batcher<B: Backend> {
 /// How much coalescing happened.
 #[derive(Debug, Default)]
 pub struct BatchStats {
-    /// Batched forward passes run.
+    /// Decode passes run: batched ones, and steps a worker decoding alone ran itself.
     pub passes: AtomicUsize,
     /// Decode steps (rows) they carried.
     pub steps: AtomicUsize,
+    /// Of those, the steps workers ran alone.
+    pub solo: AtomicUsize,
 }
 
 /// Marks a worker as decoding while it lives (the engine thread waits for those).
@@ -105,6 +107,18 @@ impl<B: Backend + 'static> Batcher<B> {
     pub fn decoding(&self) -> Decoding<'_> {
         self.decoding.fetch_add(1, Ordering::SeqCst);
         Decoding(&self.decoding)
+    }
+
+    /// Workers decoding now (holding a `decoding` guard).
+    pub fn decoding_now(&self) -> usize {
+        self.decoding.load(Ordering::SeqCst)
+    }
+
+    /// Counts a step a worker decoding alone ran itself (a pass of one row).
+    pub fn record_solo(&self) {
+        for n in [&self.stats.passes, &self.stats.steps, &self.stats.solo] {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Runs one decode step of `token` on the sequence in `kv`, answered on `lane`; leaves

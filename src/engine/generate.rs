@@ -215,14 +215,15 @@ impl<B: Backend + 'static> Generator<B> {
             // A prompt whose prefix was cached but for its last token (a repeated system
             // prompt, a regenerate) joins the others' decode step instead of running a pass
             // of its own beside it.
-            (Some(b), &[last]) if (last as usize) < t.cfg.vocab_size => {
+            (Some(b), &[last]) if (last as usize) < t.cfg.vocab_size && b.decoding_now() > 0 => {
                 let decoding = b.decoding();
                 b.step(&mut self.lane, last, &mut self.cache.kv, &mut self.logits)?;
                 on_host = true;
                 Some(decoding)
             }
             (_, rest) => {
-                t.prefill(&mut self.state, &mut self.cache.kv, rest)?;
+                let (st, kv) = (&mut self.state, &mut self.cache.kv);
+                t.backend.within(|| t.prefill(st, kv, rest))?;
                 batcher.map(Batcher::decoding)
             }
         };
@@ -270,18 +271,22 @@ impl<B: Backend + 'static> Generator<B> {
             if step + 1 == req.max_new_tokens || self.cache.kv.len() == self.cache.kv.capacity() {
                 break;
             }
+            // A step joins the others' on the engine thread; alone, it runs here (a hand-off
+            // to the engine thread and back saved).
             match batcher {
-                Some(b) => {
+                Some(b) if b.decoding_now() > 1 => {
                     b.step(&mut self.lane, id, &mut self.cache.kv, &mut self.logits)?;
                     on_host = true;
                 }
-                None => t.forward(
-                    &mut self.state,
-                    &mut self.cache.kv,
-                    &[id],
-                    Logits::Last,
-                    None,
-                )?,
+                _ => {
+                    if let Some(b) = batcher {
+                        b.record_solo();
+                    }
+                    let (st, kv) = (&mut self.state, &mut self.cache.kv);
+                    t.backend
+                        .within(|| t.forward(st, kv, &[id], Logits::Last, None))?;
+                    on_host = false;
+                }
             }
         }
         if finish != FinishReason::Cancelled && !stopped_by_string {

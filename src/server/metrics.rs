@@ -261,7 +261,7 @@ impl Metrics {
             (
                 "chatstream_decode_batches_total",
                 "counter",
-                "Coalesced decode passes (one forward pass for the next token of every decoding request).",
+                "Decode passes (one forward pass for the next token of every decoding request; a request decoding alone runs its own).",
                 engine.decode_batches.0 as f64,
             ),
             (

@@ -7,7 +7,7 @@
 //! whose accuracy `tests/int8_activations.rs` measures); only the order of the float sums
 //! differs. x86-64 only (the module is compiled there alone).
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use half::f16;
 use rayon::prelude::*;
@@ -117,7 +117,7 @@ struct QuantInputs {
 }
 
 thread_local! {
-    static INPUTS: RefCell<QuantInputs> = RefCell::default();
+    static INPUTS: Cell<QuantInputs> = Cell::default();
 }
 
 /// Most inputs one pass over the weights takes (accumulators and widened blocks fill the
@@ -142,7 +142,12 @@ pub fn products<const K: usize>(
     assert!(detected(), "vnni::products: no AVX-512 VNNI");
     let ws = products.each_ref().map(|&(_, w)| w);
     let (cols, nb) = (ws[0].cols, ws[0].cols / QK);
-    INPUTS.with_borrow_mut(|xq| {
+    // Taken out, not borrowed: while this thread waits for the tasks below, rayon may run
+    // another product on it (a second forward pass in the pool, a worker's beside the engine
+    // thread's), which takes its own.
+    let mut taken = INPUTS.take();
+    {
+        let xq = &mut taken;
         xq.q.resize(n * cols, 0);
         xq.d.resize(n * nb, 0.0);
         xq.sum.resize(n * nb, 0.0);
@@ -169,7 +174,8 @@ pub fn products<const K: usize>(
                 }
             }
         });
-    });
+    }
+    INPUTS.set(taken);
 }
 
 mod x86 {
