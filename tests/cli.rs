@@ -31,14 +31,15 @@ fn generate_json_gives_the_golden_answer() {
     let conv = &golden["conversations"][0];
     let model = common::default_model();
     let prompt = conv["messages"][0]["content"].as_str().unwrap();
-    let v = json_out(&[
+    let args = [
         "generate",
         "--model",
         model.to_str().unwrap(),
         "--prompt",
         prompt,
         "--json",
-    ]);
+    ];
+    let v = json_out(&args);
     assert_eq!(v["prompt_token_ids"], conv["prompt_token_ids"]);
     assert_eq!(v["token_ids"], conv["greedy"]["new_token_ids"]);
     assert_eq!(v["text"], conv["greedy"]["text"]);
@@ -46,16 +47,7 @@ fn generate_json_gives_the_golden_answer() {
     assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // With the KV cache in f16 (opt-in, not exact), the same greedy answer.
-    let half = json_out(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--json",
-        "--kv-cache-dtype",
-        "f16",
-    ]);
+    let half = json_out(&[&args[..], &["--kv-cache-dtype", "f16"]].concat());
     assert_eq!(half["token_ids"], conv["greedy"]["new_token_ids"]);
 
     // The same conversation from a --messages file, and cut by a stop string.

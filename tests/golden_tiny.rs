@@ -8,24 +8,13 @@ mod common;
 use chatstream::backend::cpu::Cpu;
 use chatstream::backend::Backend;
 use chatstream::engine::forward::{Logits, RunState};
-use chatstream::engine::generate::{GenerateRequest, Generator};
+use chatstream::engine::generate::Generator;
 use chatstream::engine::kv_cache::KvCache;
-use chatstream::{ChatMessage, SamplingParams};
+use chatstream::ChatMessage;
 use common::*;
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
-
-fn greedy(gen: &mut Generator<Cpu>, prompt: Vec<u32>, n: usize) -> Vec<u32> {
-    let req = GenerateRequest {
-        prompt_ids: prompt,
-        max_new_tokens: n,
-        sampling: SamplingParams::default(),
-        stop: vec![],
-        ignore_eos: true,
-    };
-    gen.generate(&req, &mut |_| true).unwrap().token_ids
-}
 
 fn check_model(name: &str) {
     let dir = fixtures().join(name);

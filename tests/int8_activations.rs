@@ -108,17 +108,11 @@ fn concurrent_answers_are_the_answers_alone(golden: &serde_json::Value) {
         })
         .collect();
     let answer = |engine: &std::sync::Arc<_>, prompt: Vec<u32>, n: usize| {
-        let req = GenerateRequest {
-            prompt_ids: prompt,
-            max_new_tokens: n,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-            ignore_eos: true,
-        };
-        Generator::new(std::sync::Arc::clone(engine), 512)
-            .generate(&req, &mut |_| true)
-            .unwrap()
-            .token_ids
+        greedy(
+            &mut Generator::new(std::sync::Arc::clone(engine), 512),
+            prompt,
+            n,
+        )
     };
     for round in 0..3 {
         // answers of different lengths, so that workers decode alone and together in turn

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use chatstream::backend::cpu::Cpu;
 use chatstream::backend::KvDtype;
-use chatstream::engine::generate::Engine;
-use chatstream::Model;
+use chatstream::engine::generate::{Engine, GenerateRequest, Generator};
+use chatstream::{Model, SamplingParams};
 use serde_json::Value;
 
 /// `$CHATSTREAM_FIXTURES`, or `../shared/fixtures` beside the crate.
@@ -98,4 +98,16 @@ pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
+}
+
+/// `n` greedy tokens after `prompt` (end of sequence ignored).
+pub fn greedy(gen: &mut Generator<Cpu>, prompt: Vec<u32>, n: usize) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt_ids: prompt,
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        ignore_eos: true,
+    };
+    gen.generate(&req, &mut |_| true).unwrap().token_ids
 }
