@@ -119,23 +119,29 @@ fn bench_on<B: Backend>(
         kv.truncate(0);
         let t0 = Instant::now();
         t.prefill(&mut st, &mut kv, &prompt).expect("prefill");
-        t.backend.argmax(st.logits(), cfg.vocab_size); // waits for the device
+        t.backend.argmax(st.logits(), 0..cfg.vocab_size); // waits for the device
         prefill_s.push(t0.elapsed().as_secs_f64());
     }
     prefill_s.sort_by(f64::total_cmp);
     kv.truncate(0);
     t.prefill(&mut st, &mut kv, &prompt[..prompt.len().min(16)])
         .expect("prefill");
-    let mut next = t.backend.argmax(st.logits(), cfg.vocab_size).unwrap_or(0);
+    let mut next = t
+        .backend
+        .argmax(st.logits(), 0..cfg.vocab_size)
+        .unwrap_or(0);
     t.forward(&mut st, &mut kv, &[next], Logits::Last, None)
         .expect("decode"); // first step excluded
     let t0 = Instant::now();
     for _ in 0..a.decode_tokens {
-        next = t.backend.argmax(st.logits(), cfg.vocab_size).unwrap_or(0);
+        next = t
+            .backend
+            .argmax(st.logits(), 0..cfg.vocab_size)
+            .unwrap_or(0);
         t.forward(&mut st, &mut kv, &[next], Logits::Last, None)
             .expect("decode");
     }
-    t.backend.argmax(st.logits(), cfg.vocab_size);
+    t.backend.argmax(st.logits(), 0..cfg.vocab_size);
     let decode_tps = a.decode_tokens as f64 / t0.elapsed().as_secs_f64();
     let on_gpu = t.backend.memory().is_some();
     // What one decode step reads: the CPU reads quantized blocks where the file had them.

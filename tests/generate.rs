@@ -273,3 +273,84 @@ fn a_repeated_prompt_joins_the_others_decode_with_its_last_token_and_gives_the_s
     // five decode steps, none through the engine thread (the prompt token is prefill)
     assert_eq!(steps(), (all + 5, solo + 5));
 }
+
+#[test]
+fn a_greedy_answer_the_engine_thread_follows_ends_as_one_decoded_alone() {
+    let engine = common::engine(common::fixtures().join("tiny-llama"));
+    engine.enable_batching(4);
+    let engine_steps = || {
+        let stats = engine.batcher().unwrap().stats();
+        let load =
+            |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+        load(&stats.steps) - load(&stats.solo)
+    };
+    // another worker decoding, so that a greedy answer is handed to the engine thread
+    let _other = engine.batcher().unwrap().decoding();
+    let prompt = vec![0, 304, 503];
+    let reference = tiny()
+        .generate(
+            &req(prompt.clone(), 24, SamplingParams::default()),
+            &mut |_| true,
+        )
+        .unwrap();
+    let middle: String = reference.text.chars().skip(6).take(3).collect();
+    let stopping = GenerateRequest {
+        stop: vec![middle],
+        ..req(prompt.clone(), 24, SamplingParams::default())
+    };
+    // (request, context length, pieces the client takes before it goes away)
+    let cases = [
+        (
+            req(prompt.clone(), 24, SamplingParams::default()),
+            64,
+            usize::MAX,
+        ),
+        (stopping, 64, usize::MAX),
+        (req(prompt.clone(), 24, SamplingParams::default()), 64, 3),
+        (
+            req(prompt.clone(), 24, SamplingParams::default()),
+            12,
+            usize::MAX,
+        ),
+    ];
+    for (r, context, pieces) in cases {
+        let run = |g: &mut Generator<_>| {
+            let mut taken = 0;
+            g.generate(&r, &mut |_| {
+                taken += 1;
+                if taken == 3 {
+                    // a slow client: the engine thread runs ahead meanwhile
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                }
+                taken < pieces
+            })
+            .unwrap()
+        };
+        let alone = run(&mut Generator::new(tiny().engine().clone(), context));
+        let mut g = Generator::new(engine.clone(), context);
+        let before = engine_steps();
+        let followed = run(&mut g);
+        assert_eq!(
+            (&followed.token_ids, &followed.text, followed.finish_reason),
+            (&alone.token_ids, &alone.text, alone.finish_reason)
+        );
+        assert!(
+            engine_steps() >= before + followed.token_ids.len() - 1,
+            "the steps did not go through the engine thread"
+        );
+        // the cache holds exactly the tokens of the answer: a next turn reuses them all
+        let mut next = prompt.clone();
+        next.extend(&followed.token_ids);
+        next.push(45);
+        let turn = req(next, 4, SamplingParams::default());
+        let warm = g.generate(&turn, &mut |_| true);
+        let cold = Generator::new(tiny().engine().clone(), context).generate(&turn, &mut |_| true);
+        match (warm, cold) {
+            (Ok(warm), Ok(cold)) => {
+                assert_eq!(warm.token_ids, cold.token_ids);
+                assert_eq!(warm.cached_prompt_tokens, turn.prompt_ids.len() - 2);
+            }
+            (warm, cold) => assert_eq!(warm.is_err(), cold.is_err()),
+        }
+    }
+}

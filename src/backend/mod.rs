@@ -187,9 +187,10 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
     /// x (len) += y.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
-    /// Index of the largest of the first `n` values (lowest on ties); `None` if any is NaN
-    /// or infinite. Greedy decode uses it so the logits need not come back to the host.
-    fn argmax(&self, x: &Self::Buf, n: usize) -> Option<u32>;
+    /// Index, within `at`, of the largest of the values `x[at]` (lowest on ties); `None` if
+    /// any is NaN or infinite. Greedy decode uses it so the logits need not come back to the
+    /// host.
+    fn argmax(&self, x: &Self::Buf, at: Range<usize>) -> Option<u32>;
     /// Device memory (free, total) in bytes, for a device with its own memory.
     fn memory(&self) -> Option<(usize, usize)> {
         None

@@ -202,6 +202,8 @@ impl<B: Backend + 'static> Generator<B> {
             text.push_str(piece);
             piece.is_empty() || on_text(piece)
         };
+        // an answer the engine thread still follows since a request that failed
+        self.lane.settle(&mut self.cache.kv, &mut self.logits)?;
         self.context.clear();
         self.context.extend_from_slice(&req.prompt_ids);
         // Keys and values of a prefix this cache already holds are not computed again.
@@ -211,7 +213,7 @@ impl<B: Backend + 'static> Generator<B> {
         let t0 = Instant::now();
         // Logits of a batched step come back to the host; a solo pass leaves them on the device.
         let mut on_host = false;
-        let _decoding = match (batcher, &req.prompt_ids[reused..]) {
+        let mut decoding = match (batcher, &req.prompt_ids[reused..]) {
             // A prompt whose prefix was cached but for its last token (a repeated system
             // prompt, a regenerate) joins the others' decode step instead of running a pass
             // of its own beside it.
@@ -232,8 +234,17 @@ impl<B: Backend + 'static> Generator<B> {
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
+        // set once the engine thread picks this answer's tokens (`Batcher::follow`)
+        let mut followed = false;
+        let mut failed = None;
         for step in 0..req.max_new_tokens {
-            let id = if on_host && greedy {
+            let id = if followed {
+                match self.lane.next(&mut self.cache.kv, &mut self.logits)? {
+                    Some(id) => id,
+                    // the engine thread ended it: the cache is full
+                    None => break,
+                }
+            } else if on_host && greedy {
                 match self.logits.iter().all(|v| v.is_finite()) {
                     true => super::sampler::argmax(&self.logits),
                     false => return Err(InferenceError::NonFiniteLogits { step }),
@@ -241,7 +252,7 @@ impl<B: Backend + 'static> Generator<B> {
             } else if greedy {
                 // Only the winning id comes back from the device.
                 t.backend
-                    .argmax(self.state.logits(), t.cfg.vocab_size)
+                    .argmax(self.state.logits(), 0..t.cfg.vocab_size)
                     .ok_or(InferenceError::NonFiniteLogits { step })?
             } else {
                 if !on_host {
@@ -256,7 +267,14 @@ impl<B: Backend + 'static> Generator<B> {
                 finish = FinishReason::Stop;
                 break;
             }
-            if let Some(piece) = detok.push(id)? {
+            let piece = match detok.push(id) {
+                Ok(piece) => piece,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            if let Some(piece) = piece {
                 let check = stops.push(&piece);
                 if !emit(&check.emit, &mut text) {
                     finish = FinishReason::Cancelled;
@@ -268,17 +286,42 @@ impl<B: Backend + 'static> Generator<B> {
                     break;
                 }
             }
+            if followed {
+                // the engine thread ends the answer at the length and at a full cache too
+                if step + 1 == req.max_new_tokens {
+                    break;
+                }
+                continue;
+            }
             if step + 1 == req.max_new_tokens || self.cache.kv.len() == self.cache.kv.capacity() {
                 break;
             }
             // A step joins the others' on the engine thread; alone, it runs here (a hand-off
-            // to the engine thread and back saved).
-            match batcher {
-                Some(b) if b.decoding_now() > 1 => {
+            // to the engine thread and back saved). A greedy answer stays with the engine
+            // thread, which picks its tokens without waiting for this worker.
+            match (batcher, decoding.take()) {
+                (Some(b), Some(d)) if b.decoding_now() > 1 && greedy => {
+                    let left = req.max_new_tokens - step - 1;
+                    let (kv, logits) = (&mut self.cache.kv, &mut self.logits);
+                    b.follow(
+                        &mut self.lane,
+                        id,
+                        kv,
+                        logits,
+                        d,
+                        left,
+                        step + 1,
+                        req.ignore_eos,
+                    )?;
+                    followed = true;
+                }
+                (Some(b), d) if b.decoding_now() > 1 => {
+                    decoding = d;
                     b.step(&mut self.lane, id, &mut self.cache.kv, &mut self.logits)?;
                     on_host = true;
                 }
-                _ => {
+                (_, d) => {
+                    decoding = d;
                     if let Some(b) = batcher {
                         b.record_solo();
                     }
@@ -288,6 +331,17 @@ impl<B: Backend + 'static> Generator<B> {
                     on_host = false;
                 }
             }
+        }
+        if followed {
+            self.lane.settle(&mut self.cache.kv, &mut self.logits)?;
+            // tokens the engine thread ran after the answer ended
+            self.cache
+                .kv
+                .truncate(self.cache.kv.len().min(self.context.len() - 1));
+        }
+        drop(decoding);
+        if let Some(e) = failed {
+            return Err(e);
         }
         if finish != FinishReason::Cancelled && !stopped_by_string {
             // Text held back for a split character or a possible stop string is final now.

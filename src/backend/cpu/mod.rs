@@ -293,8 +293,8 @@ impl Backend for Cpu {
         rayon::scope(|_| f())
     }
 
-    fn argmax(&self, x: &AlignedBuf, n: usize) -> Option<u32> {
-        let x = &x[..n];
+    fn argmax(&self, x: &AlignedBuf, at: Range<usize>) -> Option<u32> {
+        let x = &x[at];
         x.iter()
             .all(|v| v.is_finite())
             .then(|| crate::engine::sampler::argmax(x))

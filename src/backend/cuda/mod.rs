@@ -336,18 +336,19 @@ impl Backend for Cuda {
         self.stream.context().mem_get_info().ok()
     }
 
-    fn argmax(&self, x: &CudaSlice<f32>, n: usize) -> Option<u32> {
+    fn argmax(&self, x: &CudaSlice<f32>, at: Range<usize>) -> Option<u32> {
         let mut out = self
             .stream
             .alloc_zeros::<u32>(1)
             .expect("allocating the argmax result");
-        let len = n as i32;
+        let len = at.len() as i32;
+        let x = x.slice(at);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "argmax_f32", cfg, &mut out, x, &len);
+        launch!(self, "argmax_f32", cfg, &mut out, &x, &len);
         let id = self.stream.clone_dtoh(&out).expect("reading the argmax")[0];
         (id != u32::MAX).then_some(id)
     }
