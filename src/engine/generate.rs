@@ -245,10 +245,8 @@ impl<B: Backend + 'static> Generator<B> {
                     None => break,
                 }
             } else if on_host && greedy {
-                match self.logits.iter().all(|v| v.is_finite()) {
-                    true => super::sampler::argmax(&self.logits),
-                    false => return Err(InferenceError::NonFiniteLogits { step }),
-                }
+                super::sampler::argmax_finite(&self.logits)
+                    .ok_or(InferenceError::NonFiniteLogits { step })?
             } else if greedy {
                 // Only the winning id comes back from the device.
                 t.backend

@@ -294,9 +294,6 @@ impl Backend for Cpu {
     }
 
     fn argmax(&self, x: &AlignedBuf, at: Range<usize>) -> Option<u32> {
-        let x = &x[at];
-        x.iter()
-            .all(|v| v.is_finite())
-            .then(|| crate::engine::sampler::argmax(x))
+        crate::engine::sampler::argmax_finite(&x[at])
     }
 }
