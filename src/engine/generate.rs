@@ -202,8 +202,6 @@ impl<B: Backend + 'static> Generator<B> {
             text.push_str(piece);
             piece.is_empty() || on_text(piece)
         };
-        // an answer the engine thread still follows since a request that failed
-        self.lane.settle(&mut self.cache.kv, &mut self.logits)?;
         self.context.clear();
         self.context.extend_from_slice(&req.prompt_ids);
         // Keys and values of a prefix this cache already holds are not computed again.
