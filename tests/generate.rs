@@ -3,7 +3,8 @@
 
 mod common;
 
-use chatstream::engine::generate::{FinishReason, GenerateRequest, Generator};
+use chatstream::backend::cpu::Cpu;
+use chatstream::engine::generate::{Engine, FinishReason, GenerateRequest, Generator};
 use chatstream::engine::InferenceError;
 use chatstream::SamplingParams;
 
@@ -17,7 +18,7 @@ fn req(prompt: Vec<u32>, n: usize, sampling: SamplingParams) -> GenerateRequest 
     }
 }
 
-fn tiny() -> Generator<chatstream::backend::cpu::Cpu> {
+fn tiny() -> Generator<Cpu> {
     Generator::new(common::engine(common::fixtures().join("tiny-llama")), 64)
 }
 
@@ -222,17 +223,18 @@ fn coalesced_decode_steps_give_each_sequence_its_own_tokens() {
     );
 }
 
+/// Decode steps an engine with batching on has run: all, and those workers ran alone.
+fn decode_steps(engine: &Engine<Cpu>) -> (usize, usize) {
+    let stats = engine.batcher().unwrap().stats();
+    let load = |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+    (load(&stats.steps), load(&stats.solo))
+}
+
 #[test]
 fn a_repeated_prompt_joins_the_others_decode_with_its_last_token_and_gives_the_same_tokens() {
     let engine = common::engine(common::fixtures().join("tiny-llama"));
     engine.enable_batching(4);
-    // decode steps: all, and those run alone
-    let steps = || {
-        let stats = engine.batcher().unwrap().stats();
-        let load =
-            |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
-        (load(&stats.steps), load(&stats.solo))
-    };
+    let steps = || decode_steps(&engine);
     let mut warm = Generator::new(engine.clone(), 64);
     let prompt = vec![0, 304, 503, 316];
     // another worker decoding (the engine thread waits for it a moment each pass)
@@ -279,10 +281,8 @@ fn a_greedy_answer_the_engine_thread_follows_ends_as_one_decoded_alone() {
     let engine = common::engine(common::fixtures().join("tiny-llama"));
     engine.enable_batching(4);
     let engine_steps = || {
-        let stats = engine.batcher().unwrap().stats();
-        let load =
-            |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
-        load(&stats.steps) - load(&stats.solo)
+        let (all, solo) = decode_steps(&engine);
+        all - solo
     };
     // another worker decoding, so that a greedy answer is handed to the engine thread
     let _other = engine.batcher().unwrap().decoding();
