@@ -299,16 +299,16 @@ fn run<B: Backend>(
         let deadline = Instant::now() + GATHER;
         while rows.len() < max_batch {
             let got = match rx.try_recv() {
-                Ok(s) => Ok(s),
+                Ok(s) => s,
                 Err(_) if rows.len() < decoding.load(Ordering::SeqCst) => {
-                    rx.recv_deadline(deadline).map_err(|_| ())
+                    match rx.recv_deadline(deadline) {
+                        Ok(s) => s,
+                        Err(_) => break,
+                    }
                 }
                 Err(_) => break,
             };
-            match got {
-                Ok(s) => rows.push(s),
-                Err(()) => break,
-            }
+            rows.push(got);
         }
         // followed answers their workers ended meanwhile
         for row in rows.extract_if(.., |r| {
@@ -360,11 +360,13 @@ fn run<B: Backend>(
         let stop_ids = &engine.model.stop_token_ids;
         for (mut row, kv) in rows.drain(..).zip(kvs.drain(..)) {
             row.kv = kv;
-            let Some(f) = row.follow.as_mut().filter(|_| result.is_ok()) else {
-                if result.is_err() {
-                    row.logits.clear();
-                }
+            if result.is_err() {
+                row.logits.clear();
                 give_back(row, result.clone());
+                continue;
+            }
+            let Some(f) = row.follow.as_mut() else {
+                give_back(row, Ok(()));
                 continue;
             };
             let Some(id) = f.picked else {
