@@ -15,9 +15,10 @@ use clap::{Args, Parser, Subcommand};
 use chatstream::backend::cpu::Cpu;
 use chatstream::backend::cuda::Cuda;
 use chatstream::backend::{Backend, KvDtype};
-use chatstream::engine::forward::{Logits, RunState, Transformer};
+use chatstream::engine::forward::{Logits, RunState, Transformer, MAX_BATCH};
 use chatstream::engine::generate::{Engine, GenerateRequest, Generator, PREFILL_CHUNK};
 use chatstream::engine::kv_cache::KvCache;
+use chatstream::model::dequant::GgmlType;
 use chatstream::model::synthetic::synthetic;
 use chatstream::model::weights::Tensor;
 use chatstream::model::{ModelConfig, Weights};
@@ -63,7 +64,8 @@ struct BenchArgs {
     /// first token and queue wait.
     #[arg(long)]
     url: Option<String>,
-    /// Concurrency levels for --url.
+    /// Concurrent streams for --url; in process, sequences per coalesced decode step (each
+    /// level runs --decode-tokens steps, the levels taking turns 32 steps at a time).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     levels: Vec<usize>,
     /// Chats per stream at each level, for --url.
@@ -81,6 +83,10 @@ struct BenchArgs {
     /// A random-weight model of a named shape instead: smollm2-135m, llama-3.2-1b, tiny.
     #[arg(long)]
     synthetic: Option<String>,
+    /// How the synthetic model's matrices are stored: f32, f16, bf16, q8_0, q4_0 or q4_1
+    /// (as a GGUF file of that type holds them).
+    #[arg(long, default_value = "f32", requires = "synthetic")]
+    synthetic_format: GgmlType,
     /// Where to run: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -118,7 +124,9 @@ fn bench_on<B: Backend>(
     for _ in 0..3 {
         kv.truncate(0);
         let t0 = Instant::now();
-        t.prefill(&mut st, &mut kv, &prompt).expect("prefill");
+        t.backend
+            .within(|| t.prefill(&mut st, &mut kv, &prompt))
+            .expect("prefill");
         t.backend.argmax(st.logits(), 0..cfg.vocab_size); // waits for the device
         prefill_s.push(t0.elapsed().as_secs_f64());
     }
@@ -138,7 +146,8 @@ fn bench_on<B: Backend>(
             .backend
             .argmax(st.logits(), 0..cfg.vocab_size)
             .unwrap_or(0);
-        t.forward(&mut st, &mut kv, &[next], Logits::Last, None)
+        t.backend
+            .within(|| t.forward(&mut st, &mut kv, &[next], Logits::Last, None))
             .expect("decode");
     }
     t.backend.argmax(st.logits(), 0..cfg.vocab_size);
@@ -156,6 +165,7 @@ fn bench_on<B: Backend>(
         .chain([weights.output()])
         .map(tensor_bytes)
         .sum();
+    let batched = batched_decode(&t, &prompt[..prompt.len().min(16)], a);
     let avg_pos = 16 + a.decode_tokens / 2;
     let bytes_per_token = weight_bytes + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
     let bandwidth = a.bandwidth_gbs.or(on_gpu.then_some(4800.0));
@@ -167,7 +177,72 @@ fn bench_on<B: Backend>(
         "decode_tokens_per_s": decode_tps,
         "bytes_per_decode_token": bytes_per_token,
         "decode_bandwidth_share": bandwidth.map(|gbs| decode_tps * bytes_per_token as f64 / (gbs * 1e9)),
+        "batched_decode": batched,
     })
+}
+
+/// Aggregate decode tokens/s of `a.levels` sequences per step, as the server runs them: one
+/// alone (`forward`), more coalesced into one pass (`forward_batch`). Each sequence has its
+/// own cache after `prompt`, and each step takes every row's argmax. The levels take turns 32 steps at a
+/// time, so that they see the same phases of a shared machine's speed; `over_one` is each
+/// level over the level of one sequence, when that is among them.
+fn batched_decode<B: Backend>(
+    t: &Transformer<B>,
+    prompt: &[u32],
+    a: &BenchArgs,
+) -> serde_json::Value {
+    let vocab = t.cfg.vocab_size;
+    let mut levels: Vec<_> = a
+        .levels
+        .iter()
+        .map(|&n| n.clamp(1, MAX_BATCH))
+        .map(|n| {
+            let mut st = RunState::new(t, PREFILL_CHUNK, n);
+            let kvs: Vec<KvCache<B>> = (0..n)
+                .map(|_| {
+                    let mut kv =
+                        KvCache::new(&t.backend, &t.cfg, prompt.len() + a.decode_tokens + 1);
+                    t.prefill(&mut st, &mut kv, prompt).expect("prefill");
+                    kv
+                })
+                .collect();
+            (st, kvs, vec![0u32; n], Duration::ZERO)
+        })
+        .collect();
+    for from in (0..a.decode_tokens).step_by(32) {
+        for (st, kvs, next, time) in &mut levels {
+            let t0 = Instant::now();
+            for _ in from..(from + 32).min(a.decode_tokens) {
+                t.backend
+                    .within(|| match &mut kvs[..] {
+                        [kv] => t.forward(st, kv, next, Logits::Last, None),
+                        kvs => t.forward_batch(st, kvs, next),
+                    })
+                    .expect("decode");
+                for (i, id) in next.iter_mut().enumerate() {
+                    *id = t
+                        .backend
+                        .argmax(st.logits(), i * vocab..(i + 1) * vocab)
+                        .unwrap_or(0);
+                }
+            }
+            *time += t0.elapsed();
+        }
+    }
+    let rate = |(_, kvs, _, time): &(_, Vec<_>, _, Duration)| {
+        (kvs.len() * a.decode_tokens) as f64 / time.as_secs_f64()
+    };
+    let one = levels.iter().find(|l| l.1.len() == 1).map(rate);
+    levels
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "sequences": l.1.len(),
+                "tokens_per_s": rate(l),
+                "over_one": one.map(|one| rate(l) / one),
+            })
+        })
+        .collect()
 }
 
 /// An `--api-key` value: the key, or `@FILE` to read it from a file.
@@ -206,8 +281,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     chatstream::backend::cpu::q8act::set_enabled(a.int8_activations);
     let (cfg, weights, name) = match &a.synthetic {
         Some(shape) => {
-            let (c, w) = synthetic(shape, 1).map_err(anyhow::Error::msg)?;
-            (c, w, format!("synthetic:{shape}"))
+            let (c, w) = synthetic(shape, 1, a.synthetic_format).map_err(anyhow::Error::msg)?;
+            let format = format!("{:?}", a.synthetic_format).to_lowercase();
+            (c, w, format!("synthetic:{shape}:{format}"))
         }
         None => {
             let m =

@@ -1,6 +1,6 @@
 //! The `chatstream` binary: `generate --json` on the default model gives the golden answer
-//! (with an f16 KV cache too), `--messages`, `--raw` and `--stop` work, and errors print one
-//! line and exit non-zero.
+//! (with an f16 KV cache too), `--messages`, `--raw` and `--stop` work, errors print one
+//! line and exit non-zero, and `bench` in process reports each level.
 
 mod common;
 
@@ -201,4 +201,47 @@ fn device_cuda_without_a_gpu_is_one_clear_error_and_auto_runs_on_cpu() {
         "generate", "--model", m, "--device", "tpu", "--prompt", "hi",
     ]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn bench_in_process_reports_each_level_of_a_synthetic_quantized_model() {
+    let r = json_out(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--synthetic-format",
+        "q4_1",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "40",
+        "--levels",
+        "1,3",
+    ]);
+    assert_eq!(r["model"], "synthetic:tiny:q4_1", "{r}");
+    // Q4_1 blocks (the 176-wide down projection, not whole blocks, stays f32), against the
+    // model all f32: 12,288 + 33,792 values a layer, two layers, and the 512 x 64 head
+    let f32_bytes = 4 * 2 * (3 * 64 * 64 + 3 * 64 * 176) + 4 * 512 * 64;
+    let bytes = r["bytes_per_decode_token"].as_u64().unwrap() as usize;
+    assert!(bytes < f32_bytes / 2, "{bytes} bytes a token: {r}");
+    let levels = r["batched_decode"].as_array().unwrap();
+    let seqs: Vec<u64> = levels
+        .iter()
+        .map(|l| l["sequences"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 3], "{r}");
+    assert_eq!(levels[0]["over_one"], 1.0, "{r}");
+    assert!(
+        levels
+            .iter()
+            .all(|l| l["tokens_per_s"].as_f64().unwrap() > 0.0),
+        "{r}"
+    );
+
+    let out = chatstream(&["bench", "--synthetic", "tiny", "--synthetic-format", "q5_k"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unknown type \"q5_k\""), "{err}");
 }

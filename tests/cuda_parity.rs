@@ -293,16 +293,22 @@ fn synthetic_shapes_match_cpu() {
     if gpu().is_none() {
         return;
     }
+    use chatstream::model::dequant::GgmlType;
     use chatstream::model::synthetic::synthetic;
-    for shape in ["smollm2-135m", "llama-3.2-1b"] {
-        let (cfg, w) = synthetic(shape, 7).unwrap();
+    // f32, and Q4_1 as the default GGUF holds it (the CPU reads its blocks, CUDA widens them)
+    for (shape, format) in [
+        ("smollm2-135m", GgmlType::F32),
+        ("smollm2-135m", GgmlType::Q4_1),
+        ("llama-3.2-1b", GgmlType::F32),
+    ] {
+        let (cfg, w) = synthetic(shape, 7, format).unwrap();
         let tokens: Vec<u32> = (0..9)
             .map(|i| (i * 7919 + 11) % cfg.vocab_size as u32)
             .collect();
         let cpu = logits_of(Cpu, &cfg, &w, &tokens);
         let gpu_logits = logits_of(Cuda::new(0).unwrap(), &cfg, &w, &tokens);
         assert_close(
-            &format!("{shape} synthetic logits"),
+            &format!("{shape} {format:?} synthetic logits"),
             &gpu_logits,
             &cpu,
             1e-3,

@@ -1,5 +1,6 @@
 //! GGML storage types and their dequantization to f32: F32, F16, BF16 and the block formats
-//! Q8_0, Q4_0 and Q4_1 (32 values per block, one f16 scale, and for Q4_1 an f16 minimum).
+//! Q8_0, Q4_0 and Q4_1 (32 values per block, one f16 scale, and for Q4_1 an f16 minimum);
+//! `quantize` stores f32 values in any of them (random-weight models of a real format).
 //! Also the F16/BF16 conversions used for safetensors, and `QuantMatrix`, the compact form
 //! the CPU keeps a matrix in (`BlockFormat`).
 
@@ -120,6 +121,72 @@ impl GgmlType {
             GgmlType::Q4_1 => block(20),
         }
     }
+}
+
+impl std::str::FromStr for GgmlType {
+    type Err = String;
+
+    /// llama.cpp's names, any case: f32, f16, bf16, q8_0, q4_0, q4_1.
+    fn from_str(s: &str) -> Result<GgmlType, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => GgmlType::F32,
+            "f16" => GgmlType::F16,
+            "bf16" => GgmlType::BF16,
+            "q8_0" => GgmlType::Q8_0,
+            "q4_0" => GgmlType::Q4_0,
+            "q4_1" => GgmlType::Q4_1,
+            _ => {
+                return Err(format!(
+                    "unknown type {s:?} (f32, f16, bf16, q8_0, q4_0, q4_1)"
+                ))
+            }
+        })
+    }
+}
+
+/// `values` stored as `ty` (the inverse of `dequantize`, up to rounding), or `None` if they
+/// are not a whole number of blocks. The block formats round as llama.cpp's reference
+/// quantizers do: Q8_0 scales by the largest magnitude over 127; Q4_0 by the value of
+/// largest magnitude over -8; Q4_1 spans minimum to maximum in 15 steps.
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(ty.byte_len(values.len())?);
+    let h = |x: f32| f16::from_f32(x).to_le_bytes();
+    let inv = |d: f32| if d != 0.0 { 1.0 / d } else { 0.0 };
+    match ty {
+        GgmlType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        GgmlType::F16 => values.iter().for_each(|&v| out.extend(h(v))),
+        GgmlType::BF16 => values
+            .iter()
+            .for_each(|&v| out.extend(bf16::from_f32(v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for b in values.chunks_exact(QK) {
+                let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                out.extend(h(d));
+                out.extend(b.iter().map(|v| (v * inv(d)).round() as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            for b in values.chunks_exact(QK) {
+                let (d, min) = if ty == GgmlType::Q4_0 {
+                    let far = b
+                        .iter()
+                        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                    (far / -8.0, far) // level 0 is -8 steps
+                } else {
+                    let lo = b.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    ((hi - lo) / 15.0, lo)
+                };
+                out.extend(h(d));
+                if ty == GgmlType::Q4_1 {
+                    out.extend(h(min));
+                }
+                let q = |v: f32| ((v - min) * inv(d)).round().clamp(0.0, 15.0) as u8;
+                out.extend((0..QK / 2).map(|j| q(b[j]) | q(b[j + QK / 2]) << 4));
+            }
+        }
+    }
+    Some(out)
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -266,6 +333,46 @@ mod tests {
             (out[0], out[15], out[16], out[31]),
             (-3.0, 12.0, 12.0, -3.0)
         );
+    }
+
+    #[test]
+    fn quantize_round_trips_within_half_a_step() {
+        // a spread of magnitudes per block, one block of zeros, one with a single value
+        let mut values: Vec<f32> = (0..256)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.01 * (1 + i / 32) as f32)
+            .collect();
+        values[64..96].fill(0.0);
+        values[96..128].fill(0.0);
+        values[100] = -1.5;
+        for ty in ["f32", "F16", "bf16", "q8_0", "q4_0", "Q4_1"] {
+            let ty: GgmlType = ty.parse().unwrap();
+            let bytes = quantize(ty, &values).unwrap();
+            assert_eq!(Some(bytes.len()), ty.byte_len(values.len()), "{ty:?}");
+            let mut back = vec![0f32; values.len()];
+            dequantize(ty, &bytes, &mut back);
+            for (b, (v, w)) in values.chunks(QK).zip(back.chunks(QK)).enumerate() {
+                let (lo, hi) = v
+                    .iter()
+                    .fold((0f32, 0f32), |(l, h), &x| (l.min(x), h.max(x)));
+                let step = match ty {
+                    GgmlType::F32 => 0.0,
+                    GgmlType::F16 => hi.max(-lo) / 1024.0,
+                    GgmlType::BF16 => hi.max(-lo) / 128.0,
+                    GgmlType::Q8_0 => hi.max(-lo) / 127.0,
+                    // levels -8..=7 steps of the largest magnitude's sign: a value of the
+                    // other sign past 7 steps is clamped, a step at most
+                    GgmlType::Q4_0 => hi.max(-lo) / 4.0,
+                    GgmlType::Q4_1 => (hi - lo) / 15.0,
+                };
+                for (x, y) in v.iter().zip(w) {
+                    // half a step, and the scale's own rounding to f16
+                    let bound = step * 0.5 + x.abs() * 2e-3;
+                    assert!((x - y).abs() <= bound, "{ty:?} block {b}: {x} -> {y}");
+                }
+            }
+        }
+        assert_eq!(quantize(GgmlType::Q4_1, &values[..33]), None);
+        assert!("q5_k".parse::<GgmlType>().is_err());
     }
 
     #[test]

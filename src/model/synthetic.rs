@@ -3,6 +3,7 @@
 //! seeded generator (normal-ish, std 0.02), norms start at 1; the config matches the shape.
 
 use super::config::{Arch, Llama3RopeScaling, ModelConfig};
+use super::dequant::{quantize, GgmlType, QuantMatrix};
 use super::weights::{LayerWeights, Tensor, Weights};
 
 /// Shapes `synthetic` knows.
@@ -86,13 +87,28 @@ impl Rng {
     }
 }
 
-/// A model of `shape` with random weights from `seed`.
-pub fn synthetic(shape: &str, seed: u64) -> Result<(ModelConfig, Weights), String> {
+/// A model of `shape` with random weights from `seed`, its matrices stored as `format`
+/// (quantized as a GGUF file would hold them; a matrix whose rows are not whole blocks
+/// stays f32, as norms do).
+pub fn synthetic(
+    shape: &str,
+    seed: u64,
+    format: GgmlType,
+) -> Result<(ModelConfig, Weights), String> {
     let c = shape_config(shape)?;
     let mut rng = Rng(seed);
     let (d, h, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    let mut t =
-        |shape: &[usize]| Tensor::new(shape.to_vec(), rng.fill(shape.iter().product(), 0.02));
+    let mut t = |shape: &[usize]| {
+        let values = rng.fill(shape.iter().product(), 0.02);
+        let compact = (format != GgmlType::F32)
+            .then(|| quantize(format, &values))
+            .flatten()
+            .and_then(|bytes| QuantMatrix::from_ggml(format, &bytes, shape[0], shape[1]));
+        match compact {
+            Some(m) => Tensor::blocks(m),
+            None => Tensor::new(shape.to_vec(), values),
+        }
+    };
     let ones = |n: usize| Tensor::new(vec![n], vec![1.0; n]);
     let layers = (0..c.n_layers)
         .map(|_| LayerWeights {
