@@ -113,8 +113,16 @@ fn bench_on<B: Backend>(
     cfg: &ModelConfig,
     weights: &Weights,
     a: &BenchArgs,
-) -> serde_json::Value {
+) -> Result<serde_json::Value> {
     let t = Transformer::new(backend, cfg, weights);
+    let max = t.max_positions();
+    if a.prompt_len > max || DECODE_PREFIX + 1 + a.decode_tokens > max {
+        bail!(
+            "--prompt-len {} and {DECODE_PREFIX} + 1 + --decode-tokens {} must fit the model's {max} positions",
+            a.prompt_len,
+            a.decode_tokens
+        );
+    }
     let prompt: Vec<u32> = (0..a.prompt_len.max(1))
         .map(|i| (i * 7919 % cfg.vocab_size) as u32)
         .collect();
@@ -132,7 +140,7 @@ fn bench_on<B: Backend>(
     }
     prefill_s.sort_by(f64::total_cmp);
     kv.truncate(0);
-    t.prefill(&mut st, &mut kv, &prompt[..prompt.len().min(16)])
+    t.prefill(&mut st, &mut kv, &prompt[..prompt.len().min(DECODE_PREFIX)])
         .expect("prefill");
     let mut next = t
         .backend
@@ -165,11 +173,11 @@ fn bench_on<B: Backend>(
         .chain([weights.output()])
         .map(tensor_bytes)
         .sum();
-    let batched = batched_decode(&t, &prompt[..prompt.len().min(16)], a);
-    let avg_pos = 16 + a.decode_tokens / 2;
+    let batched = batched_decode(&t, &prompt[..prompt.len().min(DECODE_PREFIX)], a);
+    let avg_pos = DECODE_PREFIX + a.decode_tokens / 2;
     let bytes_per_token = weight_bytes + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
     let bandwidth = a.bandwidth_gbs.or(on_gpu.then_some(4800.0));
-    serde_json::json!({
+    Ok(serde_json::json!({
         "device": t.backend.name(),
         "prefill_tokens": prompt.len(),
         "prefill_tokens_per_s": prompt.len() as f64 / prefill_s[1],
@@ -178,8 +186,11 @@ fn bench_on<B: Backend>(
         "bytes_per_decode_token": bytes_per_token,
         "decode_bandwidth_share": bandwidth.map(|gbs| decode_tps * bytes_per_token as f64 / (gbs * 1e9)),
         "batched_decode": batched,
-    })
+    }))
 }
+
+/// Prompt tokens before the decode steps `bench` times.
+const DECODE_PREFIX: usize = 16;
 
 /// Aggregate decode tokens/s of `a.levels` sequences per step, as the server runs them: one
 /// alone (`forward`), more coalesced into one pass (`forward_batch`). Each sequence has its
@@ -229,8 +240,9 @@ fn batched_decode<B: Backend>(
             *time += t0.elapsed();
         }
     }
-    let rate = |(_, kvs, _, time): &(_, Vec<_>, _, Duration)| {
-        (kvs.len() * a.decode_tokens) as f64 / time.as_secs_f64()
+    let rate = |(_, kvs, _, time): &(_, Vec<_>, _, Duration)| match time.as_secs_f64() {
+        0.0 => 0.0,
+        secs => (kvs.len() * a.decode_tokens) as f64 / secs,
     };
     let one = levels.iter().find(|l| l.1.len() == 1).map(rate);
     levels
@@ -309,7 +321,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             ),
             None => bail!("--device must be auto, cpu, cuda or cuda:N, got {d:?}"),
         },
-    };
+    }?;
     result["model"] = name.into();
     println!("{result}");
     Ok(())

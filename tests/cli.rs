@@ -244,4 +244,21 @@ fn bench_in_process_reports_each_level_of_a_synthetic_quantized_model() {
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("unknown type \"q5_k\""), "{err}");
+
+    // longer than the model's 256 positions: one clear line, no panic
+    let out = chatstream(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "300",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("must fit the model's 256 positions"), "{err}");
 }
