@@ -194,9 +194,9 @@ const DECODE_PREFIX: usize = 16;
 
 /// Aggregate decode tokens/s of `a.levels` sequences per step, as the server runs them: one
 /// alone (`forward`), more coalesced into one pass (`forward_batch`). Each sequence has its
-/// own cache after `prompt`, and each step takes every row's argmax. The levels take turns 32 steps at a
-/// time, so that they see the same phases of a shared machine's speed; `over_one` is each
-/// level over the level of one sequence, when that is among them.
+/// own cache after `prompt`, and each step takes every row's argmax. The levels take turns
+/// 32 steps at a time, so that they see the same phases of a shared machine's speed;
+/// `over_one` is each level over the level of one sequence, when that is among them.
 fn batched_decode<B: Backend>(
     t: &Transformer<B>,
     prompt: &[u32],
