@@ -1,7 +1,8 @@
-//! No heap allocation in the token loop: after a warm-up, decode steps of one sequence
+//! No heap allocation in the token loop: after a warm-up step, decode steps of one sequence
 //! (`forward`) and of four coalesced (`forward_batch`), with each row's argmax, allocate
-//! nothing on any thread, on the default model's Q4_1/Q8_0 blocks, with and without int8
-//! activations, and on a float model (the tiny f32 fixture). A global allocator counts.
+//! nothing on any thread (but a block of rayon's job queue now and then), on the default
+//! model's Q4_1/Q8_0 blocks, with and without int8 activations, and on a float model (the
+//! tiny f32 fixture). A global allocator counts.
 
 mod common;
 
@@ -46,9 +47,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Allocations made by `steps` decode steps of one sequence and of four, after as many
-/// steps of each to warm up.
-fn allocations_in_decode(model: &Model, steps: usize) -> usize {
+/// Allocations made by `steps` decode steps of one sequence and of four, after a warm-up of
+/// `warm` steps of each.
+fn allocations_in_decode(model: &Model, warm: usize, steps: usize) -> usize {
     let t = Transformer::new(Cpu, &model.config, &model.weights);
     let vocab = t.cfg.vocab_size;
     let mut st = RunState::new(&t, 64, 4);
@@ -73,7 +74,7 @@ fn allocations_in_decode(model: &Model, steps: usize) -> usize {
             }
         }
     };
-    run(steps);
+    run(warm);
     ALLOCATIONS.store(0, Ordering::SeqCst);
     COUNTING.store(true, Ordering::SeqCst);
     run(steps);
@@ -81,14 +82,29 @@ fn allocations_in_decode(model: &Model, steps: usize) -> usize {
     ALLOCATIONS.load(Ordering::SeqCst)
 }
 
+/// Steps counted in each case: 32 passes, each injected into the thread pool from outside.
+/// rayon's injector queue allocates a block every 63 jobs, so the count may cross one block.
+const STEPS: usize = 16;
+
+/// What rayon's queue may allocate in `STEPS` steps (see there).
+const RAYON_QUEUE: usize = 1;
+
 #[test]
 fn decode_steps_allocate_nothing() {
+    // one warm-up step: the buffers the int8 kernel keeps per thread were made at start-up
+    // on every pool thread, not by the first product a thread happens to run
+    let warm = 1;
     let tiny = Model::load(&common::fixtures().join("tiny-llama")).unwrap();
-    assert_eq!(allocations_in_decode(&tiny, 4), 0, "tiny f32 model");
+    let n = allocations_in_decode(&tiny, warm, STEPS);
+    assert!(n <= RAYON_QUEUE, "tiny f32 model: {n} allocations");
     let smol = Model::load(&common::default_model()).unwrap();
-    assert_eq!(allocations_in_decode(&smol, 4), 0, "SmolLM2 Q4_1");
+    let n = allocations_in_decode(&smol, warm, STEPS);
+    assert!(n <= RAYON_QUEUE, "SmolLM2 Q4_1: {n} allocations");
     q8act::set_enabled(true);
-    let int8 = allocations_in_decode(&smol, 4);
+    let n = allocations_in_decode(&smol, warm, STEPS);
     q8act::set_enabled(false);
-    assert_eq!(int8, 0, "SmolLM2 Q4_1, int8 activations");
+    assert!(
+        n <= RAYON_QUEUE,
+        "SmolLM2 Q4_1, int8 activations: {n} allocations"
+    );
 }

@@ -8,10 +8,12 @@
 //! differs. x86-64 only (the module is compiled there alone).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
 use rayon::prelude::*;
 
+use super::quant::MAX_ROWS;
 use crate::model::arena::HugeBuf;
 use crate::model::dequant::{BlockFormat, QuantMatrix, QK};
 
@@ -86,6 +88,7 @@ impl Interleaved {
                     }
                 })
         });
+        reserve_inputs(w.cols);
         Some(Interleaved {
             format: w.format,
             rows: w.rows,
@@ -118,6 +121,27 @@ struct QuantInputs {
 
 thread_local! {
     static INPUTS: Cell<QuantInputs> = Cell::default();
+}
+
+/// Widest input every pool thread's `INPUTS` already holds room for (`reserve_inputs`).
+static RESERVED_COLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Gives every pool thread's `INPUTS` room for `MAX_ROWS` inputs of `cols` values, so that
+/// no product allocates, whichever thread runs it first.
+fn reserve_inputs(cols: usize) {
+    if RESERVED_COLS.fetch_max(cols, Ordering::AcqRel) >= cols {
+        return;
+    }
+    let (values, blocks) = (MAX_ROWS * cols, MAX_ROWS * cols / QK);
+    rayon::broadcast(|_| {
+        let mut x = INPUTS.take();
+        let room = |len: usize, want: usize| want.saturating_sub(len);
+        x.q.reserve(room(x.q.len(), values));
+        x.unsigned.reserve(room(x.unsigned.len(), values));
+        x.d.reserve(room(x.d.len(), blocks));
+        x.sum.reserve(room(x.sum.len(), blocks));
+        INPUTS.set(x);
+    });
 }
 
 /// Most inputs one pass over the weights takes (accumulators and widened blocks fill the
