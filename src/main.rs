@@ -65,7 +65,8 @@ struct BenchArgs {
     #[arg(long)]
     url: Option<String>,
     /// Concurrent streams for --url; in process, sequences per coalesced decode step (each
-    /// level runs --decode-tokens steps, the levels taking turns 32 steps at a time).
+    /// level runs --decode-tokens steps, the levels taking turns 32 steps at a time; one
+    /// sequence is always measured).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     levels: Vec<usize>,
     /// Chats per stream at each level, for --url.
@@ -127,7 +128,7 @@ fn bench_on<B: Backend>(
         .map(|i| (i * 7919 % cfg.vocab_size) as u32)
         .collect();
     let mut st = RunState::new(&t, PREFILL_CHUNK, 1);
-    let mut kv = KvCache::new(&t.backend, cfg, prompt.len() + a.decode_tokens + 2);
+    let mut kv = KvCache::new(&t.backend, cfg, prompt.len());
     let mut prefill_s = Vec::new();
     for _ in 0..3 {
         kv.truncate(0);
@@ -139,27 +140,7 @@ fn bench_on<B: Backend>(
         prefill_s.push(t0.elapsed().as_secs_f64());
     }
     prefill_s.sort_by(f64::total_cmp);
-    kv.truncate(0);
-    t.prefill(&mut st, &mut kv, &prompt[..prompt.len().min(DECODE_PREFIX)])
-        .expect("prefill");
-    let mut next = t
-        .backend
-        .argmax(st.logits(), 0..cfg.vocab_size)
-        .unwrap_or(0);
-    t.forward(&mut st, &mut kv, &[next], Logits::Last, None)
-        .expect("decode"); // first step excluded
-    let t0 = Instant::now();
-    for _ in 0..a.decode_tokens {
-        next = t
-            .backend
-            .argmax(st.logits(), 0..cfg.vocab_size)
-            .unwrap_or(0);
-        t.backend
-            .within(|| t.forward(&mut st, &mut kv, &[next], Logits::Last, None))
-            .expect("decode");
-    }
-    t.backend.argmax(st.logits(), 0..cfg.vocab_size);
-    let decode_tps = a.decode_tokens as f64 / t0.elapsed().as_secs_f64();
+    let (decode_tps, batched) = decode_levels(&t, &prompt[..prompt.len().min(DECODE_PREFIX)], a);
     let on_gpu = t.backend.memory().is_some();
     // What one decode step reads: the CPU reads quantized blocks where the file had them.
     let tensor_bytes = |w: &Tensor| match (&w.quant, on_gpu) {
@@ -173,7 +154,6 @@ fn bench_on<B: Backend>(
         .chain([weights.output()])
         .map(tensor_bytes)
         .sum();
-    let batched = batched_decode(&t, &prompt[..prompt.len().min(DECODE_PREFIX)], a);
     let avg_pos = DECODE_PREFIX + a.decode_tokens / 2;
     let bytes_per_token = weight_bytes + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
     let bandwidth = a.bandwidth_gbs.or(on_gpu.then_some(4800.0));
@@ -195,19 +175,22 @@ const DECODE_PREFIX: usize = 16;
 /// Aggregate decode tokens/s of `a.levels` sequences per step, as the server runs them: one
 /// alone (`forward`), more coalesced into one pass (`forward_batch`). Each sequence has its
 /// own cache after `prompt`, and each step takes every row's argmax. The levels take turns
-/// 32 steps at a time, so that they see the same phases of a shared machine's speed;
-/// `over_one` is each level over the level of one sequence, when that is among them.
-fn batched_decode<B: Backend>(
+/// 32 steps at a time, so that they see the same phases of a shared machine's speed. One
+/// sequence is always measured: its tokens/s comes first, and each level's `over_one` is
+/// over it.
+fn decode_levels<B: Backend>(
     t: &Transformer<B>,
     prompt: &[u32],
     a: &BenchArgs,
-) -> serde_json::Value {
+) -> (f64, serde_json::Value) {
     let vocab = t.cfg.vocab_size;
-    let mut levels: Vec<_> = a
-        .levels
+    let mut counts: Vec<usize> = a.levels.iter().map(|&n| n.clamp(1, MAX_BATCH)).collect();
+    if !counts.contains(&1) {
+        counts.insert(0, 1);
+    }
+    let mut levels: Vec<_> = counts
         .iter()
-        .map(|&n| n.clamp(1, MAX_BATCH))
-        .map(|n| {
+        .map(|&n| {
             let mut st = RunState::new(t, PREFILL_CHUNK, n);
             let kvs: Vec<KvCache<B>> = (0..n)
                 .map(|_| {
@@ -240,21 +223,26 @@ fn batched_decode<B: Backend>(
             *time += t0.elapsed();
         }
     }
-    let rate = |(_, kvs, _, time): &(_, Vec<_>, _, Duration)| match time.as_secs_f64() {
-        0.0 => 0.0,
-        secs => (kvs.len() * a.decode_tokens) as f64 / secs,
-    };
-    let one = levels.iter().find(|l| l.1.len() == 1).map(rate);
-    levels
+    let rates: Vec<f64> = levels
         .iter()
-        .map(|l| {
+        .map(|(_, kvs, _, time)| match time.as_secs_f64() {
+            0.0 => 0.0,
+            secs => (kvs.len() * a.decode_tokens) as f64 / secs,
+        })
+        .collect();
+    let one = rates[counts.iter().position(|&n| n == 1).unwrap_or(0)];
+    let levels = counts
+        .iter()
+        .zip(&rates)
+        .map(|(&n, &rate)| {
             serde_json::json!({
-                "sequences": l.1.len(),
-                "tokens_per_s": rate(l),
-                "over_one": one.map(|one| rate(l) / one),
+                "sequences": n,
+                "tokens_per_s": rate,
+                "over_one": (one > 0.0).then(|| rate / one),
             })
         })
-        .collect()
+        .collect();
+    (one, levels)
 }
 
 /// An `--api-key` value: the key, or `@FILE` to read it from a file.

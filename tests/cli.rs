@@ -233,6 +233,7 @@ fn bench_in_process_reports_each_level_of_a_synthetic_quantized_model() {
         .collect();
     assert_eq!(seqs, [1, 3], "{r}");
     assert_eq!(levels[0]["over_one"], 1.0, "{r}");
+    assert_eq!(r["decode_tokens_per_s"], levels[0]["tokens_per_s"], "{r}");
     assert!(
         levels
             .iter()
