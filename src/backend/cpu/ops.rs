@@ -852,11 +852,12 @@ pub(super) fn prefetch(p: *const u8, bytes: usize) {
 }
 
 /// Lane j of the result: the sum of the 16 lanes of `v[j]` (pairs of vectors interleaved
-/// and added, then pairs of those, then across the 128-bit quarters).
+/// and added, then pairs of those, then across the 128-bit quarters). Each vector's lanes
+/// are added in the same order whatever the other vectors hold.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn hsums16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+pub(super) unsafe fn hsums16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // per quarter: (a0+a2, b0+b2, a1+a3, b1+b3) for a = v[2i], b = v[2i + 1]
     let p: [__m512; 8] = std::array::from_fn(|i| {

@@ -463,7 +463,16 @@ mod avx512 {
                 }
             }
         }
-        acc.map(|a| a.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]))))
+        // All the R x N sums in one fold (`hsums16`: 45 vector instructions for 16 sums,
+        // against 8 a sum alone); the vectors past R x N are zeros.
+        const { assert!(R * N <= 16) };
+        let v: [__m512; 16] = std::array::from_fn(|j| match acc.get(j / N) {
+            Some(a) if j < R * N => _mm512_add_ps(a[j % N][0], a[j % N][1]),
+            _ => _mm512_setzero_ps(),
+        });
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), crate::backend::cpu::ops::hsums16(&v));
+        std::array::from_fn(|k| std::array::from_fn(|i| sums[k * N + i]))
     }
 
     /// `w.dequantize_rows(r0, out)`, a block at a time through `widen` (the same floats).
