@@ -753,11 +753,13 @@ macro_rules! attend_in_registers {
                         }
                         let first = jj - jj % $lanes;
                         if jj + 1 - first == $lanes || jj + 1 == len {
-                            // lanes past `jj` hold an earlier group's keys: not stored
+                            // Lanes past `jj` hold an earlier group's keys: stored past the
+                            // tile's length, where nothing reads them (a tile is whole
+                            // vectors long, so the store stays inside `scores`).
+                            const { assert!(KEY_TILE % $lanes == 0) };
                             for (part, sc) in parts.iter().zip(scores.iter_mut()) {
-                                let mut sums = [0f32; $lanes];
-                                $store(sums.as_mut_ptr(), $mul($hsums(part), scale));
-                                sc[first..=jj].copy_from_slice(&sums[..=jj - first]);
+                                let sc = &mut sc[first..first + $lanes];
+                                $store(sc.as_mut_ptr(), $mul($hsums(part), scale));
                             }
                         }
                     }
@@ -766,7 +768,9 @@ macro_rules! attend_in_registers {
                         let tile_max = max_of(tile);
                         if tile_max > max[g] {
                             // Rescale what was accumulated under the old maximum.
-                            let r = crate::backend::cpu::vexp::exp(max[g] - tile_max);
+                            let mut r = [max[g]];
+                            $exp_minus(&mut r, tile_max);
+                            let r = r[0];
                             sum[g] *= r;
                             let rv = $set1(r);
                             acc[g].iter_mut().for_each(|x| *x = $mul(*x, rv));
