@@ -1,11 +1,12 @@
 //! Speed of the CPU ops on SmolLM2's shapes: the decode matrix-vector product in f32 and from
 //! Q4_1/Q8_0 blocks (memory-bound, reported as bytes of weights per second), the prefill GEMM,
-//! attention at a long position, and RMSNorm.
+//! attention at a long position, RMSNorm, and drawing a token from the vocabulary.
 
 use std::time::Duration;
 
 use chatstream::backend::cpu::{ops, quant};
 use chatstream::backend::AttnShape;
+use chatstream::engine::sampler::{Sampler, SamplingParams};
 use chatstream::model::dequant::{GgmlType, QuantMatrix};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -68,6 +69,32 @@ fn bench_ops(c: &mut Criterion) {
     g.bench_function("rmsnorm_576", |b| {
         b.iter(|| ops::rmsnorm(&mut out, &x, &w, 1, 1e-5))
     });
+
+    // One token drawn from SmolLM2's vocabulary: temperature alone, then with top-p. The
+    // logits are peaked, as a model's are: 1 token in 1,000 stands 10 above the rest, so
+    // top-p cuts among the candidates put in order first.
+    let logits: Vec<f32> = vals(49152)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 4.0 + if i % 1000 == 7 { 10.0 } else { 0.0 })
+        .collect();
+    g.throughput(Throughput::Elements(1));
+    for (name, top_p) in [("sample_t0.7", 1.0), ("sample_t0.7_top_p0.9", 0.9)] {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_p,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let mut sampler = Sampler::new(params, logits.len());
+        let mut work = logits.clone();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                work.copy_from_slice(&logits);
+                sampler.sample(&mut work, &[], 0).unwrap()
+            })
+        });
+    }
     g.finish();
 }
 

@@ -1,12 +1,15 @@
 //! `SamplingParams` (validated) and the `Sampler` that turns one step's logits into a token:
 //! repetition penalty (Hugging Face's multiplicative rule), then greedy argmax at temperature
 //! 0, or temperature, top-k, top-p (the token that crosses p is kept) and min-p, and a draw
-//! from a per-request seeded generator (same seed, same tokens). Scratch space is allocated
-//! once per sampler, not per step.
+//! from a per-request seeded generator (same seed, same tokens). With no cut, the draw walks
+//! the vocabulary in token order, with every probability computed in vectors; with cuts, the
+//! most likely candidates are put in order first. Scratch space is allocated once per
+//! sampler, not per step.
 
 use serde::{Deserialize, Serialize};
 
 use super::error::InferenceError;
+use crate::backend::cpu::vexp;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -111,6 +114,23 @@ fn os_seed() -> u64 {
 /// Candidates put in order before top-p and min-p look for where to cut.
 const SORTED_FIRST: usize = 256;
 
+/// Probabilities summed per block for a draw over the whole vocabulary, so that the draw
+/// skips whole blocks.
+const DRAW_BLOCK: usize = 64;
+
+/// The sum of `x` in f64, in 8 independent lanes.
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v as f64;
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    lanes.iter().sum::<f64>() + rest
+}
+
 /// Most likely first (higher value, then lower token id): a total order.
 fn desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
@@ -138,6 +158,10 @@ pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     cand: Vec<(f32, u32)>,
+    /// Probabilities, in candidate or token order.
+    probs: Vec<f32>,
+    /// Sums of each `DRAW_BLOCK` of `probs`.
+    block_sums: Vec<f64>,
     seen: Vec<u32>,
 }
 
@@ -185,6 +209,8 @@ impl Sampler {
             rng: Rng(params.seed.unwrap_or_else(os_seed)),
             params,
             cand: Vec::with_capacity(vocab_size),
+            probs: Vec::with_capacity(vocab_size),
+            block_sums: Vec::with_capacity(vocab_size.div_ceil(DRAW_BLOCK)),
             seen: Vec::new(),
         }
     }
@@ -202,7 +228,7 @@ impl Sampler {
         context: &[u32],
         step: usize,
     ) -> Result<u32, InferenceError> {
-        if logits.iter().any(|v| !v.is_finite()) {
+        if argmax_finite(logits).is_none() {
             return Err(InferenceError::NonFiniteLogits { step });
         }
         let p = self.params;
@@ -228,6 +254,10 @@ impl Sampler {
         if p.temperature == 0.0 {
             return Ok(argmax(logits));
         }
+        let whole = p.top_k == 0 || p.top_k >= logits.len();
+        if whole && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            return Ok(self.draw_from_all(logits));
+        }
         self.cand.clear();
         self.cand.extend(
             logits
@@ -249,9 +279,13 @@ impl Sampler {
         self.cand[..ordered].sort_unstable_by(desc);
         // Probabilities are e^(logit - max); the cuts compare them but order by logit.
         let max = self.cand[0].0;
-        let prob = |l: f32| (l - max).exp();
+        let prob = |l: f32| vexp::exp(l - max);
         if p.top_p < 1.0 {
-            let sum: f64 = self.cand.iter().map(|c| prob(c.0) as f64).sum();
+            // every candidate's probability at once, in vectors (the same bits as `prob`)
+            self.probs.clear();
+            self.probs.extend(self.cand.iter().map(|c| c.0));
+            vexp::exp_minus(&mut self.probs, max);
+            let sum = sum_f64(&self.probs);
             let mut cum = 0f64;
             let keep = first_in_order(&mut self.cand, &mut ordered, |l| {
                 cum += prob(l) as f64 / sum;
@@ -279,6 +313,41 @@ impl Sampler {
             }
         }
         Ok(self.cand[self.cand.len() - 1].1)
+    }
+
+    /// A draw from the whole vocabulary at the temperature, no cut: no candidate needs an
+    /// order, so the draw walks the tokens by id, a block at a time, all probabilities
+    /// computed in vectors.
+    fn draw_from_all(&mut self, logits: &[f32]) -> u32 {
+        let t = self.params.temperature;
+        // dividing by t keeps the order: the largest logit over t is the largest over t
+        let max = logits[argmax(logits) as usize] / t;
+        self.probs.clear();
+        self.probs.extend(logits.iter().map(|&l| l / t));
+        vexp::exp_minus(&mut self.probs, max);
+        self.block_sums.clear();
+        self.block_sums
+            .extend(self.probs.chunks(DRAW_BLOCK).map(sum_f64));
+        let total: f64 = self.block_sums.iter().sum();
+        let mut u = self.rng.next_f64() * total;
+        for (b, &s) in self.block_sums.iter().enumerate() {
+            if u < s {
+                let block = &self.probs
+                    [b * DRAW_BLOCK..(b * DRAW_BLOCK + DRAW_BLOCK).min(self.probs.len())];
+                for (i, &q) in block.iter().enumerate() {
+                    u -= q as f64;
+                    if u < 0.0 {
+                        return (b * DRAW_BLOCK + i) as u32;
+                    }
+                }
+                // the block's sum rounded above its walk: its last possible token
+                let last = block.iter().rposition(|&q| q > 0.0).unwrap_or(0);
+                return (b * DRAW_BLOCK + last) as u32;
+            }
+            u -= s;
+        }
+        // rounding left u at the total: the last token that could be drawn
+        self.probs.iter().rposition(|&q| q > 0.0).unwrap_or(0) as u32
     }
 }
 
@@ -341,6 +410,71 @@ mod tests {
     }
 
     #[test]
+    fn a_draw_without_cuts_is_a_walk_over_the_tokens_by_id() {
+        // vocabularies around the block size, and SmolLM2's
+        for vocab in [1, 2, 63, 64, 65, 1000, 49152] {
+            let logits: Vec<f32> = (0..vocab)
+                .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
+                .collect();
+            for seed in 0..40 {
+                let params = SamplingParams {
+                    temperature: 0.7,
+                    seed: Some(seed),
+                    ..Default::default()
+                };
+                let got = Sampler::new(params, vocab)
+                    .sample(&mut logits.clone(), &[], 0)
+                    .unwrap();
+                // one running sum over every token, in id order
+                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) / 0.7;
+                let p: Vec<f64> = logits
+                    .iter()
+                    .map(|&l| vexp::exp(l / 0.7 - max) as f64)
+                    .collect();
+                let mut u = Rng(seed).next_f64() * p.iter().sum::<f64>();
+                let want = p
+                    .iter()
+                    .position(|&q| {
+                        u -= q;
+                        u < 0.0
+                    })
+                    .unwrap_or(vocab - 1);
+                assert_eq!(got as usize, want, "vocab {vocab}, seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_softmax_at_the_temperature() {
+        let logits = [1.0f32, 2.0, 0.5, 3.0, -1.0];
+        let t = 0.8;
+        let e: Vec<f64> = logits.iter().map(|&l| ((l / t) as f64).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: t,
+                seed: Some(3),
+                ..Default::default()
+            },
+            logits.len(),
+        );
+        let n = 40_000;
+        let mut count = [0usize; 5];
+        for step in 0..n {
+            count[s.sample(&mut logits.clone(), &[], step).unwrap() as usize] += 1;
+        }
+        for (i, (&c, &e)) in count.iter().zip(&e).enumerate() {
+            let (freq, want) = (c as f64 / n as f64, e / z);
+            // 5 standard deviations of a frequency over n draws
+            let sd = (want * (1.0 - want) / n as f64).sqrt();
+            assert!(
+                (freq - want).abs() < 5.0 * sd,
+                "token {i}: {freq} against {want}"
+            );
+        }
+    }
+
+    #[test]
     fn same_seed_same_tokens() {
         let params = SamplingParams {
             temperature: 1.0,
@@ -373,7 +507,7 @@ mod tests {
         let max = cand[0].0;
         let mut sum = 0f64;
         for c in cand.iter_mut() {
-            c.0 = (c.0 - max).exp();
+            c.0 = vexp::exp(c.0 - max);
             sum += c.0 as f64;
         }
         if p.top_p < 1.0 {

@@ -39,6 +39,30 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `x[i] = e^(x[i] - m)` for every value, with the widest vectors this CPU has (the same
+/// bits as `exp` whichever it takes).
+pub fn exp_minus(x: &mut [f32], m: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected.
+            return unsafe { exp_minus16(x, m) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA were detected.
+            return unsafe { exp_minus8(x, m) };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            // SAFETY: NEON was detected.
+            return unsafe { exp_minus4(x, m) };
+        }
+    }
+    x.iter_mut().for_each(|v| *v = exp(*v - m));
+}
+
 /// e^x in each of 16 lanes (NaN stays NaN).
 ///
 /// # Safety
