@@ -136,21 +136,33 @@ fn desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
-/// The index, in descending order, of the first candidate whose logit `hit` accepts. The
-/// first `ordered` candidates are in order; the rest are put in order only if none of those
-/// is hit.
+/// The index, in descending order, of the first candidate whose logit `hit` accepts (`hit`
+/// sees the candidates in that order, each once). The first `ordered` candidates are in
+/// order; while none of them is hit, the next ones are put in order, four times as many as
+/// before each time, so a cut a little past the first ones does not sort the whole
+/// vocabulary.
 fn first_in_order(
     cand: &mut [(f32, u32)],
     ordered: &mut usize,
     mut hit: impl FnMut(f32) -> bool,
 ) -> Option<usize> {
-    if let Some(i) = cand[..*ordered].iter().position(|c| hit(c.0)) {
-        return Some(i);
+    let mut from = 0;
+    loop {
+        if let Some(i) = cand[from..*ordered].iter().position(|c| hit(c.0)) {
+            return Some(from + i);
+        }
+        if *ordered == cand.len() {
+            return None;
+        }
+        // every candidate past `ordered` ranks below those before it
+        from = *ordered;
+        let next = (from.max(1) * 4).min(cand.len());
+        if next < cand.len() {
+            cand[from..].select_nth_unstable_by(next - from - 1, desc);
+        }
+        cand[from..next].sort_unstable_by(desc);
+        *ordered = next;
     }
-    let o = *ordered;
-    cand[o..].sort_unstable_by(desc);
-    *ordered = cand.len();
-    cand[o..].iter().position(|c| hit(c.0)).map(|i| o + i)
 }
 
 /// Picks tokens for one sequence.
