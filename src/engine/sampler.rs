@@ -332,7 +332,7 @@ impl Sampler {
     /// computed in vectors.
     fn draw_from_all(&mut self, logits: &[f32]) -> u32 {
         let t = self.params.temperature;
-        // dividing by t keeps the order: the largest logit over t is the largest over t
+        // dividing by t > 0 keeps the order: the largest value is the largest logit's
         let max = logits[argmax(logits) as usize] / t;
         self.probs.clear();
         self.probs.extend(logits.iter().map(|&l| l / t));
@@ -342,10 +342,9 @@ impl Sampler {
             .extend(self.probs.chunks(DRAW_BLOCK).map(sum_f64));
         let total: f64 = self.block_sums.iter().sum();
         let mut u = self.rng.next_f64() * total;
-        for (b, &s) in self.block_sums.iter().enumerate() {
+        let blocks = self.probs.chunks(DRAW_BLOCK).zip(&self.block_sums);
+        for (b, (block, &s)) in blocks.enumerate() {
             if u < s {
-                let block = &self.probs
-                    [b * DRAW_BLOCK..(b * DRAW_BLOCK + DRAW_BLOCK).min(self.probs.len())];
                 for (i, &q) in block.iter().enumerate() {
                     u -= q as f64;
                     if u < 0.0 {
