@@ -486,6 +486,26 @@ mod tests {
     }
 
     #[test]
+    fn top_k_keeps_the_lowest_ids_among_equal_logits() {
+        let logits = [1.0f32, 3.0, 3.0, 3.0, 2.0, 3.0];
+        let mut seen = [0usize; 6];
+        for seed in 0..200 {
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_k: 2,
+                seed: Some(seed),
+                ..Default::default()
+            };
+            let t = Sampler::new(params, 6)
+                .sample(&mut logits.clone(), &[], 0)
+                .unwrap();
+            seen[t as usize] += 1;
+        }
+        assert!(seen[1] > 0 && seen[2] > 0, "{seen:?}");
+        assert_eq!(seen[1] + seen[2], 200, "{seen:?}");
+    }
+
+    #[test]
     fn same_seed_same_tokens() {
         let params = SamplingParams {
             temperature: 1.0,
@@ -570,6 +590,7 @@ mod tests {
                 (0, 1.0, 0.05),
                 (0, 0.5, 0.2),
                 (300, 0.95, 0.0),
+                (50, 1.0, 0.0),
                 (0, 0.999, 0.0),
             ] {
                 for seed in 0..40 {
