@@ -70,19 +70,27 @@ fn bench_ops(c: &mut Criterion) {
         b.iter(|| ops::rmsnorm(&mut out, &x, &w, 1, 1e-5))
     });
 
-    // One token drawn from SmolLM2's vocabulary: temperature alone, then with top-p. The
-    // logits are peaked, as a model's are: 1 token in 1,000 stands 10 above the rest, so
-    // top-p cuts among the candidates put in order first.
-    let logits: Vec<f32> = vals(49152)
+    // One token drawn from SmolLM2's vocabulary: temperature alone, then with top-p, then
+    // with top-k. The logits are peaked, as a model's mostly are: 1 token in 1,000 stands 10
+    // above the rest, so top-p keeps a few dozen. Last, flat logits (all within 1 of each
+    // other), where top-p 0.9 keeps most of the vocabulary.
+    let peaked: Vec<f32> = vals(49152)
         .iter()
         .enumerate()
         .map(|(i, v)| v * 4.0 + if i % 1000 == 7 { 10.0 } else { 0.0 })
         .collect();
+    let flat = vals(49152);
     g.throughput(Throughput::Elements(1));
-    for (name, top_p) in [("sample_t0.7", 1.0), ("sample_t0.7_top_p0.9", 0.9)] {
+    for (name, logits, top_p, top_k) in [
+        ("sample_t0.7", &peaked, 1.0, 0),
+        ("sample_t0.7_top_p0.9", &peaked, 0.9, 0),
+        ("sample_t0.7_top_k50", &peaked, 1.0, 50),
+        ("sample_flat_t0.7_top_p0.9", &flat, 0.9, 0),
+    ] {
         let params = SamplingParams {
             temperature: 0.7,
             top_p,
+            top_k,
             seed: Some(1),
             ..Default::default()
         };
@@ -90,7 +98,7 @@ fn bench_ops(c: &mut Criterion) {
         let mut work = logits.clone();
         g.bench_function(name, |b| {
             b.iter(|| {
-                work.copy_from_slice(&logits);
+                work.copy_from_slice(logits);
                 sampler.sample(&mut work, &[], 0).unwrap()
             })
         });
