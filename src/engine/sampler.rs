@@ -1,9 +1,9 @@
 //! `SamplingParams` (validated) and the `Sampler` that turns one step's logits into a token:
 //! repetition penalty (Hugging Face's multiplicative rule), then greedy argmax at temperature
 //! 0, or temperature, top-k, top-p (the token that crosses p is kept) and min-p, and a draw
-//! from a per-request seeded generator (same seed, same tokens). With no cut, the draw walks
-//! the vocabulary in token order, with every probability computed in vectors; with cuts, the
-//! most likely candidates are put in order first. Scratch space is allocated once per
+//! from a per-request seeded generator (same seed, same tokens). The cuts find where they end
+//! without putting the vocabulary in order (`Rank`); the draw then walks the tokens kept in
+//! id order, every probability computed in vectors. Scratch space is allocated once per
 //! sampler, not per step.
 
 use serde::{Deserialize, Serialize};
@@ -111,11 +111,7 @@ fn os_seed() -> u64 {
     h.finish()
 }
 
-/// Candidates put in order before top-p and min-p look for where to cut.
-const SORTED_FIRST: usize = 256;
-
-/// Probabilities summed per block for a draw over the whole vocabulary, so that the draw
-/// skips whole blocks.
+/// Probabilities summed per block for the draw, so that it skips whole blocks.
 const DRAW_BLOCK: usize = 64;
 
 /// The sum of `x` in f64, in 8 independent lanes.
@@ -136,32 +132,191 @@ fn desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
-/// The index, in descending order, of the first candidate whose logit `hit` accepts (`hit`
-/// sees the candidates in that order, each once). The first `ordered` candidates are in
-/// order; while none of them is hit, the next ones are put in order, four times as many as
-/// before each time, so a cut a little past the first ones does not sort the whole
-/// vocabulary.
-fn first_in_order(
-    cand: &mut [(f32, u32)],
-    ordered: &mut usize,
-    mut hit: impl FnMut(f32) -> bool,
-) -> Option<usize> {
-    let mut from = 0;
-    loop {
-        if let Some(i) = cand[from..*ordered].iter().position(|c| hit(c.0)) {
-            return Some(from + i);
+/// How far below the largest value (the logits at the temperature) a cut is first looked
+/// for: a token 16 below is 1e-7 as likely as the most likely.
+const NEAR: [f32; 6] = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0];
+/// The most candidates near the top that are put in order.
+const SORT_NEAR: usize = 2048;
+
+/// How many of `vals` are at least `floor`, and the sum of their weights (rounded; each 1
+/// where `None`), in lanes the compiler makes vectors of.
+fn above(vals: &[f32], weights: Option<&[f32]>, floor: f32) -> (usize, f64) {
+    const L: usize = 8;
+    let mut n = [0u32; L];
+    let mut sum = [0f32; L];
+    let mut chunks = vals.chunks_exact(L);
+    match weights {
+        None => {
+            for c in &mut chunks {
+                for l in 0..L {
+                    n[l] += (c[l] >= floor) as u32;
+                }
+            }
         }
-        if *ordered == cand.len() {
-            return None;
+        Some(w) => {
+            for (c, w) in (&mut chunks).zip(w.chunks_exact(L)) {
+                for l in 0..L {
+                    let inside = (c[l] >= floor) as u32;
+                    n[l] += inside;
+                    // w or 0 by a mask, which vectorizes (a branch did not)
+                    sum[l] += f32::from_bits(w[l].to_bits() & 0u32.wrapping_sub(inside));
+                }
+            }
         }
-        // every candidate past `ordered` ranks below those before it
-        from = *ordered;
-        let next = (from.max(1) * 4).min(cand.len());
-        if next < cand.len() {
-            cand[from..].select_nth_unstable_by(next - from - 1, desc);
+    }
+    let tail = vals.len() - chunks.remainder().len();
+    let mut count = n.iter().sum::<u32>() as usize;
+    let mut total = sum.iter().map(|&s| s as f64).sum::<f64>();
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        if v >= floor {
+            count += 1;
+            total += weights.map_or(0.0, |w| w[tail + i] as f64);
         }
-        cand[from..next].sort_unstable_by(desc);
-        *ordered = next;
+    }
+    let weighed = if weights.is_some() {
+        total
+    } else {
+        count as f64
+    };
+    (count, weighed)
+}
+
+/// Buckets a search level spreads its candidates over.
+const BUCKETS: usize = 1024;
+/// Candidates few enough to be put in order outright.
+const SORT_AT_MOST: usize = 256;
+
+/// Scratch for `Rank::first_reaching`.
+#[derive(Default)]
+struct Rank {
+    members: Vec<u32>,
+    next: Vec<u32>,
+    /// Each bucket's weight.
+    hist: Vec<f64>,
+    ordered: Vec<(f32, u32)>,
+}
+
+impl Rank {
+    /// The first token, in the order of `desc` over `vals` (no NaN, no -0.0; `max` the
+    /// largest), at which the running sum of the weights (`weights[i]`, or 1 each where
+    /// `None`) reaches `target`; `None` if the whole sum stays below it.
+    ///
+    /// No sort of the vocabulary. Most cuts end near the top: the values within `NEAR` of
+    /// the largest are counted and weighed in one vector pass per distance, and the first
+    /// such set that reaches the target, if small, is put in order and walked. Otherwise a
+    /// radix search: the candidates are spread over `BUCKETS` buckets by value (evenly
+    /// between the largest and smallest; every value of a bucket ranks before those of the
+    /// next), the buckets' weights are summed, and the search goes on among the bucket
+    /// where the sum reaches the target. Few candidates, or ones that one bucket would not
+    /// split, are put in order and walked.
+    fn first_reaching(
+        &mut self,
+        vals: &[f32],
+        max: f32,
+        weights: Option<&[f32]>,
+        target: f64,
+    ) -> Option<u32> {
+        let weight = |i: usize| weights.map_or(1.0, |w| w[i] as f64);
+        for d in NEAR {
+            let floor = max - d;
+            let (n, w) = above(vals, weights, floor);
+            if n > SORT_NEAR {
+                break;
+            }
+            // (w is rounded: the walk below decides)
+            if w < target * (1.0 - 1e-4) {
+                continue;
+            }
+            self.ordered.clear();
+            let near = vals.iter().enumerate().filter(|c| *c.1 >= floor);
+            self.ordered.extend(near.map(|(i, &v)| (v, i as u32)));
+            self.ordered.sort_unstable_by(desc);
+            let mut cum = 0f64;
+            for &(_, i) in self.ordered.iter() {
+                cum += weight(i as usize);
+                if cum >= target {
+                    return Some(i);
+                }
+            }
+        }
+        let Rank {
+            members,
+            next,
+            hist,
+            ordered,
+        } = self;
+        members.clear();
+        members.extend(0..vals.len() as u32);
+        // the weight of every candidate ranked before the current ones
+        let mut before = 0f64;
+        // whether a bucket's sum reached the target (the current candidates are its own)
+        let mut narrowed = false;
+        loop {
+            let (lo, hi) = members
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |m, &i| {
+                    let v = vals[i as usize];
+                    (m.0.min(v), m.1.max(v))
+                });
+            let scale = BUCKETS as f32 / (hi - lo);
+            // falls with the value (rounding keeps the order): 0 holds the largest
+            let bucket = |i: u32| (((hi - vals[i as usize]) * scale) as usize).min(BUCKETS - 1);
+            if members.len() > SORT_AT_MOST && hi > lo && scale.is_finite() {
+                hist.clear();
+                hist.resize(BUCKETS, 0.0);
+                for &i in members.iter() {
+                    hist[bucket(i)] += weight(i as usize);
+                }
+                let mut sum = before;
+                let at = hist.iter().position(|&w| {
+                    let reached = sum + w >= target;
+                    if !reached {
+                        sum += w;
+                    }
+                    reached
+                });
+                match at {
+                    Some(b) => {
+                        next.clear();
+                        next.extend(members.iter().copied().filter(|&i| bucket(i) == b));
+                        if next.len() < members.len() {
+                            std::mem::swap(members, next);
+                            before = sum;
+                            narrowed = true;
+                            continue;
+                        }
+                    }
+                    None if !narrowed => return None,
+                    None => {}
+                }
+            }
+            ordered.clear();
+            ordered.extend(members.iter().map(|&i| (vals[i as usize], i)));
+            ordered.sort_unstable_by(desc);
+            for &(_, i) in ordered.iter() {
+                before += weight(i as usize);
+                if before >= target {
+                    return Some(i);
+                }
+            }
+            // Only a bucket's sum, added in another order, reached the target: its last
+            // candidate is where it is reached.
+            return if narrowed {
+                ordered.last().map(|c| c.1)
+            } else {
+                None
+            };
+        }
+    }
+}
+
+/// Zeroes the probabilities of the tokens ranked after `last` (the order of `desc` over
+/// `vals`, which holds no NaN and no -0.0).
+fn cut_after(vals: &[f32], probs: &mut [f32], last: u32) {
+    let (end, last) = (vals[last as usize], last as usize);
+    for (i, (&v, q)) in vals.iter().zip(probs).enumerate() {
+        let kept = (v > end || (v == end && i <= last)) as u32;
+        *q = f32::from_bits(q.to_bits() & 0u32.wrapping_sub(kept));
     }
 }
 
@@ -169,11 +324,13 @@ fn first_in_order(
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    cand: Vec<(f32, u32)>,
-    /// Probabilities, in candidate or token order.
+    /// The logits at the temperature, in token order.
+    scaled: Vec<f32>,
+    /// Probabilities (not normalized), in token order; 0 for the tokens cut.
     probs: Vec<f32>,
     /// Sums of each `DRAW_BLOCK` of `probs`.
     block_sums: Vec<f64>,
+    rank: Rank,
     seen: Vec<u32>,
 }
 
@@ -220,9 +377,10 @@ impl Sampler {
         Sampler {
             rng: Rng(params.seed.unwrap_or_else(os_seed)),
             params,
-            cand: Vec::with_capacity(vocab_size),
+            scaled: Vec::with_capacity(vocab_size),
             probs: Vec::with_capacity(vocab_size),
             block_sums: Vec::with_capacity(vocab_size.div_ceil(DRAW_BLOCK)),
+            rank: Rank::default(),
             seen: Vec::new(),
         }
     }
@@ -240,9 +398,9 @@ impl Sampler {
         context: &[u32],
         step: usize,
     ) -> Result<u32, InferenceError> {
-        if argmax_finite(logits).is_none() {
+        let Some(mut top) = argmax_finite(logits) else {
             return Err(InferenceError::NonFiniteLogits { step });
-        }
+        };
         let p = self.params;
         if p.repetition_penalty != 1.0 {
             self.seen.clear();
@@ -262,81 +420,51 @@ impl Sampler {
                     *l * p.repetition_penalty
                 };
             }
+            top = argmax(logits);
         }
-        if p.temperature == 0.0 {
-            return Ok(argmax(logits));
+        // dividing by t > 0 keeps the order: the largest value is the largest logit's
+        let max = logits[top as usize] / p.temperature;
+        if p.temperature == 0.0 || max.is_infinite() {
+            // (a temperature so small that the logits overflow: greedy, its limit)
+            return Ok(top);
         }
-        let whole = p.top_k == 0 || p.top_k >= logits.len();
-        if whole && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            return Ok(self.draw_from_all(logits));
+        // + 0.0 turns -0.0 into 0.0: comparisons and `total_cmp` then agree
+        self.probs.clear();
+        self.probs
+            .extend(logits.iter().map(|&l| l / p.temperature + 0.0));
+        let ranked = (p.top_k > 0 && p.top_k < logits.len()) || p.top_p < 1.0;
+        if ranked {
+            self.scaled.clone_from(&self.probs);
         }
-        self.cand.clear();
-        self.cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l / p.temperature, i as u32)),
-        );
-        if p.top_k > 0 && p.top_k < self.cand.len() {
-            self.cand.select_nth_unstable_by(p.top_k - 1, desc);
-            self.cand.truncate(p.top_k);
-        }
-        // Only the most likely candidates are put in order: top-p and min-p keep a prefix of
-        // the ordered list, which nearly always lies among them, and the draw needs no order
-        // (a full sort of a 49,152-token vocabulary took 1.8 ms a token).
-        let mut ordered = SORTED_FIRST.min(self.cand.len());
-        if ordered < self.cand.len() {
-            self.cand.select_nth_unstable_by(ordered - 1, desc);
-        }
-        self.cand[..ordered].sort_unstable_by(desc);
-        // Probabilities are e^(logit - max); the cuts compare them but order by logit.
-        let max = self.cand[0].0;
-        let prob = |l: f32| vexp::exp(l - max);
-        if p.top_p < 1.0 {
-            // every candidate's probability at once, in vectors (the same bits as `prob`)
-            self.probs.clear();
-            self.probs.extend(self.cand.iter().map(|c| c.0));
-            vexp::exp_minus(&mut self.probs, max);
-            let sum = sum_f64(&self.probs);
-            let mut cum = 0f64;
-            let keep = first_in_order(&mut self.cand, &mut ordered, |l| {
-                cum += prob(l) as f64 / sum;
-                cum >= p.top_p as f64
-            })
-            .map_or(self.cand.len(), |i| i + 1);
-            self.cand.truncate(keep);
-            ordered = ordered.min(keep);
-        }
-        if p.min_p > 0.0 {
-            // against the most likely token's probability, e^0 = 1
-            let keep = first_in_order(&mut self.cand, &mut ordered, |l| prob(l) < p.min_p)
-                .unwrap_or(self.cand.len());
-            self.cand.truncate(keep.max(1));
-        }
-        for c in self.cand.iter_mut() {
-            c.0 = prob(c.0);
-        }
-        let total: f64 = self.cand.iter().map(|c| c.0 as f64).sum();
-        let mut u = self.rng.next_f64() * total;
-        for c in &self.cand {
-            u -= c.0 as f64;
-            if u < 0.0 {
-                return Ok(c.1);
+        vexp::exp_minus(&mut self.probs, max);
+        let (vals, probs, rank) = (&self.scaled, &mut self.probs, &mut self.rank);
+        if p.top_k > 0 && p.top_k < vals.len() {
+            // (always found: k tokens of more than k)
+            if let Some(last) = rank.first_reaching(vals, max, None, p.top_k as f64) {
+                cut_after(vals, probs, last);
             }
         }
-        Ok(self.cand[self.cand.len() - 1].1)
+        if p.top_p < 1.0 {
+            // the smallest set of the most likely tokens (of those top-k kept) whose
+            // probability reaches p of theirs
+            let target = p.top_p as f64 * sum_f64(probs);
+            if let Some(last) = rank.first_reaching(vals, max, Some(probs), target) {
+                cut_after(vals, probs, last);
+            }
+        }
+        if p.min_p > 0.0 {
+            // against the most likely token's probability, e^0 = 1, which stays
+            for q in probs.iter_mut() {
+                if *q < p.min_p {
+                    *q = 0.0;
+                }
+            }
+        }
+        Ok(self.draw())
     }
 
-    /// A draw from the whole vocabulary at the temperature, no cut: no candidate needs an
-    /// order, so the draw walks the tokens by id, a block at a time, all probabilities
-    /// computed in vectors.
-    fn draw_from_all(&mut self, logits: &[f32]) -> u32 {
-        let t = self.params.temperature;
-        // dividing by t > 0 keeps the order: the largest value is the largest logit's
-        let max = logits[argmax(logits) as usize] / t;
-        self.probs.clear();
-        self.probs.extend(logits.iter().map(|&l| l / t));
-        vexp::exp_minus(&mut self.probs, max);
+    /// A draw from `probs`: the tokens walked by id, a block at a time.
+    fn draw(&mut self) -> u32 {
         self.block_sums.clear();
         self.block_sums
             .extend(self.probs.chunks(DRAW_BLOCK).map(sum_f64));
@@ -524,48 +652,44 @@ mod tests {
         );
     }
 
-    /// The sampler as it was, ordering every candidate before top-p and min-p.
+    /// The cuts found by putting every token in order, then a draw over the tokens kept by
+    /// id, one running sum.
     fn fully_sorted(p: SamplingParams, logits: &[f32], seed: u64) -> u32 {
-        let mut cand: Vec<(f32, u32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (l / p.temperature, i as u32))
+        let scaled: Vec<f32> = logits.iter().map(|&l| l / p.temperature + 0.0).collect();
+        let max = scaled.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let prob: Vec<f32> = scaled.iter().map(|&v| vexp::exp(v - max)).collect();
+        let mut order: Vec<(f32, u32)> = (0..logits.len() as u32)
+            .map(|i| (scaled[i as usize], i))
             .collect();
-        cand.sort_unstable_by(desc);
+        order.sort_unstable_by(desc);
         if p.top_k > 0 {
-            cand.truncate(p.top_k);
-        }
-        let max = cand[0].0;
-        let mut sum = 0f64;
-        for c in cand.iter_mut() {
-            c.0 = vexp::exp(c.0 - max);
-            sum += c.0 as f64;
+            order.truncate(p.top_k);
         }
         if p.top_p < 1.0 {
+            let sum: f64 = order.iter().map(|c| prob[c.1 as usize] as f64).sum();
             let mut cum = 0f64;
-            let keep = cand
-                .iter()
-                .position(|c| {
-                    cum += c.0 as f64 / sum;
-                    cum >= p.top_p as f64
-                })
-                .map_or(cand.len(), |i| i + 1);
-            cand.truncate(keep);
+            let reached = order.iter().position(|c| {
+                cum += prob[c.1 as usize] as f64;
+                cum >= p.top_p as f64 * sum
+            });
+            order.truncate(reached.map_or(order.len(), |i| i + 1));
         }
-        if p.min_p > 0.0 {
-            let threshold = p.min_p * cand[0].0;
-            let keep = cand.iter().position(|c| c.0 < threshold);
-            cand.truncate(keep.unwrap_or(cand.len()).max(1));
-        }
-        let total: f64 = cand.iter().map(|c| c.0 as f64).sum();
-        let mut u = Rng(seed).next_f64() * total;
-        for c in &cand {
-            u -= c.0 as f64;
-            if u < 0.0 {
-                return c.1;
+        let mut weight = vec![0f64; logits.len()];
+        for &(_, i) in &order {
+            let q = prob[i as usize];
+            if q >= p.min_p {
+                weight[i as usize] = q as f64;
             }
         }
-        cand[cand.len() - 1].1
+        let mut u = Rng(seed).next_f64() * weight.iter().sum::<f64>();
+        let last = weight.iter().rposition(|&w| w > 0.0).unwrap();
+        weight
+            .iter()
+            .position(|&w| {
+                u -= w;
+                u < 0.0
+            })
+            .unwrap_or(last) as u32
     }
 
     #[test]
@@ -584,7 +708,13 @@ mod tests {
             .collect();
         let flat: Vec<f32> = (0..5000).map(|_| rand() * 0.01).collect();
         let small: Vec<f32> = (0..100).map(|_| rand() * 3.0).collect();
-        for logits in [&peaked, &flat, &small] {
+        // few distinct values (ties across every bucket), and one token far above the rest
+        // (one bucket holds all the others: the search narrows again)
+        let ties: Vec<f32> = (0..5000).map(|i| (i * 7 % 13) as f32 * 0.25).collect();
+        let outlier: Vec<f32> = (0..5000)
+            .map(|i| if i == 4321 { 20.0 } else { rand() * 0.001 })
+            .collect();
+        for logits in [&peaked, &flat, &small, &ties, &outlier] {
             for (top_k, top_p, min_p) in [
                 (0, 0.9, 0.0),
                 (0, 1.0, 0.05),
@@ -592,6 +722,8 @@ mod tests {
                 (300, 0.95, 0.0),
                 (50, 1.0, 0.0),
                 (0, 0.999, 0.0),
+                (1, 1.0, 0.0),
+                (4999, 0.3, 0.01),
             ] {
                 for seed in 0..40 {
                     let params = SamplingParams {
@@ -615,6 +747,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_temperature_that_overflows_the_logits_is_greedy() {
+        for (top_k, top_p) in [(0, 1.0), (2, 0.9)] {
+            let params = SamplingParams {
+                temperature: 1e-38,
+                top_k,
+                top_p,
+                ..Default::default()
+            };
+            let got = Sampler::new(params, 4).sample(&mut [1.0, 5.0, -3.0, 4.0], &[], 0);
+            assert_eq!(got, Ok(1), "{params:?}");
+        }
+    }
+
+    #[test]
+    fn minus_zero_ties_with_zero() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        let got = Sampler::new(params, 3).sample(&mut [-0.0, 0.0, -1.0], &[], 0);
+        assert_eq!(got, Ok(0));
     }
 
     #[test]
