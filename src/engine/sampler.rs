@@ -438,7 +438,7 @@ impl Sampler {
         }
         vexp::exp_minus(&mut self.probs, max);
         let (vals, probs, rank) = (&self.scaled, &mut self.probs, &mut self.rank);
-        if p.top_k > 0 && p.top_k < vals.len() {
+        if p.top_k > 0 && p.top_k < logits.len() {
             // (always found: k tokens of more than k)
             if let Some(last) = rank.first_reaching(vals, max, None, p.top_k as f64) {
                 cut_after(vals, probs, last);
