@@ -227,16 +227,10 @@ impl Rank {
             if w < target * (1.0 - 1e-4) {
                 continue;
             }
-            self.ordered.clear();
-            let near = vals.iter().enumerate().filter(|c| *c.1 >= floor);
-            self.ordered.extend(near.map(|(i, &v)| (v, i as u32)));
-            self.ordered.sort_unstable_by(desc);
-            let mut cum = 0f64;
-            for &(_, i) in self.ordered.iter() {
-                cum += weight(i as usize);
-                if cum >= target {
-                    return Some(i);
-                }
+            let near = (0..vals.len() as u32).filter(|&i| vals[i as usize] >= floor);
+            let found = walk_in_order(&mut self.ordered, near, vals, weight, 0.0, target);
+            if found.is_some() {
+                return found;
             }
         }
         let Rank {
@@ -290,24 +284,35 @@ impl Rank {
                     None => {}
                 }
             }
-            ordered.clear();
-            ordered.extend(members.iter().map(|&i| (vals[i as usize], i)));
-            ordered.sort_unstable_by(desc);
-            for &(_, i) in ordered.iter() {
-                before += weight(i as usize);
-                if before >= target {
-                    return Some(i);
-                }
-            }
+            let ids = members.iter().copied();
+            let found = walk_in_order(ordered, ids, vals, weight, before, target);
             // Only a bucket's sum, added in another order, reached the target: its last
             // candidate is where it is reached.
-            return if narrowed {
-                ordered.last().map(|c| c.1)
-            } else {
-                None
+            return match found {
+                None if narrowed => ordered.last().map(|c| c.1),
+                found => found,
             };
         }
     }
+}
+
+/// Puts tokens `ids` in the order of `desc` over `vals` (into `ordered`), then walks them
+/// adding their weights to `sum`: the first at which the sum reaches `target`.
+fn walk_in_order(
+    ordered: &mut Vec<(f32, u32)>,
+    ids: impl Iterator<Item = u32>,
+    vals: &[f32],
+    weight: impl Fn(usize) -> f64,
+    mut sum: f64,
+    target: f64,
+) -> Option<u32> {
+    ordered.clear();
+    ordered.extend(ids.map(|i| (vals[i as usize], i)));
+    ordered.sort_unstable_by(desc);
+    ordered.iter().map(|c| c.1).find(|&i| {
+        sum += weight(i as usize);
+        sum >= target
+    })
 }
 
 /// Zeroes the probabilities of the tokens ranked after `last` (the order of `desc` over
