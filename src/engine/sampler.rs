@@ -181,19 +181,55 @@ fn above(vals: &[f32], weights: Option<&[f32]>, floor: f32) -> (usize, f64) {
     (count, weighed)
 }
 
+/// The smallest and largest of `vals` (no NaN), in lanes the compiler makes vectors of.
+fn min_max(vals: &[f32]) -> (f32, f32) {
+    const L: usize = 8;
+    let (mut lo, mut hi) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
+    let mut chunks = vals.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
+            hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
+        }
+    }
+    let lanes = lo.iter().zip(&hi).map(|(&lo, &hi)| (lo, hi));
+    let rest = chunks.remainder().iter().map(|&v| (v, v));
+    lanes
+        .chain(rest)
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |m, v| {
+            (m.0.min(v.0), m.1.max(v.1))
+        })
+}
+
 /// Buckets a search level spreads its candidates over.
 const BUCKETS: usize = 1024;
 /// Candidates few enough to be put in order outright.
 const SORT_AT_MOST: usize = 256;
 
+/// Histograms a search level fills in turn, so that no add waits on the one before.
+const HIST_LANES: usize = 4;
+
 /// Scratch for `Rank::first_reaching`.
-#[derive(Default)]
 struct Rank {
     members: Vec<u32>,
     next: Vec<u32>,
-    /// Each bucket's weight.
-    hist: Vec<f64>,
+    /// Each candidate's bucket.
+    bins: Vec<u16>,
+    /// Each bucket's weight (`HIST_LANES` histograms, then their sum in the first).
+    hist: Box<[[f64; BUCKETS]; HIST_LANES]>,
     ordered: Vec<(f32, u32)>,
+}
+
+impl Default for Rank {
+    fn default() -> Rank {
+        Rank {
+            members: Vec::new(),
+            next: Vec::new(),
+            bins: Vec::new(),
+            hist: Box::new([[0.0; BUCKETS]; HIST_LANES]),
+            ordered: Vec::new(),
+        }
+    }
 }
 
 impl Rank {
@@ -217,6 +253,13 @@ impl Rank {
         target: f64,
     ) -> Option<u32> {
         let weight = |i: usize| weights.map_or(1.0, |w| w[i] as f64);
+        let Rank {
+            members,
+            next,
+            bins,
+            hist,
+            ordered,
+        } = self;
         for d in NEAR {
             let floor = max - d;
             let (n, w) = above(vals, weights, floor);
@@ -227,39 +270,59 @@ impl Rank {
             if w < target * (1.0 - 1e-4) {
                 continue;
             }
-            let near = (0..vals.len() as u32).filter(|&i| vals[i as usize] >= floor);
-            let found = walk_in_order(&mut self.ordered, near, vals, weight, 0.0, target);
+            positions(vals, |v| v >= floor, members);
+            let found = walk_in_order(ordered, members.iter().copied(), vals, weight, 0.0, target);
             if found.is_some() {
                 return found;
             }
         }
-        let Rank {
-            members,
-            next,
-            hist,
-            ordered,
-        } = self;
         members.clear();
         members.extend(0..vals.len() as u32);
         // the weight of every candidate ranked before the current ones
         let mut before = 0f64;
-        // whether a bucket's sum reached the target (the current candidates are its own)
+        // whether a bucket's sum reached the target (the current candidates are its own;
+        // until then they are every token, whose values are read in place, in vectors)
         let mut narrowed = false;
         loop {
-            let (lo, hi) = members
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |m, &i| {
-                    let v = vals[i as usize];
-                    (m.0.min(v), m.1.max(v))
-                });
+            let (lo, hi) = if narrowed {
+                members
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |m, &i| {
+                        let v = vals[i as usize];
+                        (m.0.min(v), m.1.max(v))
+                    })
+            } else {
+                min_max(vals)
+            };
             let scale = BUCKETS as f32 / (hi - lo);
-            // falls with the value (rounding keeps the order): 0 holds the largest
-            let bucket = |i: u32| (((hi - vals[i as usize]) * scale) as usize).min(BUCKETS - 1);
             if members.len() > SORT_AT_MOST && hi > lo && scale.is_finite() {
-                hist.clear();
-                hist.resize(BUCKETS, 0.0);
-                for &i in members.iter() {
-                    hist[bucket(i)] += weight(i as usize);
+                // falls with the value (rounding keeps the order): 0 holds the largest
+                let bucket = |v: f32| ((hi - v) * scale).min((BUCKETS - 1) as f32) as u16;
+                bins.clear();
+                if narrowed {
+                    bins.extend(members.iter().map(|&i| bucket(vals[i as usize])));
+                } else {
+                    bins.extend(vals.iter().map(|&v| bucket(v)));
+                }
+                hist.fill([0.0; BUCKETS]);
+                let mut lanes = bins
+                    .chunks_exact(HIST_LANES)
+                    .zip(members.chunks_exact(HIST_LANES));
+                for (b, m) in &mut lanes {
+                    for l in 0..HIST_LANES {
+                        // (% BUCKETS: a bucket is below it already; no bounds check)
+                        hist[l][b[l] as usize % BUCKETS] += weight(m[l] as usize);
+                    }
+                }
+                let tail = bins.len() - bins.len() % HIST_LANES;
+                for (&b, &i) in bins[tail..].iter().zip(&members[tail..]) {
+                    hist[0][b as usize % BUCKETS] += weight(i as usize);
+                }
+                let (hist, lanes) = hist.split_first_mut().expect("HIST_LANES > 0");
+                for lane in lanes.iter() {
+                    for (h, &w) in hist.iter_mut().zip(lane) {
+                        *h += w;
+                    }
                 }
                 let mut sum = before;
                 let at = hist.iter().position(|&w| {
@@ -271,8 +334,12 @@ impl Rank {
                 });
                 match at {
                     Some(b) => {
-                        next.clear();
-                        next.extend(members.iter().copied().filter(|&i| bucket(i) == b));
+                        positions(bins, |c| c as usize == b, next);
+                        if narrowed {
+                            for i in next.iter_mut() {
+                                *i = members[*i as usize];
+                            }
+                        }
                         if next.len() < members.len() {
                             std::mem::swap(members, next);
                             before = sum;
@@ -294,6 +361,25 @@ impl Rank {
             };
         }
     }
+}
+
+/// The positions in `xs` of the values for which `hit` holds, in order, into `out`. Hits
+/// are few: 16 values are tested at once (in vectors), and only a chunk holding one is
+/// walked.
+fn positions<T: Copy>(xs: &[T], hit: impl Fn(T) -> bool, out: &mut Vec<u32>) {
+    const L: usize = 16;
+    out.clear();
+    let mut walk = |from: usize, chunk: &[T]| {
+        let hits = (from..).zip(chunk).filter(|c| hit(*c.1));
+        out.extend(hits.map(|c| c.0 as u32));
+    };
+    let mut chunks = xs.chunks_exact(L);
+    for (c, chunk) in (&mut chunks).enumerate() {
+        if chunk.iter().fold(false, |any, &x| any | hit(x)) {
+            walk(c * L, chunk);
+        }
+    }
+    walk(xs.len() - chunks.remainder().len(), chunks.remainder());
 }
 
 /// Puts tokens `ids` in the order of `desc` over `vals` (into `ordered`), then walks them
@@ -319,9 +405,16 @@ fn walk_in_order(
 /// `vals`, which holds no NaN and no -0.0).
 fn cut_after(vals: &[f32], probs: &mut [f32], last: u32) {
     let (end, last) = (vals[last as usize], last as usize);
-    for (i, (&v, q)) in vals.iter().zip(probs).enumerate() {
-        let kept = (v > end || (v == end && i <= last)) as u32;
-        *q = f32::from_bits(q.to_bits() & 0u32.wrapping_sub(kept));
+    // a value equal to the last one's is kept up to its id: two loops without branches
+    let (head, tail) = probs.split_at_mut(last + 1);
+    let keep = |q: &mut f32, kept: bool| {
+        *q = f32::from_bits(q.to_bits() & 0u32.wrapping_sub(kept as u32));
+    };
+    for (&v, q) in vals.iter().zip(head) {
+        keep(q, v >= end);
+    }
+    for (&v, q) in vals[last + 1..].iter().zip(tail) {
+        keep(q, v > end);
     }
 }
 
@@ -657,9 +750,9 @@ mod tests {
         );
     }
 
-    /// The cuts found by putting every token in order, then a draw over the tokens kept by
-    /// id, one running sum.
-    fn fully_sorted(p: SamplingParams, logits: &[f32], seed: u64) -> u32 {
+    /// The cuts found by putting every token in order: each token's probability, 0 where
+    /// it is cut.
+    fn fully_sorted(p: SamplingParams, logits: &[f32]) -> Vec<f64> {
         let scaled: Vec<f32> = logits.iter().map(|&l| l / p.temperature + 0.0).collect();
         let max = scaled.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let prob: Vec<f32> = scaled.iter().map(|&v| vexp::exp(v - max)).collect();
@@ -686,6 +779,11 @@ mod tests {
                 weight[i as usize] = q as f64;
             }
         }
+        weight
+    }
+
+    /// A draw over the tokens kept by id, one running sum.
+    fn draw_by_id(weight: &[f64], seed: u64) -> u32 {
         let mut u = Rng(seed).next_f64() * weight.iter().sum::<f64>();
         let last = weight.iter().rposition(|&w| w > 0.0).unwrap();
         weight
@@ -717,7 +815,7 @@ mod tests {
         // (one bucket holds all the others: the search narrows again)
         let ties: Vec<f32> = (0..5000).map(|i| (i * 7 % 13) as f32 * 0.25).collect();
         let outlier: Vec<f32> = (0..5000)
-            .map(|i| if i == 4321 { 20.0 } else { rand() * 0.001 })
+            .map(|i| if i == 7 { 20.0 } else { rand() * 0.001 })
             .collect();
         for logits in [&peaked, &flat, &small, &ties, &outlier] {
             for (top_k, top_p, min_p) in [
@@ -730,25 +828,27 @@ mod tests {
                 (1, 1.0, 0.0),
                 (4999, 0.3, 0.01),
             ] {
+                let mut params = SamplingParams {
+                    temperature: 0.8,
+                    top_k,
+                    top_p,
+                    min_p,
+                    ..Default::default()
+                };
+                let want = fully_sorted(params, logits);
+                let what = format!("{params:?} vocab {} first {}", logits.len(), logits[0]);
                 for seed in 0..40 {
-                    let params = SamplingParams {
-                        temperature: 0.8,
-                        top_k,
-                        top_p,
-                        min_p,
-                        seed: Some(seed),
-                        ..Default::default()
-                    };
-                    let got = Sampler::new(params, logits.len())
-                        .sample(&mut logits.clone(), &[], 0)
-                        .unwrap();
-                    assert_eq!(
-                        got,
-                        fully_sorted(params, logits, seed),
-                        "{params:?} vocab {} first {}",
-                        logits.len(),
-                        logits[0]
-                    );
+                    params.seed = Some(seed);
+                    let mut s = Sampler::new(params, logits.len());
+                    let got = s.sample(&mut logits.clone(), &[], 0).unwrap();
+                    assert_eq!(got, draw_by_id(&want, seed), "{what}");
+                    // the very tokens kept, not only the draws
+                    let same = s
+                        .probs
+                        .iter()
+                        .zip(&want)
+                        .all(|(&q, &w)| (q > 0.0) == (w > 0.0));
+                    assert!(same, "{what}: kept tokens differ");
                 }
             }
         }
