@@ -338,6 +338,19 @@ fn a_greedy_answer_the_engine_thread_follows_ends_as_one_decoded_alone() {
             engine_steps() >= before + followed.token_ids.len() - 1,
             "the steps did not go through the engine thread"
         );
+        // a regenerate: the prompt cached but for its last token, from which the engine
+        // thread follows the answer
+        let mut again = Generator::new(engine.clone(), context);
+        run(&mut again);
+        let before = engine_steps();
+        let regenerated = run(&mut again);
+        assert_eq!(regenerated.cached_prompt_tokens, prompt.len() - 1);
+        assert_eq!(
+            (&regenerated.token_ids, &regenerated.text),
+            (&alone.token_ids, &alone.text)
+        );
+        assert_eq!(regenerated.finish_reason, alone.finish_reason);
+        assert!(engine_steps() >= before + regenerated.token_ids.len());
         // the cache holds exactly the tokens of the answer: a next turn reuses them all
         let mut next = prompt.clone();
         next.extend(&followed.token_ids);

@@ -211,15 +211,34 @@ impl<B: Backend + 'static> Generator<B> {
         let t0 = Instant::now();
         // Logits of a batched step come back to the host; a solo pass leaves them on the device.
         let mut on_host = false;
+        // set once the engine thread picks this answer's tokens (`Batcher::follow`)
+        let mut followed = false;
         let mut decoding = match (batcher, &req.prompt_ids[reused..]) {
             // A prompt whose prefix was cached but for its last token (a repeated system
             // prompt, a regenerate) joins the others' decode step instead of running a pass
-            // of its own beside it.
+            // of its own beside it; a greedy answer stays with the engine thread from there.
             (Some(b), &[last]) if (last as usize) < t.cfg.vocab_size && b.decoding_now() > 0 => {
                 let decoding = b.decoding();
-                b.step(&mut self.lane, last, &mut self.cache.kv, &mut self.logits)?;
-                on_host = true;
-                Some(decoding)
+                let (kv, logits) = (&mut self.cache.kv, &mut self.logits);
+                if greedy && req.max_new_tokens > 0 {
+                    let n = req.max_new_tokens;
+                    b.follow(
+                        &mut self.lane,
+                        last,
+                        kv,
+                        logits,
+                        decoding,
+                        n,
+                        0,
+                        req.ignore_eos,
+                    )?;
+                    followed = true;
+                    None
+                } else {
+                    b.step(&mut self.lane, last, kv, logits)?;
+                    on_host = true;
+                    Some(decoding)
+                }
             }
             (_, rest) => {
                 let (st, kv) = (&mut self.state, &mut self.cache.kv);
@@ -227,13 +246,13 @@ impl<B: Backend + 'static> Generator<B> {
                 batcher.map(Batcher::decoding)
             }
         };
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
+        // (a prompt the engine thread follows from its last token ends with the first token)
+        let mut prefill_s = t0.elapsed().as_secs_f64();
+        let mut t1 = Instant::now();
+        let mut prompt_pending = followed;
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
-        // set once the engine thread picks this answer's tokens (`Batcher::follow`)
-        let mut followed = false;
         let mut failed = None;
         for step in 0..req.max_new_tokens {
             let id = if followed {
@@ -257,6 +276,10 @@ impl<B: Backend + 'static> Generator<B> {
                 }
                 sampler.sample(&mut self.logits, &self.context, step)?
             };
+            if std::mem::take(&mut prompt_pending) {
+                prefill_s = t0.elapsed().as_secs_f64();
+                t1 = Instant::now();
+            }
             new_ids.push(id);
             self.context.push(id);
             if !req.ignore_eos && model.stop_token_ids.contains(&id) {
