@@ -246,10 +246,8 @@ impl<B: Backend + 'static> Generator<B> {
                 batcher.map(Batcher::decoding)
             }
         };
-        // (a prompt the engine thread follows from its last token ends with the first token)
         let mut prefill_s = t0.elapsed().as_secs_f64();
         let mut t1 = Instant::now();
-        let mut prompt_pending = followed;
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
         let mut new_ids = Vec::new();
@@ -276,7 +274,8 @@ impl<B: Backend + 'static> Generator<B> {
                 }
                 sampler.sample(&mut self.logits, &self.context, step)?
             };
-            if std::mem::take(&mut prompt_pending) {
+            if step == 0 && followed {
+                // a prompt the engine thread follows from its last token ends here
                 prefill_s = t0.elapsed().as_secs_f64();
                 t1 = Instant::now();
             }
