@@ -1,6 +1,9 @@
 """chatstream against llama.cpp on the same GGUF file and the same thread count, side by
-side: the two alternate, each measuring prefill of a 512-token prompt and decode of 128 tokens
-(batch 1, one forward pass per token), and the ratios are printed.
+side: the two alternate, each measuring prefill of a 512-token prompt, decode of 128 tokens
+(batch 1, one forward pass per token) after a 16-token prompt, and aggregate decode of
+several sequences at once (`--levels`: N sequences, one pass of N tokens a step, each row's
+logits computed, as a server that coalesces its streams runs them), and the ratios are
+printed.
 
     python3 -m venv .cache/llama
     # builds llama.cpp; its native build (and a wheel pip cached from one) may die with an
@@ -12,12 +15,17 @@ side: the two alternate, each measuring prefill of a 512-token prompt and decode
 """
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
 import time
 
-from llama_cpp import Llama
+import llama_cpp as L
+
+# chatstream bench decodes after this many prompt tokens (DECODE_PREFIX in src/main.rs);
+# llama.cpp does the same here, so that attention covers the same positions in both.
+DECODE_PREFIX = 16
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -25,36 +33,70 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--rounds", type=int, default=3)
 p.add_argument("--prompt-len", type=int, default=512)
 p.add_argument("--decode-tokens", type=int, default=128)
+p.add_argument("--levels", default="1,4", help="sequences decoded at once (1 always runs)")
 p.add_argument("--chatstream", default="target/release/chatstream")
 args = p.parse_args()
+levels = sorted({1, *(int(n) for n in args.levels.split(","))})
 
-llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
-            n_ctx=args.prompt_len + args.decode_tokens + 8, n_batch=args.prompt_len, verbose=False)
-vocab = llm.n_vocab()
+quiet = L.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp holds it
+L.llama_log_set(quiet, ctypes.c_void_p(0))
+L.llama_backend_init()
+model = L.llama_model_load_from_file(args.model.encode(), L.llama_model_default_params())
+assert model, f"llama.cpp could not load {args.model}"
+vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
 prompt = [(i * 7919) % vocab for i in range(args.prompt_len)]
+# one context for everything: a unified cache holding the largest level's sequences
+cp = L.llama_context_default_params()
+cp.n_seq_max = max(levels)
+cp.kv_unified = True
+cp.n_ctx = max(args.prompt_len, max(levels) * (DECODE_PREFIX + args.decode_tokens)) + 256
+cp.n_batch = cp.n_ubatch = max(args.prompt_len, max(levels))
+cp.n_threads = cp.n_threads_batch = args.threads
+ctx = L.llama_init_from_model(model, cp)
+assert ctx, "llama.cpp could not make a context"
+batch = L.llama_batch_init(cp.n_batch, 0, 1)
+
+
+def decode(tokens, every_row):
+    """One llama_decode of (token, position, sequence) rows: each row's logits computed, or
+    (a prompt) the last row's only."""
+    batch.n_tokens = len(tokens)
+    for i, (tok, pos, seq) in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+        batch.seq_id[i][0], batch.logits[i] = seq, every_row or i == len(tokens) - 1
+    assert L.llama_decode(ctx, batch) == 0, "llama_decode failed"
 
 
 def llama_run():
-    llm.reset()
+    """Prefill tokens/s, then aggregate decode tokens/s at each level."""
+    mem = L.llama_get_memory(ctx)
+    L.llama_memory_clear(mem, True)
     t = time.perf_counter()
-    llm.eval(prompt)
+    decode([(tok, pos, 0) for pos, tok in enumerate(prompt)], False)
     prefill = len(prompt) / (time.perf_counter() - t)
-    token = prompt[-1]
-    t = time.perf_counter()
-    for _ in range(args.decode_tokens):
-        llm.eval([token])
-    decode = args.decode_tokens / (time.perf_counter() - t)
-    return prefill, decode
+    rates = {}
+    for n in levels:
+        L.llama_memory_clear(mem, True)
+        for s in range(n):
+            decode([(tok, pos, s) for pos, tok in enumerate(prompt[:DECODE_PREFIX])], False)
+        token = prompt[0]
+        t = time.perf_counter()
+        for step in range(args.decode_tokens):
+            decode([(token, DECODE_PREFIX + step, s) for s in range(n)], True)
+        rates[n] = n * args.decode_tokens / (time.perf_counter() - t)
+    return prefill, rates
 
 
 def chatstream_run(extra):
     out = subprocess.run(
         [args.chatstream, "bench", "--device", "cpu", "--model", args.model,
          "--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
-         "--decode-tokens", str(args.decode_tokens), *extra],
+         "--decode-tokens", str(args.decode_tokens),
+         "--levels", ",".join(map(str, levels)), *extra],
         check=True, capture_output=True, text=True).stdout
     v = json.loads(out.strip().splitlines()[-1])
-    return v["prefill_tokens_per_s"], v["decode_tokens_per_s"]
+    return v["prefill_tokens_per_s"], {
+        lv["sequences"]: lv["tokens_per_s"] for lv in v["batched_decode"]}
 
 
 results = {"llama.cpp": [], "chatstream": [], "chatstream --int8-activations": []}
@@ -63,9 +105,17 @@ for _ in range(args.rounds):
     results["llama.cpp"].append(llama_run())
     results["chatstream --int8-activations"].append(chatstream_run(["--int8-activations"]))
 
-print(f"{args.model}, {args.threads} threads, median of {args.rounds} alternating rounds")
-base = {k: statistics.median(d for _, d in v) for k, v in results.items()}
+print(f"{args.model}, {args.threads} threads, median of {args.rounds} alternating rounds; "
+      f"decode after a {DECODE_PREFIX}-token prompt")
 pre = {k: statistics.median(p for p, _ in v) for k, v in results.items()}
+dec = {k: {n: statistics.median(r[n] for _, r in v) for n in levels}
+       for k, v in results.items()}
+# each round's n-over-one ratio, then the median of those (the rounds see different phases)
+over = {k: {n: statistics.median(r[n] / r[1] for _, r in v) for n in levels}
+        for k, v in results.items()}
+ref = "llama.cpp"
 for k in results:
-    print(f"{k:32} prefill {pre[k]:7.1f} tok/s ({pre[k] / pre['llama.cpp']:.2f}x)   "
-          f"decode {base[k]:6.1f} tok/s ({base[k] / base['llama.cpp']:.2f}x)")
+    print(f"{k:32} prefill {pre[k]:7.1f} tok/s ({pre[k] / pre[ref]:.2f}x)")
+    for n in levels:
+        print(f"{'':32} {n} sequence{'s' if n > 1 else ' '} decode {dec[k][n]:6.1f} tok/s "
+              f"({dec[k][n] / dec[ref][n]:.2f}x)   over one {over[k][n]:.2f}")
