@@ -1,6 +1,7 @@
 """chatstream against llama.cpp on the same GGUF file and the same thread count, side by
 side: the two alternate, each measuring prefill of a 512-token prompt, decode of 128 tokens
-(batch 1, one forward pass per token) after a 16-token prompt, and aggregate decode of
+(batch 1, one forward pass per token) after `--decode-after` cached tokens (16, as
+`chatstream bench`), and aggregate decode of
 several sequences at once (`--levels`: N sequences, one pass of N tokens a step, each row's
 logits computed, as a server that coalesces its streams runs them), and the ratios are
 printed.
@@ -23,16 +24,14 @@ import time
 
 import llama_cpp as L
 
-# chatstream bench decodes after this many prompt tokens (DECODE_PREFIX in src/main.rs);
-# llama.cpp does the same here, so that attention covers the same positions in both.
-DECODE_PREFIX = 16
-
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--rounds", type=int, default=3)
 p.add_argument("--prompt-len", type=int, default=512)
 p.add_argument("--decode-tokens", type=int, default=128)
+p.add_argument("--decode-after", type=int, default=16,
+               help="tokens cached before the timed decode steps, in both")
 p.add_argument("--levels", default="1,4", help="sequences decoded at once (1 always runs)")
 p.add_argument("--chatstream", default="target/release/chatstream")
 args = p.parse_args()
@@ -44,13 +43,15 @@ L.llama_backend_init()
 model = L.llama_model_load_from_file(args.model.encode(), L.llama_model_default_params())
 assert model, f"llama.cpp could not load {args.model}"
 vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-prompt = [(i * 7919) % vocab for i in range(args.prompt_len)]
+# the token ids chatstream bench uses
+tokens = [(i * 7919) % vocab for i in range(max(args.prompt_len, args.decode_after))]
+prompt = tokens[:args.prompt_len]
 # one context for everything: a unified cache holding the largest level's sequences
 cp = L.llama_context_default_params()
 cp.n_seq_max = max(levels)
 cp.kv_unified = True
-cp.n_ctx = max(args.prompt_len, max(levels) * (DECODE_PREFIX + args.decode_tokens)) + 256
-cp.n_batch = cp.n_ubatch = max(args.prompt_len, max(levels))
+cp.n_ctx = max(args.prompt_len, max(levels) * (args.decode_after + args.decode_tokens)) + 256
+cp.n_batch = cp.n_ubatch = max(args.prompt_len, args.decode_after, max(levels))
 cp.n_threads = cp.n_threads_batch = args.threads
 ctx = L.llama_init_from_model(model, cp)
 assert ctx, "llama.cpp could not make a context"
@@ -78,11 +79,11 @@ def llama_run():
     for n in levels:
         L.llama_memory_clear(mem, True)
         for s in range(n):
-            decode([(tok, pos, s) for pos, tok in enumerate(prompt[:DECODE_PREFIX])], False)
-        token = prompt[0]
+            decode([(tok, pos, s) for pos, tok in enumerate(tokens[:args.decode_after])], False)
+        token = tokens[0]
         t = time.perf_counter()
         for step in range(args.decode_tokens):
-            decode([(token, DECODE_PREFIX + step, s) for s in range(n)], True)
+            decode([(token, args.decode_after + step, s) for s in range(n)], True)
         rates[n] = n * args.decode_tokens / (time.perf_counter() - t)
     return prefill, rates
 
@@ -91,7 +92,7 @@ def chatstream_run(extra):
     out = subprocess.run(
         [args.chatstream, "bench", "--device", "cpu", "--model", args.model,
          "--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
-         "--decode-tokens", str(args.decode_tokens),
+         "--decode-tokens", str(args.decode_tokens), "--decode-after", str(args.decode_after),
          "--levels", ",".join(map(str, levels)), *extra],
         check=True, capture_output=True, text=True).stdout
     v = json.loads(out.strip().splitlines()[-1])
@@ -106,7 +107,7 @@ for _ in range(args.rounds):
     results["chatstream --int8-activations"].append(chatstream_run(["--int8-activations"]))
 
 print(f"{args.model}, {args.threads} threads, median of {args.rounds} alternating rounds; "
-      f"decode after a {DECODE_PREFIX}-token prompt")
+      f"decode after {args.decode_after} cached tokens")
 pre = {k: statistics.median(p for p, _ in v) for k, v in results.items()}
 dec = {k: {n: statistics.median(r[n] for _, r in v) for n in levels}
        for k, v in results.items()}

@@ -100,6 +100,10 @@ struct BenchArgs {
     /// Tokens to decode (batch 1) after the prompt; with --url, the length of each answer.
     #[arg(long, default_value_t = 256)]
     decode_tokens: usize,
+    /// Tokens already in each sequence's cache when the timed decode steps start (in
+    /// process): attention then reads this many positions and more.
+    #[arg(long, default_value_t = 16)]
+    decode_after: usize,
     /// Memory bandwidth in GB/s to report decode's share of (default 4800, an H200, on CUDA).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
@@ -117,16 +121,21 @@ fn bench_on<B: Backend>(
 ) -> Result<serde_json::Value> {
     let t = Transformer::new(backend, cfg, weights);
     let max = t.max_positions();
-    if a.prompt_len > max || DECODE_PREFIX + 1 + a.decode_tokens > max {
+    let decode_after = a.decode_after.max(1);
+    if a.prompt_len > max || decode_after + 1 + a.decode_tokens > max {
         bail!(
-            "--prompt-len {} and {DECODE_PREFIX} + 1 + --decode-tokens {} must fit the model's {max} positions",
+            "--prompt-len {} and --decode-after {} + 1 + --decode-tokens {} must fit the model's {max} positions",
             a.prompt_len,
+            decode_after,
             a.decode_tokens
         );
     }
-    let prompt: Vec<u32> = (0..a.prompt_len.max(1))
-        .map(|i| (i * 7919 % cfg.vocab_size) as u32)
-        .collect();
+    let tokens = |n: usize| -> Vec<u32> {
+        (0..n.max(1))
+            .map(|i| (i * 7919 % cfg.vocab_size) as u32)
+            .collect()
+    };
+    let prompt = tokens(a.prompt_len);
     let mut st = RunState::new(&t, PREFILL_CHUNK, 1);
     let mut kv = KvCache::new(&t.backend, cfg, prompt.len());
     let mut prefill_s = Vec::new();
@@ -140,7 +149,7 @@ fn bench_on<B: Backend>(
         prefill_s.push(t0.elapsed().as_secs_f64());
     }
     prefill_s.sort_by(f64::total_cmp);
-    let (decode_tps, batched) = decode_levels(&t, &prompt[..prompt.len().min(DECODE_PREFIX)], a);
+    let (decode_tps, batched) = decode_levels(&t, &tokens(decode_after), a);
     let on_gpu = t.backend.memory().is_some();
     // What one decode step reads: the CPU reads quantized blocks where the file had them.
     let tensor_bytes = |w: &Tensor| match (&w.quant, on_gpu) {
@@ -154,7 +163,7 @@ fn bench_on<B: Backend>(
         .chain([weights.output()])
         .map(tensor_bytes)
         .sum();
-    let avg_pos = DECODE_PREFIX + a.decode_tokens / 2;
+    let avg_pos = decode_after + a.decode_tokens / 2;
     let bytes_per_token = weight_bytes + 2 * 4 * avg_pos * cfg.n_layers * cfg.kv_dim();
     let bandwidth = a.bandwidth_gbs.or(on_gpu.then_some(4800.0));
     Ok(serde_json::json!({
@@ -162,15 +171,13 @@ fn bench_on<B: Backend>(
         "prefill_tokens": prompt.len(),
         "prefill_tokens_per_s": prompt.len() as f64 / prefill_s[1],
         "decode_tokens": a.decode_tokens,
+        "decode_after": decode_after,
         "decode_tokens_per_s": decode_tps,
         "bytes_per_decode_token": bytes_per_token,
         "decode_bandwidth_share": bandwidth.map(|gbs| decode_tps * bytes_per_token as f64 / (gbs * 1e9)),
         "batched_decode": batched,
     }))
 }
-
-/// Prompt tokens before the decode steps `bench` times.
-const DECODE_PREFIX: usize = 16;
 
 /// Aggregate decode tokens/s of `a.levels` sequences per step, as the server runs them: one
 /// alone (`forward`), more coalesced into one pass (`forward_batch`). Each sequence has its

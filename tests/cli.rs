@@ -241,6 +241,30 @@ fn bench_in_process_reports_each_level_of_a_synthetic_quantized_model() {
         "{r}"
     );
 
+    // decode timed after 100 cached tokens instead of 16: each token reads 84 more
+    // positions of keys and values (f32, 2 layers of 2 x 16 wide)
+    let after = json_out(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--synthetic-format",
+        "q4_1",
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "40",
+        "--levels",
+        "1",
+        "--decode-after",
+        "100",
+    ]);
+    assert_eq!(after["decode_after"], 100, "{after}");
+    assert_eq!(r["decode_after"], 16, "{r}");
+    let after_bytes = after["bytes_per_decode_token"].as_u64().unwrap() as usize;
+    assert_eq!(after_bytes - bytes, 2 * 4 * 84 * 2 * 32, "{after}");
+
     let out = chatstream(&["bench", "--synthetic", "tiny", "--synthetic-format", "q5_k"]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
@@ -262,4 +286,22 @@ fn bench_in_process_reports_each_level_of_a_synthetic_quantized_model() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("must fit the model's 256 positions"), "{err}");
+    // 200 cached tokens, 1 and 56 more: one past the 256 positions
+    let out = chatstream(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--device",
+        "cpu",
+        "--decode-after",
+        "200",
+        "--decode-tokens",
+        "56",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--decode-after 200 + 1 + --decode-tokens 56"),
+        "{err}"
+    );
 }
