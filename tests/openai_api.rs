@@ -262,6 +262,10 @@ fn real_model_answers_as_generate_does() {
         conv["greedy"]["text"]
     );
     assert_eq!(v["usage"]["prompt_tokens"], conv["prompt_len"]);
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{v}"
+    );
     // Every token after the first came from a decode pass; alone, the worker ran each itself,
     // one row a pass.
     s.wait_idle();
@@ -277,6 +281,34 @@ fn real_model_answers_as_generate_does() {
     let rows = counter("chatstream_decode_batch_rows_total");
     assert_eq!(rows + 1, v["usage"]["completion_tokens"].as_u64().unwrap());
     assert_eq!(counter("chatstream_decode_batches_total"), rows);
+
+    // The same request again: the one worker holds the prompt's keys and values, so all but
+    // its last token (whose logits start the answer) come from the cache, and so does the
+    // answer.
+    let again = post(
+        &s,
+        None,
+        &json!({"messages": conv["messages"], "max_tokens": 48, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}}),
+    );
+    let chunks: Vec<Value> = events(&again.text())
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let usage = &chunks.last().unwrap()["usage"];
+    let prompt_len = conv["prompt_len"].as_u64().unwrap();
+    assert_eq!(usage["prompt_tokens"], prompt_len, "{usage}");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        prompt_len - 1,
+        "{usage}"
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, conv["greedy"]["text"].as_str().unwrap());
 }
 
 #[test]

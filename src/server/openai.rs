@@ -390,7 +390,9 @@ fn run(
             };
             (
                 reason,
-                json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}),
+                // as OpenAI reports prompt caching: the prompt tokens not prefilled again
+                json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens,
+                    "prompt_tokens_details": {"cached_tokens": cached_tokens}}),
             )
         }
         Err(_) => ("stop", Value::Null),
