@@ -176,6 +176,14 @@ fn bad_requests_get_openai_errors_and_the_key_is_required() {
             json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
             "stream",
         ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "prompt_cache_key": 7}),
+            "prompt_cache_key",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "user": "u".repeat(257)}),
+            "user",
+        ),
     ] {
         let r = post(&s, Some("k3y"), &body);
         assert_eq!(r.status, 400, "{body}");
@@ -309,6 +317,54 @@ fn real_model_answers_as_generate_does() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(text, conv["greedy"]["text"].as_str().unwrap());
+}
+
+#[test]
+fn a_prompt_cache_key_keeps_the_conversation_cached_while_other_requests_run() {
+    let golden = common::read_json(common::fixtures().join("smollm2/golden.json"));
+    let (conv, other) = (&golden["conversations"][0], &golden["conversations"][1]);
+    let engine = common::engine(common::default_model());
+    // room for 5 caches of 1,024 positions (45 MiB each)
+    let s = server(
+        None,
+        Arc::new(ModelChat::new(engine, 1024, Some(256 << 20))),
+    );
+    let ask = |messages: &Value, key: Option<&str>| {
+        let mut body = json!({"messages": messages, "max_tokens": 48, "temperature": 0});
+        if let Some(k) = key {
+            body["prompt_cache_key"] = json!(k);
+        }
+        post(&s, None, &body).json()
+    };
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    assert_eq!(cached(&ask(&conv["messages"], Some("conv-1"))), 0);
+    // another conversation takes the one worker's cache meanwhile
+    let v = ask(&other["messages"], None);
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        other["greedy"]["text"]
+    );
+    // the key's cache comes back from the pool: all but the prompt's last token
+    let v = ask(&conv["messages"], Some("conv-1"));
+    assert_eq!(cached(&v), conv["prompt_len"].as_u64().unwrap() - 1, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        conv["greedy"]["text"]
+    );
+    // without a prompt_cache_key, `user` is the key
+    let by_user = |messages: &Value| {
+        let body = json!({"messages": messages, "max_tokens": 1, "user": "u-2"});
+        cached(&post(&s, None, &body).json())
+    };
+    by_user(&other["messages"]);
+    ask(&conv["messages"], None);
+    let other_len = other["prompt_len"].as_u64().unwrap();
+    assert_eq!(by_user(&other["messages"]), other_len - 1);
+    // with both, prompt_cache_key is the key
+    let body = json!({"messages": conv["messages"], "max_tokens": 1, "user": "u-2",
+        "prompt_cache_key": "conv-1"});
+    let v = post(&s, None, &body).json();
+    assert_eq!(cached(&v), conv["prompt_len"].as_u64().unwrap() - 1, "{v}");
 }
 
 #[test]

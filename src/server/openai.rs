@@ -76,7 +76,13 @@ struct Completion {
     params: GenParams,
     stream: bool,
     include_usage: bool,
+    /// `prompt_cache_key` (or else `user`): the pool keeps the conversation's KV cache under
+    /// it between requests, as it keeps a ChatStream session's, whichever worker runs them.
+    cache_key: Option<String>,
 }
+
+/// The longest `prompt_cache_key` or `user` taken.
+const MAX_CACHE_KEY: usize = 256;
 
 type Invalid = (Option<&'static str>, String);
 
@@ -192,6 +198,21 @@ fn parse(v: &Value, defaults: &GenParams, max_tokens_cap: usize) -> Result<Compl
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let mut cache_key = None;
+    for p in ["prompt_cache_key", "user"] {
+        match obj.get(p) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(k)) if k.len() <= MAX_CACHE_KEY => {
+                if cache_key.is_none() && !k.is_empty() {
+                    cache_key = Some(k.clone());
+                }
+            }
+            Some(_) => {
+                let msg = format!("{p} must be a string of at most {MAX_CACHE_KEY} bytes");
+                return Err((Some(p), msg));
+            }
+        }
+    }
     Ok(Completion {
         messages,
         params: GenParams {
@@ -201,6 +222,7 @@ fn parse(v: &Value, defaults: &GenParams, max_tokens_cap: usize) -> Result<Compl
         },
         stream,
         include_usage,
+        cache_key,
     })
 }
 
@@ -348,22 +370,30 @@ fn run(
         let _ = s.chunk(format!("data: {first}\n\n").as_bytes());
     }
     let (mut text, mut chunks, mut gone) = (String::new(), 0usize, false);
-    let (result, panic) = generate_caught(worker, &prompt, &c.params, None, &mut |piece| {
-        if cs.is_cancelling() {
-            return false;
-        }
-        text.push_str(piece);
-        guard.piece_out();
-        if let Some(s) = stream.as_mut() {
-            let ev = chunk_json(&id, created, &model, json!({"content": piece}), None);
-            if s.chunk(format!("data: {ev}\n\n").as_bytes()).is_err() {
-                gone = true;
+    // in a namespace of its own: ChatStream's session ids are hex
+    let cache_key = c.cache_key.as_ref().map(|k| format!("openai:{k}"));
+    let (result, panic) = generate_caught(
+        worker,
+        &prompt,
+        &c.params,
+        cache_key.as_deref(),
+        &mut |piece| {
+            if cs.is_cancelling() {
                 return false;
             }
-            chunks += 1;
-        }
-        true
-    });
+            text.push_str(piece);
+            guard.piece_out();
+            if let Some(s) = stream.as_mut() {
+                let ev = chunk_json(&id, created, &model, json!({"content": piece}), None);
+                if s.chunk(format!("data: {ev}\n\n").as_bytes()).is_err() {
+                    gone = true;
+                    return false;
+                }
+                chunks += 1;
+            }
+            true
+        },
+    );
     let cancelled = matches!(
         result,
         Ok(GenStats {
