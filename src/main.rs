@@ -72,6 +72,11 @@ struct BenchArgs {
     /// Chats per stream at each level, for --url.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// With --url, instead of the levels: time to first token of a conversation's second
+    /// turn after a first user message of about this many tokens (the first turn cached
+    /// under a prompt_cache_key), against the same prompt sent cold; --rounds of each.
+    #[arg(long, requires = "url")]
+    second_turn: Option<usize>,
     /// The user message of each chat, for --url.
     #[arg(long, default_value = "Write a short story about a lighthouse keeper.")]
     prompt: String,
@@ -274,6 +279,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             rounds: a.rounds.max(1),
             api_key: api_key(&a.api_key)?,
         };
+        if let Some(tokens) = a.second_turn {
+            println!("{}", loadgen::second_turn(&spec, tokens));
+            return Ok(());
+        }
         for &n in &a.levels {
             println!("{}", loadgen::run_level(&spec, n.max(1)));
         }

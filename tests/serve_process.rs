@@ -306,3 +306,43 @@ fn bench_url_load_tests_a_running_server() {
         refused[0]
     );
 }
+
+/// `chatstream bench --url --second-turn`: the second turn finds its first turn cached
+/// (under the bench's prompt_cache_key, on either worker), and the cold prompt nothing but
+/// the first tokens of the chat template and of its system message at most. Times are reported, not asserted.
+#[test]
+fn bench_url_second_turn_reports_the_cached_history_against_a_cold_prompt() {
+    let model = common::default_model();
+    let s = Served::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--context-len",
+        "512",
+    ]);
+    let out = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+        .args([
+            "bench",
+            "--url",
+            &s.addr.to_string(),
+            "--second-turn",
+            "200",
+        ])
+        .args(["--rounds", "2", "--decode-tokens", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &v["second_turn"];
+    assert_eq!(t["rounds"], 2, "{v}");
+    let count = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    // the notes, an answer of up to 8 tokens and the question
+    assert!((200..300).contains(&count("prompt_tokens")), "{v}");
+    // the first turn's prompt (all but the answer and the question, and the template's
+    // markers around them) came from the cache
+    assert!(count("cached_tokens") + 40 > count("prompt_tokens"), "{v}");
+    assert!(count("cold_cached_tokens") < 16, "{v}");
+    assert!(t["ttft_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(t["cold_ttft_s"].as_f64().unwrap() > 0.0, "{v}");
+}

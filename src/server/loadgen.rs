@@ -3,7 +3,8 @@
 //! for N = 1, 2, 4, 8 by default, reporting what a user compares with them: aggregate
 //! tokens/s end to end, aggregate and per-stream decode tokens/s, time to first token
 //! p50/p99, and mean queue wait (from the server's /metrics, when its roles let a program
-//! read it).
+//! read it). Also the time to first token of a conversation's second turn, its first turn
+//! cached, against the same prompt sent cold (`second_turn`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -33,6 +34,11 @@ struct Sample {
     tokens: usize,
     /// When its first and last pieces came, in seconds since the level started.
     decoding: (f64, f64),
+    /// The answer.
+    text: String,
+    /// The usage's prompt tokens and, of those, the ones the server had cached.
+    prompt_tokens: usize,
+    cached_tokens: usize,
 }
 
 /// Resolves `host:port` (an `http://` prefix is allowed).
@@ -82,22 +88,35 @@ fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
 
 /// One streamed chat completion (`/v1/chat/completions`, which every server answers
 /// whatever its roles), timed from the request to the first and the last piece of text.
-fn one_chat(spec: &LoadSpec, level_start: Instant) -> Result<Sample, String> {
-    let io = |e: std::io::Error| e.to_string();
-    let body = json!({
-        "messages": [{"role": "user", "content": spec.prompt}],
-        "max_tokens": spec.max_new_tokens,
+/// A streamed chat completion's body: `messages` as (role, text) pairs, the answer at most
+/// `max_tokens` long, kept in cache under `cache_key` when there is one.
+fn chat_body(messages: &[(&str, &str)], max_tokens: usize, cache_key: Option<&str>) -> String {
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    let mut body = json!({
+        "messages": messages,
+        "max_tokens": max_tokens,
         "stream": true,
         "stream_options": {"include_usage": true},
-    })
-    .to_string();
+    });
+    if let Some(k) = cache_key {
+        body["prompt_cache_key"] = json!(k);
+    }
+    body.to_string()
+}
+
+/// Sends one streamed chat completion and reads it to the end.
+fn one_chat(spec: &LoadSpec, body: &str, level_start: Instant) -> Result<Sample, String> {
+    let io = |e: std::io::Error| e.to_string();
     let auth = spec
         .api_key
         .as_ref()
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
     let t0 = Instant::now();
-    let mut r = send(spec.addr, "POST", "/v1/chat/completions", &auth, &body).map_err(io)?;
+    let mut r = send(spec.addr, "POST", "/v1/chat/completions", &auth, body).map_err(io)?;
     let (status, chunked) = head(&mut r).map_err(io)?;
     if status != 200 || !chunked {
         let mut rest = String::new();
@@ -105,6 +124,7 @@ fn one_chat(spec: &LoadSpec, level_start: Instant) -> Result<Sample, String> {
         return Err(format!("status {status}: {}", rest.trim()));
     }
     let (mut first, mut pieces, mut tokens) = (None, 0usize, None);
+    let (mut text, mut prompt_tokens, mut cached_tokens) = (String::new(), 0, 0);
     let mut events = String::new();
     'body: loop {
         let mut size = String::new();
@@ -130,15 +150,21 @@ fn one_chat(spec: &LoadSpec, level_start: Instant) -> Result<Sample, String> {
             if let Some(e) = v.get("error") {
                 return Err(e.to_string());
             }
-            if v["choices"][0]["delta"]["content"]
+            if let Some(c) = v["choices"][0]["delta"]["content"]
                 .as_str()
-                .is_some_and(|c| !c.is_empty())
+                .filter(|c| !c.is_empty())
             {
                 first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
                 pieces += 1;
+                text.push_str(c);
             }
-            if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
+            let usage = &v["usage"];
+            if let Some(t) = usage["completion_tokens"].as_u64() {
                 tokens = Some(t as usize);
+                prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as usize;
             }
         }
     }
@@ -150,6 +176,9 @@ fn one_chat(spec: &LoadSpec, level_start: Instant) -> Result<Sample, String> {
         pieces,
         tokens: tokens.unwrap_or(pieces),
         decoding: (since_start + ttft, since_start + total),
+        text,
+        prompt_tokens,
+        cached_tokens,
     })
 }
 
@@ -202,12 +231,13 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
     };
     let before = waits();
     let start = Instant::now();
+    let body = chat_body(&[("user", &spec.prompt)], spec.max_new_tokens, None);
     let handles: Vec<_> = (0..n)
         .map(|_| {
-            let spec = spec.clone();
+            let (spec, body) = (spec.clone(), body.clone());
             std::thread::spawn(move || {
                 (0..spec.rounds)
-                    .map(|_| one_chat(&spec, start))
+                    .map(|_| one_chat(&spec, &body, start))
                     .collect::<Vec<_>>()
             })
         })
@@ -250,6 +280,60 @@ pub fn run_level(spec: &LoadSpec, n: usize) -> Value {
         "ttft_p99_s": ttft.first().map(|_| percentile(&ttft, 0.99)),
         "queue_wait_mean_s": queue_wait,
     })
+}
+
+/// Time to first token of a conversation's second turn, its first turn (a user message of
+/// about `history_tokens` tokens and the answer) cached under a `prompt_cache_key`, against
+/// the same prompt sent cold: its system message starts with another tag, so that no cache
+/// holds more than the chat template's first tokens. `spec.rounds` conversations, each its
+/// warm and its cold second turn in turn; medians.
+pub fn second_turn(spec: &LoadSpec, history_tokens: usize) -> Value {
+    // about 18 tokens a note (SmolLM2's tokenizer)
+    let history: String = (0..history_tokens.div_ceil(18).max(1))
+        .map(|i| format!("Note {i}: the keeper climbs the stairs at dusk and lights the lamp. "))
+        .collect();
+    let question = "Which note mentions the lamp first? Answer in one word.";
+    let start = Instant::now();
+    let mut rounds = Vec::new();
+    for r in 0..spec.rounds {
+        // the kind first, so that a cold prompt shares as few tokens as can be with others
+        let tag = |kind: &str| format!("{kind}{r}-{}", std::process::id());
+        let system = |tag: &str| format!("[{tag}] You are a helpful assistant.");
+        let (warm, cold) = (tag("warm"), tag("cold"));
+        let first = [("system", system(&warm)), ("user", history.clone())];
+        let turn = |msgs: &[(&str, String)], max: usize, key: Option<&str>| {
+            let msgs: Vec<(&str, &str)> = msgs.iter().map(|(r, c)| (*r, c.as_str())).collect();
+            one_chat(spec, &chat_body(&msgs, max, key), start)
+        };
+        let answer = match turn(&first, spec.max_new_tokens, Some(&warm)) {
+            Ok(s) => s.text,
+            Err(e) => return json!({"second_turn": {"error": e}}),
+        };
+        let mut second = first.to_vec();
+        second.extend([("assistant", answer), ("user", question.to_string())]);
+        let hot = turn(&second, 4, Some(&warm));
+        second[0].1 = system(&cold);
+        let cool = turn(&second, 4, None);
+        match (hot, cool) {
+            (Ok(h), Ok(c)) => rounds.push((h, c)),
+            (Err(e), _) | (_, Err(e)) => return json!({"second_turn": {"error": e}}),
+        }
+    }
+    let median = |f: &dyn Fn(&(Sample, Sample)) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (ttft, cold_ttft) = (median(&|(h, _)| h.ttft), median(&|(_, c)| c.ttft));
+    json!({"second_turn": {
+        "rounds": rounds.len(),
+        "prompt_tokens": median(&|(h, _)| h.prompt_tokens as f64) as u64,
+        "cached_tokens": median(&|(h, _)| h.cached_tokens as f64) as u64,
+        "cold_cached_tokens": median(&|(_, c)| c.cached_tokens as f64) as u64,
+        "ttft_s": ttft,
+        "cold_ttft_s": cold_ttft,
+        "over_cold": if cold_ttft > 0.0 { ttft / cold_ttft } else { 0.0 },
+    }})
 }
 
 #[cfg(test)]
