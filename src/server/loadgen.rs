@@ -311,6 +311,7 @@ pub fn second_turn(spec: &LoadSpec, history_tokens: usize) -> Value {
         };
         let mut second = first.to_vec();
         second.extend([("assistant", answer), ("user", question.to_string())]);
+        // only the first token is timed: short answers
         let hot = turn(&second, 4, Some(&warm));
         second[0].1 = system(&cold);
         let cool = turn(&second, 4, None);
