@@ -270,38 +270,24 @@ fn bench_in_process_reports_each_level_of_a_synthetic_quantized_model() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("unknown type \"q5_k\""), "{err}");
 
-    // longer than the model's 256 positions: one clear line, no panic
-    let out = chatstream(&[
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
-        "--prompt-len",
-        "8",
-        "--decode-tokens",
-        "300",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("must fit the model's 256 positions"), "{err}");
-    // 200 cached tokens, 1 and 56 more: one past the 256 positions
-    let out = chatstream(&[
-        "bench",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
-        "--decode-after",
-        "200",
-        "--decode-tokens",
-        "56",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains("--decode-after 200 + 1 + --decode-tokens 56"),
-        "{err}"
-    );
+    // past the model's 256 positions (300 decoded; 200 cached, 1 and 56 more): one clear
+    // line, no panic
+    for (args, says) in [
+        (
+            ["--prompt-len", "8", "--decode-tokens", "300"],
+            "must fit the model's 256 positions",
+        ),
+        (
+            ["--decode-after", "200", "--decode-tokens", "56"],
+            "--decode-after 200 + 1 + --decode-tokens 56",
+        ),
+    ] {
+        let mut all = vec!["bench", "--synthetic", "tiny", "--device", "cpu"];
+        all.extend(args);
+        let out = chatstream(&all);
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{err}");
+    }
 }
