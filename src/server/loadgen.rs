@@ -86,8 +86,6 @@ fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
     }
 }
 
-/// One streamed chat completion (`/v1/chat/completions`, which every server answers
-/// whatever its roles), timed from the request to the first and the last piece of text.
 /// A streamed chat completion's body: `messages` as (role, text) pairs, the answer at most
 /// `max_tokens` long, kept in cache under `cache_key` when there is one.
 fn chat_body(messages: &[(&str, &str)], max_tokens: usize, cache_key: Option<&str>) -> String {
@@ -107,7 +105,8 @@ fn chat_body(messages: &[(&str, &str)], max_tokens: usize, cache_key: Option<&st
     body.to_string()
 }
 
-/// Sends one streamed chat completion and reads it to the end.
+/// One streamed chat completion (`/v1/chat/completions`, which every server answers
+/// whatever its roles), timed from the request to the first and the last piece of text.
 fn one_chat(spec: &LoadSpec, body: &str, level_start: Instant) -> Result<Sample, String> {
     let io = |e: std::io::Error| e.to_string();
     let auth = spec
