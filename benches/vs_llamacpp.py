@@ -1,10 +1,9 @@
 """chatstream against llama.cpp on the same GGUF file and the same thread count, side by
 side: the two alternate, each measuring prefill of a 512-token prompt, decode of 128 tokens
 (batch 1, one forward pass per token) after `--decode-after` cached tokens (16, as
-`chatstream bench`), and aggregate decode of
-several sequences at once (`--levels`: N sequences, one pass of N tokens a step, each row's
-logits computed, as a server that coalesces its streams runs them), and the ratios are
-printed.
+`chatstream bench`), and aggregate decode of several sequences at once (`--levels`: N
+sequences, one pass of N tokens a step, each row's logits computed, as a server that
+coalesces its streams runs them), and the ratios are printed.
 
     python3 -m venv .cache/llama
     # builds llama.cpp; its native build (and a wheel pip cached from one) may die with an
@@ -58,13 +57,13 @@ assert ctx, "llama.cpp could not make a context"
 batch = L.llama_batch_init(cp.n_batch, 0, 1)
 
 
-def decode(tokens, every_row):
+def decode(rows, every_row):
     """One llama_decode of (token, position, sequence) rows: each row's logits computed, or
     (a prompt) the last row's only."""
-    batch.n_tokens = len(tokens)
-    for i, (tok, pos, seq) in enumerate(tokens):
+    batch.n_tokens = len(rows)
+    for i, (tok, pos, seq) in enumerate(rows):
         batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-        batch.seq_id[i][0], batch.logits[i] = seq, every_row or i == len(tokens) - 1
+        batch.seq_id[i][0], batch.logits[i] = seq, every_row or i == len(rows) - 1
     assert L.llama_decode(ctx, batch) == 0, "llama_decode failed"
 
 

@@ -309,7 +309,8 @@ fn bench_url_load_tests_a_running_server() {
 
 /// `chatstream bench --url --second-turn`: the second turn finds its first turn cached
 /// (under the bench's prompt_cache_key, on either worker), and the cold prompt nothing but
-/// the first tokens of the chat template and of its system message at most. Times are reported, not asserted.
+/// the first tokens of the chat template and of its system message at most. Times are
+/// reported, not asserted.
 #[test]
 fn bench_url_second_turn_reports_the_cached_history_against_a_cold_prompt() {
     let model = common::default_model();
