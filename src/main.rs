@@ -113,8 +113,11 @@ struct BenchArgs {
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
     /// CPU decode with int8 activations (not exact; see --int8-activations of serve).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "int16_activations")]
     int8_activations: bool,
+    /// CPU decode with int16 activations (see --int16-activations of serve).
+    #[arg(long)]
+    int16_activations: bool,
 }
 
 /// Prefill and decode timings of one backend, as a JSON object.
@@ -294,7 +297,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             .build_global()
             .context("setting up threads")?;
     }
-    chatstream::backend::cpu::q8act::set_enabled(a.int8_activations);
+    set_activations(a.int8_activations, a.int16_activations);
     let (cfg, weights, name) = match &a.synthetic {
         Some(shape) => {
             let (c, w) = synthetic(shape, 1, a.synthetic_format).map_err(anyhow::Error::msg)?;
@@ -632,9 +635,18 @@ struct ModelArgs {
     /// CPU products of up to 16 tokens (decode steps, short prompts) with Q4_1/Q8_0 weights
     /// in int8 activations, as llama.cpp does: about twice as fast with AVX-512 VNNI (and
     /// faster with AVX2 alone), and the logits move a little (measured in
-    /// tests/int8_activations.rs); off by default.
-    #[arg(long, env = "CHATSTREAM_INT8_ACTIVATIONS")]
+    /// tests/quantized_activations.rs); off by default.
+    #[arg(
+        long,
+        env = "CHATSTREAM_INT8_ACTIVATIONS",
+        conflicts_with = "int16_activations"
+    )]
     int8_activations: bool,
+    /// CPU products of up to 16 tokens with Q4_1/Q8_0 weights in int16 activations, on CPUs
+    /// with AVX-512 VNNI (elsewhere the exact f32 path): 1.3-1.5x as fast, and the logits
+    /// move by a few thousandths (measured in tests/quantized_activations.rs); off by default.
+    #[arg(long, env = "CHATSTREAM_INT16_ACTIVATIONS")]
+    int16_activations: bool,
     /// How KV caches store keys and values: f32 (exact) or f16 (CPU only: half the memory,
     /// so twice the sessions in the budget, and attention reads half as much; the logits
     /// move a little, measured in tests/golden_smollm2.rs).
@@ -735,6 +747,16 @@ enum Loaded {
 }
 
 /// Parses `cuda` / `cuda:N` into a device ordinal.
+/// The CPU products' activations, from the two options (clap keeps them apart).
+fn set_activations(int8: bool, int16: bool) {
+    use chatstream::backend::cpu::q8act::{self, Activations};
+    q8act::set_activations(match (int8, int16) {
+        (true, _) => Activations::Int8,
+        (_, true) => Activations::Int16,
+        _ => Activations::F32,
+    });
+}
+
 fn cuda_ordinal(device: &str) -> Option<usize> {
     match device.strip_prefix("cuda") {
         Some("") => Some(0),
@@ -750,7 +772,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             .build_global()
             .context("setting up threads")?;
     }
-    chatstream::backend::cpu::q8act::set_enabled(args.int8_activations);
+    set_activations(args.int8_activations, args.int16_activations);
     // An explicit CUDA device is opened first (fail fast); `auto` looks for one after the
     // model loaded, so a bad model path is the one error reported.
     let mut gpu = match args.device.as_str() {

@@ -100,11 +100,13 @@ fn decode_steps_allocate_nothing() {
     let smol = Model::load(&common::default_model()).unwrap();
     let n = allocations_in_decode(&smol, warm, STEPS);
     assert!(n <= RAYON_QUEUE, "SmolLM2 Q4_1: {n} allocations");
-    q8act::set_enabled(true);
-    let n = allocations_in_decode(&smol, warm, STEPS);
-    q8act::set_enabled(false);
-    assert!(
-        n <= RAYON_QUEUE,
-        "SmolLM2 Q4_1, int8 activations: {n} allocations"
-    );
+    for a in [q8act::Activations::Int8, q8act::Activations::Int16] {
+        q8act::set_activations(a);
+        let n = allocations_in_decode(&smol, warm, STEPS);
+        q8act::set_activations(q8act::Activations::F32);
+        assert!(
+            n <= RAYON_QUEUE,
+            "SmolLM2 Q4_1, {a:?} activations: {n} allocations"
+        );
+    }
 }

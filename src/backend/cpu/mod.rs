@@ -37,7 +37,7 @@ impl CpuWeight {
     /// The int8 layout, when int8 activations are on and this CPU and matrix take it.
     #[cfg(target_arch = "x86_64")]
     fn int8(&self) -> Option<&vnni::Interleaved> {
-        if !q8act::enabled() {
+        if q8act::activations() == q8act::Activations::F32 {
             return None;
         }
         let q = self.tensor.quant.as_ref()?;

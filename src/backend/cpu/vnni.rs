@@ -1,11 +1,15 @@
-//! `--int8-activations` on CPUs with AVX-512 VNNI: the 4- and 8-bit matrices re-laid with
-//! their rows interleaved by 16, so that one `vpdpbusd` takes 4 values of one block from each
-//! of 16 rows against 4 int8 inputs (64 multiply-adds), and each block's scaling is one
-//! vector operation for all 16 rows. The f32 kernels must scale every row's block on its
-//! own; here a block of 16 rows costs each input 8 integer dot products, 3 integer adds and
-//! 4 float operations, against 32 FMAs. The inputs are quantized per block exactly as `q8act` does (the same rounding,
-//! whose accuracy `tests/int8_activations.rs` measures); only the order of the float sums
-//! differs. x86-64 only (the module is compiled there alone).
+//! Quantized activations on CPUs with AVX-512 VNNI (`--int8-activations`,
+//! `--int16-activations`): the 4- and 8-bit matrices re-laid with their rows interleaved by
+//! 16, so that one `vpdpbusd` takes 4 values of one block from each of 16 rows against 4
+//! int8 inputs (64 multiply-adds), and each block's scaling is one vector operation for all
+//! 16 rows. The f32 kernels must scale every row's block on its own; here a block of 16 rows
+//! costs each input 8 integer dot products, 3 integer adds and 4 float operations, against
+//! 32 FMAs. The inputs are quantized per block exactly as `q8act` does (the same rounding,
+//! whose accuracy `tests/quantized_activations.rs` measures); only the order of the float
+//! sums differs. With int16 inputs (15 bits a value against int8's 7: the logits stay
+//! within the goldens' tolerance), one `vpdpwssd` takes 2 values from each of 16 rows (32
+//! multiply-adds): 16 integer dot products a block and input. x86-64 only (the module is
+//! compiled there alone).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,6 +119,7 @@ const fn record_bytes(format: BlockFormat) -> usize {
 struct QuantInputs {
     q: Vec<i8>,
     unsigned: Vec<i8>,
+    wide: Vec<i16>,
     d: Vec<f32>,
     sum: Vec<f32>,
 }
@@ -138,6 +143,7 @@ fn reserve_inputs(cols: usize) {
         let room = |len: usize, want: usize| want.saturating_sub(len);
         x.q.reserve(room(x.q.len(), values));
         x.unsigned.reserve(room(x.unsigned.len(), values));
+        x.wide.reserve(room(x.wide.len(), values));
         x.d.reserve(room(x.d.len(), blocks));
         x.sum.reserve(room(x.sum.len(), blocks));
         INPUTS.set(x);
@@ -148,7 +154,11 @@ fn reserve_inputs(cols: usize) {
 /// 32 registers).
 const GROUP: usize = 8;
 
-/// out (n, rows) = x (n, cols) @ W^T with int8 inputs, n at most 16 (as `matmul_q`).
+/// The same with int16 inputs, whose blocks widen to 16 registers.
+const GROUP16: usize = 4;
+
+/// out (n, rows) = x (n, cols) @ W^T with int8 inputs (int16 when `q8act` says so), n at
+/// most 16 (as `matmul_q`).
 pub fn matmul(out: &mut [f32], x: &[f32], w: &Interleaved, n: usize) {
     products(x, n, [(out, w)], false);
 }
@@ -163,6 +173,18 @@ pub fn products<const K: usize>(
     products: [(&mut [f32], &Interleaved); K],
     glu: bool,
 ) {
+    let wide = super::q8act::activations() == super::q8act::Activations::Int16;
+    products_in(x, n, products, glu, wide);
+}
+
+/// `products`, with int16 inputs (`wide`) or int8 ones.
+fn products_in<const K: usize>(
+    x: &[f32],
+    n: usize,
+    products: [(&mut [f32], &Interleaved); K],
+    glu: bool,
+    wide: bool,
+) {
     assert!(detected(), "vnni::products: no AVX-512 VNNI");
     let ws = products.each_ref().map(|&(_, w)| w);
     let (cols, nb) = (ws[0].cols, ws[0].cols / QK);
@@ -172,15 +194,24 @@ pub fn products<const K: usize>(
     let mut taken = INPUTS.take();
     {
         let xq = &mut taken;
-        xq.q.resize(n * cols, 0);
         xq.d.resize(n * nb, 0.0);
         xq.sum.resize(n * nb, 0.0);
-        for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
-            let q = &mut xq.q[b * QK..(b + 1) * QK];
-            // SAFETY: AVX-512 detected (asserted above).
-            (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q) };
+        if wide {
+            xq.wide.resize(n * cols, 0);
+            for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
+                let q = &mut xq.wide[b * QK..(b + 1) * QK];
+                // SAFETY: AVX-512 detected (asserted above).
+                (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block16(xb, q) };
+            }
+        } else {
+            xq.q.resize(n * cols, 0);
+            for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
+                let q = &mut xq.q[b * QK..(b + 1) * QK];
+                // SAFETY: AVX-512 detected (asserted above).
+                (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q) };
+            }
         }
-        if ws.iter().any(|w| w.format == BlockFormat::Q8) {
+        if !wide && ws.iter().any(|w| w.format == BlockFormat::Q8) {
             // `vpdpbusd` takes unsigned bytes on one side: the 8-bit matrices' inputs + 128
             xq.unsigned.clear();
             xq.unsigned
@@ -189,12 +220,14 @@ pub fn products<const K: usize>(
         let xq = &*xq;
         let outs = products.map(|(out, w)| (out, w.rows, w.cols));
         super::quant::par_products(outs, x.len(), n, glu, |m, rows, out| {
+            let group = if wide { GROUP16 } else { GROUP };
             for g in rows.start / LANES..rows.end / LANES {
-                for i0 in (0..n).step_by(GROUP) {
+                for i0 in (0..n).step_by(group) {
+                    let k = (n - i0).min(group);
                     // SAFETY: VNNI detected (asserted above); every index lies inside the
                     // matrix and `xq` by construction; out holds n * rows floats and this
                     // task alone writes rows g * 16.. g * 16 + 16 of it.
-                    unsafe { x86::group_entry(ws[m], g, xq, i0, (n - i0).min(GROUP), out.0) };
+                    unsafe { x86::group_entry(ws[m], g, xq, i0, k, wide, out.0) };
                 }
             }
         });
@@ -243,16 +276,25 @@ mod x86 {
         xq: &QuantInputs,
         i0: usize,
         n: usize,
+        wide: bool,
         out: *mut f32,
     ) {
         macro_rules! pick {
             ($($n:literal),+) => {
-                match (w.format == BlockFormat::Q8, n) {
+                match (wide, w.format == BlockFormat::Q8, n) {
                     $(
-                        (true, $n) => group::<$n, true>(w, g, xq, i0, out),
-                        (false, $n) => group::<$n, false>(w, g, xq, i0, out),
+                        (false, true, $n) => group::<$n, true>(w, g, xq, i0, out),
+                        (false, false, $n) => group::<$n, false>(w, g, xq, i0, out),
                     )+
-                    _ => unreachable!("1..=8 inputs"),
+                    (true, true, 1) => group16::<1, true>(w, g, xq, i0, out),
+                    (true, true, 2) => group16::<2, true>(w, g, xq, i0, out),
+                    (true, true, 3) => group16::<3, true>(w, g, xq, i0, out),
+                    (true, true, 4) => group16::<4, true>(w, g, xq, i0, out),
+                    (true, false, 1) => group16::<1, false>(w, g, xq, i0, out),
+                    (true, false, 2) => group16::<2, false>(w, g, xq, i0, out),
+                    (true, false, 3) => group16::<3, false>(w, g, xq, i0, out),
+                    (true, false, 4) => group16::<4, false>(w, g, xq, i0, out),
+                    _ => unreachable!("1..=8 inputs, 1..=4 in int16"),
                 }
             };
         }
@@ -332,6 +374,105 @@ mod x86 {
             _mm512_storeu_ps(out.add((i0 + i) * w.rows + g * super::LANES), a);
         }
     }
+
+    /// One block of 32 values to int16, `xb[j] ~ d * q[j]` with `d = max |x| / 32767`,
+    /// rounded to the nearest integer, ties to even; returns `d` and the f32 sum of the
+    /// block. Each four values j..j + 4 are stored as j, j + 2, j + 1, j + 3: the word pairs
+    /// `group16` multiplies (see there).
+    ///
+    /// # Safety
+    /// AVX-512F/BW present; `xb` and `q` hold 32 values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_block16(xb: &[f32], q: &mut [i16]) -> (f32, f32) {
+        assert!(xb.len() >= QK && q.len() >= QK);
+        let v = [
+            _mm512_loadu_ps(xb.as_ptr()),
+            _mm512_loadu_ps(xb.as_ptr().add(16)),
+        ];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        let d = amax / 32767.0;
+        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        for (j, v) in v.into_iter().enumerate() {
+            // values 0, 2, 1, 3 of each 128-bit lane
+            let v = _mm512_permute_ps::<0b11_01_10_00>(v);
+            let i = _mm512_cvtps_epi32(_mm512_mul_ps(v, id));
+            let words = _mm512_cvtsepi32_epi16(i);
+            _mm256_storeu_si256(q.as_mut_ptr().add(16 * j) as *mut __m256i, words);
+        }
+        (d, sum)
+    }
+
+    /// `group` with int16 inputs: each block's values widen to 16 vectors of word pairs,
+    /// vector k holding, in each row's lane, the values that the input's dword k (see
+    /// `quantize_block16`) pairs with, and one `vpdpwssd` takes each (32 multiply-adds).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group16<const N: usize, const Q8: bool>(
+        w: &Interleaved,
+        g: usize,
+        xq: &QuantInputs,
+        i0: usize,
+        out: *mut f32,
+    ) {
+        let (cols, nb) = (w.cols, w.cols / QK);
+        let format = if Q8 { BlockFormat::Q8 } else { BlockFormat::Q4 };
+        let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
+        let nibble = _mm512_set1_epi32(0x000f_000f);
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            let at = (g * nb + b) * bytes;
+            crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes);
+            let p = w.records.as_ptr().add(at) as *const __m512i;
+            let mut wv = [_mm512_setzero_si512(); 16];
+            if Q8 {
+                // line t: bytes 0 and 2, then 1 and 3, sign-extended to words
+                for t in 0..8 {
+                    let v = _mm512_loadu_si512(p.add(t));
+                    wv[2 * t] = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
+                    wv[2 * t + 1] = _mm512_srai_epi16::<8>(v);
+                }
+            } else {
+                // line t: the low nibbles of bytes 0 and 2 (values 4t, 4t + 2), of bytes 1
+                // and 3, then the high nibbles (values 4t + 16...)
+                for t in 0..4 {
+                    let v = _mm512_loadu_si512(p.add(t));
+                    wv[2 * t] = _mm512_and_si512(v, nibble);
+                    wv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi32::<8>(v), nibble);
+                    wv[2 * t + 8] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nibble);
+                    wv[2 * t + 9] = _mm512_and_si512(_mm512_srli_epi32::<12>(v), nibble);
+                }
+            }
+            let params = p.add(lines) as *const __m256i;
+            let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params));
+            let mins = if Q8 {
+                _mm512_setzero_ps()
+            } else {
+                _mm512_cvtph_ps(_mm256_loadu_si256(params.add(1)))
+            };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xb = (i0 + i) * nb + b;
+                let xp = xq.wide.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
+                let mut dots = [_mm512_setzero_si512(); 4];
+                for (k, &wk) in wv.iter().enumerate() {
+                    let xk = _mm512_set1_epi32(xp.add(k).read_unaligned());
+                    dots[k % 4] = _mm512_dpwssd_epi32(dots[k % 4], wk, xk);
+                }
+                let dot = _mm512_add_epi32(
+                    _mm512_add_epi32(dots[0], dots[1]),
+                    _mm512_add_epi32(dots[2], dots[3]),
+                );
+                let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(xb)));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
+                if !Q8 {
+                    *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(xb)), *a);
+                }
+            }
+        }
+        for (i, &a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add((i0 + i) * w.rows + g * super::LANES), a);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -342,14 +483,24 @@ mod tests {
         super::super::q8act::tests::quant_matrix(format == BlockFormat::Q8, rows, cols, seed)
     }
 
-    /// The int8 product in plain integers, as `q8act`'s portable dot products compute it.
-    fn reference(w: &QuantMatrix, x: &[f32]) -> Vec<f32> {
+    /// The int8 (`wide`: int16) product in plain integers, as `q8act`'s portable dot
+    /// products compute it.
+    fn reference(w: &QuantMatrix, x: &[f32], wide: bool) -> Vec<f32> {
         let (nb, bb) = (w.cols / QK, w.format.bytes());
-        let mut q = [0i8; QK];
-        let blocks: Vec<(f32, f32, [i8; QK])> = x
+        let blocks: Vec<(f32, f32, [i32; QK])> = x
             .chunks_exact(QK)
             .map(|xb| {
+                let mut q = [0i8; QK];
                 let (d, s) = super::super::q8act::quantize_block(xb, &mut q);
+                if !wide {
+                    return (d, s, q.map(i32::from));
+                }
+                // as `quantize_block16`: ties to even, through 1.5 * 2^23
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 32767.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let q =
+                    std::array::from_fn(|j| ((xb[j] * id + 12_582_912.0) - 12_582_912.0) as i32);
                 (d, s, q)
             })
             .collect();
@@ -359,16 +510,16 @@ mod tests {
                     .map(|b| {
                         let (d, s, q) = &blocks[b];
                         let blk = &w.qs[(r * nb + b) * bb..(r * nb + b + 1) * bb];
-                        let dot: i32 = if w.format == BlockFormat::Q8 {
+                        let dot: i64 = if w.format == BlockFormat::Q8 {
                             blk.iter()
                                 .zip(q)
-                                .map(|(&v, &x)| v as i8 as i32 * x as i32)
+                                .map(|(&v, &x)| v as i8 as i64 * x as i64)
                                 .sum()
                         } else {
                             (0..16)
                                 .map(|j| {
-                                    (blk[j] & 15) as i32 * q[j] as i32
-                                        + (blk[j] >> 4) as i32 * q[j + 16] as i32
+                                    (blk[j] & 15) as i64 * q[j] as i64
+                                        + (blk[j] >> 4) as i64 * q[j + 16] as i64
                                 })
                                 .sum()
                         };
@@ -387,26 +538,30 @@ mod tests {
     #[test]
     fn interleaved_products_equal_the_integer_reference() {
         if !detected() {
-            eprintln!("no AVX-512 VNNI here: the int8 kernel is not used");
+            eprintln!("no AVX-512 VNNI here: the int8 and int16 kernels are not used");
             return;
         }
-        for format in [BlockFormat::Q4, BlockFormat::Q8] {
-            for (rows, cols) in [(16, 32), (48, 96), (64, 576)] {
-                let w = matrix(format, rows, cols, rows as u32 + 3);
-                let il = Interleaved::new(&w).expect("a multiple of 16 rows");
-                for n in [1, 2, 5, 8, 9, 16] {
-                    let x: Vec<f32> = (0..n * cols)
-                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-                        .collect();
-                    let mut out = vec![f32::NAN; n * rows];
-                    matmul(&mut out, &x, &il, n);
-                    for i in 0..n {
-                        let want = reference(&w, &x[i * cols..(i + 1) * cols]);
-                        for (r, (&got, &want)) in out[i * rows..].iter().zip(&want).enumerate() {
-                            assert!(
-                                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                                "{format:?} {rows}x{cols} n={n} input {i} row {r}: {got} vs {want}"
-                            );
+        for wide in [false, true] {
+            for format in [BlockFormat::Q4, BlockFormat::Q8] {
+                for (rows, cols) in [(16, 32), (48, 96), (64, 576)] {
+                    let w = matrix(format, rows, cols, rows as u32 + 3);
+                    let il = Interleaved::new(&w).expect("a multiple of 16 rows");
+                    for n in [1, 2, 3, 5, 8, 9, 16] {
+                        let x: Vec<f32> = (0..n * cols)
+                            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                            .collect();
+                        let mut out = vec![f32::NAN; n * rows];
+                        products_in(&x, n, [(&mut out, &il)], false, wide);
+                        for i in 0..n {
+                            let want = reference(&w, &x[i * cols..(i + 1) * cols], wide);
+                            for (r, (&got, &want)) in out[i * rows..].iter().zip(&want).enumerate()
+                            {
+                                assert!(
+                                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                                    "{format:?} int16 {wide} {rows}x{cols} n={n} input {i} row \
+                                     {r}: {got} vs {want}"
+                                );
+                            }
                         }
                     }
                 }
@@ -417,7 +572,7 @@ mod tests {
     #[test]
     fn products_in_one_pass_equal_separate_products() {
         if !detected() {
-            eprintln!("no AVX-512 VNNI here: the int8 kernel is not used");
+            eprintln!("no AVX-512 VNNI here: the int8 and int16 kernels are not used");
             return;
         }
         let cols = 96;
@@ -430,26 +585,29 @@ mod tests {
         .map(|(f, rows)| Interleaved::new(&matrix(f, rows, cols, rows as u32)).unwrap());
         let [gate, up] = [BlockFormat::Q8, BlockFormat::Q4]
             .map(|f| Interleaved::new(&matrix(f, 64, cols, 7)).unwrap());
-        for n in [1, 3, 9, 16] {
+        for (n, wide) in [1, 3, 9, 16]
+            .into_iter()
+            .flat_map(|n| [(n, false), (n, true)])
+        {
             let x: Vec<f32> = (0..n * cols)
                 .map(|i| ((i * 29 % 89) as f32 - 44.0) / 13.0)
                 .collect();
             let alone = |w: &Interleaved| {
                 let mut out = vec![f32::NAN; n * w.rows];
-                matmul(&mut out, &x, w, n);
+                products_in(&x, n, [(&mut out, w)], false, wide);
                 out
             };
             let mut outs = [&a, &b, &c].map(|w| vec![f32::NAN; n * w.rows]);
             let [oa, ob, oc] = &mut outs;
-            products(&x, n, [(oa, &a), (ob, &b), (oc, &c)], false);
+            products_in(&x, n, [(oa, &a), (ob, &b), (oc, &c)], false, wide);
             for (got, w) in outs.iter().zip([&a, &b, &c]) {
-                assert_eq!(got, &alone(w), "n={n}: {} rows", w.rows);
+                assert_eq!(got, &alone(w), "n={n} int16 {wide}: {} rows", w.rows);
             }
             let (mut g, mut u) = (vec![f32::NAN; n * 64], vec![f32::NAN; n * 64]);
-            products(&x, n, [(&mut g, &gate), (&mut u, &up)], true);
+            products_in(&x, n, [(&mut g, &gate), (&mut u, &up)], true, wide);
             let mut want = alone(&gate);
             crate::backend::cpu::ops::silu_mul(&mut want, &alone(&up));
-            assert_eq!(g, want, "n={n}: silu(gate) * up");
+            assert_eq!(g, want, "n={n} int16 {wide}: silu(gate) * up");
         }
     }
 

@@ -1,12 +1,13 @@
-//! The opt-in int8 activations (`--int8-activations`) on the real model, measured against the
-//! golden file and the exact f32 path: the decode-path logits of each golden conversation's
+//! The opt-in quantized activations (`--int8-activations`, `--int16-activations`) on the real
+//! model, measured against the golden file and the exact f32 path: the decode-path logits of each golden conversation's
 //! last prompt token (top-10 ids) and the greedy answers. It is its own test binary because
 //! the setting is process-wide. The measured error is printed; the bounds below are what the
 //! option promises (the f32 path is the one held to the golden tolerance of 1e-2).
 
 mod common;
 
-use chatstream::backend::cpu::{q8act, Cpu};
+use chatstream::backend::cpu::q8act::{self, Activations};
+use chatstream::backend::cpu::Cpu;
 use chatstream::backend::Backend;
 use chatstream::engine::forward::{Logits, RunState};
 use chatstream::engine::generate::{GenerateRequest, Generator};
@@ -17,21 +18,25 @@ use common::*;
 /// Largest distance allowed between an int8 decode logit and the golden one.
 const TOL: f32 = 1.0;
 
+/// The golden test's tolerance, which the f32 path and int16 activations keep.
+const GOLDEN_TOL: f32 = 1e-2;
+
 #[test]
-fn int8_activations_stay_near_the_goldens() {
+fn quantized_activations_stay_near_the_goldens() {
     let golden = read_json(fixtures().join("smollm2/golden.json"));
     let engine = engine(default_model());
     let (model, t) = (&engine.model, &engine.transformer);
-    let mut worst = [0f32; 2];
-    let mut same_tokens = [0usize; 2];
+    let modes = [Activations::F32, Activations::Int8, Activations::Int16];
+    let mut worst = [0f32; 3];
+    let mut same_tokens = [0usize; 3];
     let mut total_tokens = 0;
     for conv in golden["conversations"].as_array().unwrap() {
         let messages: Vec<ChatMessage> = serde_json::from_value(conv["messages"].clone()).unwrap();
         let prompt = model.encode_chat(&messages).unwrap();
         let want = ids(&conv["greedy"]["new_token_ids"]);
         total_tokens += want.len();
-        for (i, int8) in [false, true].into_iter().enumerate() {
-            q8act::set_enabled(int8);
+        for (i, mode) in modes.into_iter().enumerate() {
+            q8act::set_activations(mode);
             // The last prompt token through the decode path (one token: the matvec).
             let (last, head) = prompt.split_last().unwrap();
             let mut st = RunState::new(t, 256, 1);
@@ -65,17 +70,24 @@ fn int8_activations_stay_near_the_goldens() {
                 .count();
         }
     }
-    concurrent_answers_are_the_answers_alone(&golden);
-    q8act::set_enabled(false);
+    concurrent_answers_are_the_answers_alone(&golden, Activations::Int8);
+    concurrent_answers_are_the_answers_alone(&golden, Activations::Int16);
+    q8act::set_activations(Activations::F32);
     println!(
-        "decode-path top-10 logits, max error against the goldens: f32 {:.4}, int8 {:.4}; greedy tokens identical before the first difference: f32 {}/{total_tokens}, int8 {}/{total_tokens}",
-        worst[0], worst[1], same_tokens[0], same_tokens[1]
+        "decode-path top-10 logits, max error against the goldens: f32 {:.5}, int8 {:.5}, int16 {:.5}; greedy tokens identical before the first difference: f32 {}/{total_tokens}, int8 {}/{total_tokens}, int16 {}/{total_tokens}",
+        worst[0], worst[1], worst[2], same_tokens[0], same_tokens[1], same_tokens[2]
     );
     assert!(
-        worst[0] <= 1e-2,
+        worst[0] <= GOLDEN_TOL,
         "the f32 path left its golden tolerance: {}",
         worst[0]
     );
+    assert!(
+        worst[2] <= GOLDEN_TOL,
+        "int16 activations left the golden tolerance: {}",
+        worst[2]
+    );
+    assert_eq!(same_tokens[2], total_tokens, "int16 greedy answers");
     assert!(
         worst[1] <= TOL,
         "int8 activations moved a logit by {}",
@@ -90,12 +102,12 @@ fn int8_activations_stay_near_the_goldens() {
     );
 }
 
-/// With int8 on: four greedy answers at once (the engine thread's batched steps and the
+/// With int8 (or int16) on: four greedy answers at once (the engine thread's batched steps and the
 /// workers' own passes running in the thread pool together) are each the answer alone. A
 /// pool thread waiting inside one product may run another pass's product; each must keep its
 /// own quantized inputs (it once panicked: "RefCell already borrowed").
-fn concurrent_answers_are_the_answers_alone(golden: &serde_json::Value) {
-    q8act::set_enabled(true);
+fn concurrent_answers_are_the_answers_alone(golden: &serde_json::Value, mode: Activations) {
+    q8act::set_activations(mode);
     let engine = engine(default_model());
     engine.enable_batching(4);
     let convs = golden["conversations"].as_array().unwrap();
