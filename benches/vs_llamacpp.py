@@ -6,10 +6,11 @@ sequences, one pass of N tokens a step, each row's logits computed, as a server 
 coalesces its streams runs them), and the ratios are printed.
 
     python3 -m venv .cache/llama
-    # builds llama.cpp; its native build (and a wheel pip cached from one) may die with an
-    # illegal instruction on a VM that hides CPU features, hence the explicit set
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
-      .cache/llama/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
+    # builds llama.cpp for this CPU (AVX-512 and VNNI where it has them); on a VM that hides
+    # CPU features the native build (and a wheel pip cached from one) may die with an illegal
+    # instruction: then name the set, e.g. "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+    # -DGGML_F16C=ON -DGGML_AVX512=OFF"
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .cache/llama/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
     cargo build --release
     .cache/llama/bin/python benches/vs_llamacpp.py [--model M] [--threads 2] [--rounds 3]
 """
@@ -99,11 +100,13 @@ def chatstream_run(extra):
         lv["sequences"]: lv["tokens_per_s"] for lv in v["batched_decode"]}
 
 
-results = {"llama.cpp": [], "chatstream": [], "chatstream --int8-activations": []}
+options = ["--int16-activations", "--int8-activations"]
+results = {"llama.cpp": [], "chatstream": [], **{f"chatstream {o}": [] for o in options}}
 for _ in range(args.rounds):
     results["chatstream"].append(chatstream_run([]))
     results["llama.cpp"].append(llama_run())
-    results["chatstream --int8-activations"].append(chatstream_run(["--int8-activations"]))
+    for o in options:
+        results[f"chatstream {o}"].append(chatstream_run([o]))
 
 print(f"{args.model}, {args.threads} threads, median of {args.rounds} alternating rounds; "
       f"decode after {args.decode_after} cached tokens")
