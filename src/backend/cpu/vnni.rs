@@ -187,29 +187,30 @@ fn products_in<const K: usize>(
 ) {
     assert!(detected(), "vnni::products: no AVX-512 VNNI");
     let ws = products.each_ref().map(|&(_, w)| w);
-    let (cols, nb) = (ws[0].cols, ws[0].cols / QK);
+    let cols = ws[0].cols;
     // Taken out, not borrowed: while this thread waits for the tasks below, rayon may run
     // another product on it (a second forward pass in the pool, a worker's beside the engine
     // thread's), which takes its own.
     let mut taken = INPUTS.take();
     {
         let xq = &mut taken;
-        xq.d.resize(n * nb, 0.0);
-        xq.sum.resize(n * nb, 0.0);
+        // SAFETY (both): AVX-512 detected (asserted above).
         if wide {
-            xq.wide.resize(n * cols, 0);
-            for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
-                let q = &mut xq.wide[b * QK..(b + 1) * QK];
-                // SAFETY: AVX-512 detected (asserted above).
-                (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block16(xb, q) };
-            }
+            quantize(
+                &x[..n * cols],
+                &mut xq.wide,
+                &mut xq.d,
+                &mut xq.sum,
+                x86::quantize_block16,
+            );
         } else {
-            xq.q.resize(n * cols, 0);
-            for (b, xb) in x[..n * cols].chunks_exact(QK).enumerate() {
-                let q = &mut xq.q[b * QK..(b + 1) * QK];
-                // SAFETY: AVX-512 detected (asserted above).
-                (xq.d[b], xq.sum[b]) = unsafe { x86::quantize_block(xb, q) };
-            }
+            quantize(
+                &x[..n * cols],
+                &mut xq.q,
+                &mut xq.d,
+                &mut xq.sum,
+                x86::quantize_block,
+            );
         }
         if !wide && ws.iter().any(|w| w.format == BlockFormat::Q8) {
             // `vpdpbusd` takes unsigned bytes on one side: the 8-bit matrices' inputs + 128
@@ -233,6 +234,24 @@ fn products_in<const K: usize>(
         });
     }
     INPUTS.set(taken);
+}
+
+/// `x`'s blocks through `block` (an AVX-512 quantizer) into `q`, their scales into `d` and
+/// their sums into `sum`; `block` must be safe to call here.
+fn quantize<T: Copy + Default>(
+    x: &[f32],
+    q: &mut Vec<T>,
+    d: &mut Vec<f32>,
+    sum: &mut Vec<f32>,
+    block: unsafe fn(&[f32], &mut [T]) -> (f32, f32),
+) {
+    q.resize(x.len(), T::default());
+    d.resize(x.len() / QK, 0.0);
+    sum.resize(x.len() / QK, 0.0);
+    for (b, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+        // SAFETY: the caller's.
+        (d[b], sum[b]) = unsafe { block(xb, qb) };
+    }
 }
 
 mod x86 {
@@ -280,26 +299,24 @@ mod x86 {
         out: *mut f32,
     ) {
         macro_rules! pick {
-            ($($n:literal),+) => {
-                match (wide, w.format == BlockFormat::Q8, n) {
+            ($kernel:ident, $($n:literal),+) => {
+                match (w.format == BlockFormat::Q8, n) {
                     $(
-                        (false, true, $n) => group::<$n, true>(w, g, xq, i0, out),
-                        (false, false, $n) => group::<$n, false>(w, g, xq, i0, out),
+                        (true, $n) => $kernel::<$n, true>(w, g, xq, i0, out),
+                        (false, $n) => $kernel::<$n, false>(w, g, xq, i0, out),
                     )+
-                    (true, true, 1) => group16::<1, true>(w, g, xq, i0, out),
-                    (true, true, 2) => group16::<2, true>(w, g, xq, i0, out),
-                    (true, true, 3) => group16::<3, true>(w, g, xq, i0, out),
-                    (true, true, 4) => group16::<4, true>(w, g, xq, i0, out),
-                    (true, false, 1) => group16::<1, false>(w, g, xq, i0, out),
-                    (true, false, 2) => group16::<2, false>(w, g, xq, i0, out),
-                    (true, false, 3) => group16::<3, false>(w, g, xq, i0, out),
-                    (true, false, 4) => group16::<4, false>(w, g, xq, i0, out),
                     _ => unreachable!("1..=8 inputs, 1..=4 in int16"),
                 }
             };
         }
         // SAFETY: the caller's.
-        unsafe { pick!(1, 2, 3, 4, 5, 6, 7, 8) }
+        unsafe {
+            if wide {
+                pick!(group16, 1, 2, 3, 4)
+            } else {
+                pick!(group, 1, 2, 3, 4, 5, 6, 7, 8)
+            }
+        }
     }
 
     #[inline]
@@ -358,20 +375,37 @@ mod x86 {
                         _mm512_dpbusd_epi32(*d, wt, xt)
                     };
                 }
-                let dot = _mm512_add_epi32(
-                    _mm512_add_epi32(dots[0], dots[1]),
-                    _mm512_add_epi32(dots[2], dots[3]),
-                );
-                let dot = if Q8 { _mm512_sub_epi32(dot, sums) } else { dot };
-                let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(xb)));
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
-                if !Q8 {
-                    *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(xb)), *a);
-                }
+                add_block::<Q8>(a, dots, sums, scale, mins, xq, xb);
             }
         }
         for (i, &a) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.add((i0 + i) * w.rows + g * super::LANES), a);
+        }
+    }
+
+    /// Adds input block `xb` to `a`: its four chains of integer dot products summed (less
+    /// `sums`, the 8-bit inputs' +128, with int8), times the rows' scales and the input's;
+    /// for 4-bit blocks, plus the rows' minimums times the input's block sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_block<const Q8: bool>(
+        a: &mut __m512,
+        dots: [__m512i; 4],
+        sums: __m512i,
+        scale: __m512,
+        mins: __m512,
+        xq: &QuantInputs,
+        xb: usize,
+    ) {
+        let dot = _mm512_add_epi32(
+            _mm512_add_epi32(dots[0], dots[1]),
+            _mm512_add_epi32(dots[2], dots[3]),
+        );
+        let dot = if Q8 { _mm512_sub_epi32(dot, sums) } else { dot };
+        let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(xb)));
+        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
+        if !Q8 {
+            *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(xb)), *a);
         }
     }
 
@@ -458,15 +492,8 @@ mod x86 {
                     let xk = _mm512_set1_epi32(xp.add(k).read_unaligned());
                     dots[k % 4] = _mm512_dpwssd_epi32(dots[k % 4], wk, xk);
                 }
-                let dot = _mm512_add_epi32(
-                    _mm512_add_epi32(dots[0], dots[1]),
-                    _mm512_add_epi32(dots[2], dots[3]),
-                );
-                let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(xb)));
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
-                if !Q8 {
-                    *a = _mm512_fmadd_ps(mins, _mm512_set1_ps(*xq.sum.get_unchecked(xb)), *a);
-                }
+                let none = _mm512_setzero_si512();
+                add_block::<Q8>(a, dots, none, scale, mins, xq, xb);
             }
         }
         for (i, &a) in acc.iter().enumerate() {
