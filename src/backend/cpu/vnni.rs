@@ -260,19 +260,27 @@ mod x86 {
     use super::{Interleaved, QuantInputs};
     use crate::model::dequant::{BlockFormat, QK};
 
+    /// Block `xb` (32 values) as two vectors, its largest magnitude and its sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_of(xb: &[f32]) -> ([__m512; 2], f32, f32) {
+        assert!(xb.len() >= QK);
+        let v = [
+            _mm512_loadu_ps(xb.as_ptr()),
+            _mm512_loadu_ps(xb.as_ptr().add(16)),
+        ];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        (v, amax, _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1])))
+    }
+
     /// `q8act::quantize_block` (the same values and scale; the sum in another order).
     ///
     /// # Safety
     /// AVX-512F/BW present; `xb` and `q` hold 32 values.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
-        assert!(xb.len() >= QK && q.len() >= QK);
-        let v = [
-            _mm512_loadu_ps(xb.as_ptr()),
-            _mm512_loadu_ps(xb.as_ptr().add(16)),
-        ];
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-        let sum = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        assert!(q.len() >= QK);
+        let (v, amax, sum) = block_of(xb);
         let d = amax / 127.0;
         let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         for (j, v) in v.into_iter().enumerate() {
@@ -329,14 +337,10 @@ mod x86 {
         out: *mut f32,
     ) {
         let (cols, nb) = (w.cols, w.cols / QK);
-        let format = if Q8 { BlockFormat::Q8 } else { BlockFormat::Q4 };
-        let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..nb {
-            let at = (g * nb + b) * bytes;
-            crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes);
-            let p = w.records.as_ptr().add(at) as *const __m512i;
+            let (p, scale, extra) = record::<Q8>(w, g, b);
             // line t: values 4t..4t + 4 of the block, in every row
             let wv: [__m512i; 8] = if Q8 {
                 std::array::from_fn(|t| _mm512_loadu_si512(p.add(t)))
@@ -350,9 +354,6 @@ mod x86 {
                     }
                 })
             };
-            let params = p.add(lines) as *const __m256i;
-            let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params));
-            let extra = _mm256_loadu_si256(params.add(1));
             let (mins, sums) = if Q8 {
                 let sums = _mm512_slli_epi32(_mm512_cvtepi16_epi32(extra), 7);
                 (_mm512_setzero_ps(), sums)
@@ -381,6 +382,25 @@ mod x86 {
         for (i, &a) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.add((i0 + i) * w.rows + g * super::LANES), a);
         }
+    }
+
+    /// Record (g, b): its lines, its rows' scales, and the line of their minimums (4-bit) or
+    /// sums (8-bit); the records ahead are prefetched.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn record<const Q8: bool>(
+        w: &Interleaved,
+        g: usize,
+        b: usize,
+    ) -> (*const __m512i, __m512, __m256i) {
+        let format = if Q8 { BlockFormat::Q8 } else { BlockFormat::Q4 };
+        let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
+        let at = (g * (w.cols / QK) + b) * bytes;
+        crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes);
+        let p = w.records.as_ptr().add(at) as *const __m512i;
+        let params = p.add(lines) as *const __m256i;
+        let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params));
+        (p, scale, _mm256_loadu_si256(params.add(1)))
     }
 
     /// Adds input block `xb` to `a`: its four chains of integer dot products summed (less
@@ -418,13 +438,8 @@ mod x86 {
     /// AVX-512F/BW present; `xb` and `q` hold 32 values.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_block16(xb: &[f32], q: &mut [i16]) -> (f32, f32) {
-        assert!(xb.len() >= QK && q.len() >= QK);
-        let v = [
-            _mm512_loadu_ps(xb.as_ptr()),
-            _mm512_loadu_ps(xb.as_ptr().add(16)),
-        ];
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-        let sum = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        assert!(q.len() >= QK);
+        let (v, amax, sum) = block_of(xb);
         let d = amax / 32767.0;
         let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         for (j, v) in v.into_iter().enumerate() {
@@ -450,14 +465,10 @@ mod x86 {
         out: *mut f32,
     ) {
         let (cols, nb) = (w.cols, w.cols / QK);
-        let format = if Q8 { BlockFormat::Q8 } else { BlockFormat::Q4 };
-        let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
         let nibble = _mm512_set1_epi32(0x000f_000f);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..nb {
-            let at = (g * nb + b) * bytes;
-            crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes);
-            let p = w.records.as_ptr().add(at) as *const __m512i;
+            let (p, scale, extra) = record::<Q8>(w, g, b);
             let mut wv = [_mm512_setzero_si512(); 16];
             if Q8 {
                 // line t: bytes 0 and 2, then 1 and 3, sign-extended to words
@@ -477,12 +488,10 @@ mod x86 {
                     wv[2 * t + 9] = _mm512_and_si512(_mm512_srli_epi32::<12>(v), nibble);
                 }
             }
-            let params = p.add(lines) as *const __m256i;
-            let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params));
             let mins = if Q8 {
                 _mm512_setzero_ps()
             } else {
-                _mm512_cvtph_ps(_mm256_loadu_si256(params.add(1)))
+                _mm512_cvtph_ps(extra)
             };
             for (i, a) in acc.iter_mut().enumerate() {
                 let xb = (i0 + i) * nb + b;
