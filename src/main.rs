@@ -746,7 +746,6 @@ enum Loaded {
     Cuda(Generator<Cuda>),
 }
 
-/// Parses `cuda` / `cuda:N` into a device ordinal.
 /// The CPU products' activations, from the two options (clap keeps them apart).
 fn set_activations(int8: bool, int16: bool) {
     use chatstream::backend::cpu::q8act::{self, Activations};
@@ -757,6 +756,7 @@ fn set_activations(int8: bool, int16: bool) {
     });
 }
 
+/// Parses `cuda` / `cuda:N` into a device ordinal.
 fn cuda_ordinal(device: &str) -> Option<usize> {
     match device.strip_prefix("cuda") {
         Some("") => Some(0),

@@ -24,24 +24,25 @@ use crate::model::weights::Tensor;
 pub use buf::AlignedBuf;
 
 /// A weight as the CPU backend holds it: the model's tensor (shared, never copied) and, for
-/// `--int8-activations` on a CPU with AVX-512 VNNI, its rows interleaved for the int8
-/// kernel, made by `prepare` or at the first product (so a tied embedding table that only
-/// serves lookups never gets one).
+/// `--int8-activations` or `--int16-activations` on a CPU with AVX-512 VNNI, its rows
+/// interleaved for the `vnni.rs` kernels, made by `prepare` or at the first product (so a
+/// tied embedding table that only serves lookups never gets one).
 pub struct CpuWeight {
     tensor: Tensor,
     #[cfg(target_arch = "x86_64")]
-    int8: OnceLock<Option<vnni::Interleaved>>,
+    interleaved: OnceLock<Option<vnni::Interleaved>>,
 }
 
 impl CpuWeight {
-    /// The int8 layout, when int8 activations are on and this CPU and matrix take it.
+    /// The interleaved layout, when quantized activations are on and this CPU and matrix
+    /// take it.
     #[cfg(target_arch = "x86_64")]
-    fn int8(&self) -> Option<&vnni::Interleaved> {
+    fn interleaved(&self) -> Option<&vnni::Interleaved> {
         if q8act::activations() == q8act::Activations::F32 {
             return None;
         }
         let q = self.tensor.quant.as_ref()?;
-        self.int8
+        self.interleaved
             .get_or_init(|| {
                 vnni::detected()
                     .then(|| vnni::Interleaved::new(q))
@@ -55,10 +56,10 @@ impl CpuWeight {
         self.quant.as_deref().filter(|q| quant::takes(q, n))
     }
 
-    /// The int8 layout, when a product of `n` inputs can use it.
+    /// The interleaved layout, when a product of `n` inputs can use it.
     #[cfg(target_arch = "x86_64")]
-    fn int8_for(&self, n: usize) -> Option<&vnni::Interleaved> {
-        (n <= quant::MAX_ROWS).then(|| self.int8()).flatten()
+    fn interleaved_for(&self, n: usize) -> Option<&vnni::Interleaved> {
+        (n <= quant::MAX_ROWS).then(|| self.interleaved()).flatten()
     }
 }
 
@@ -67,7 +68,7 @@ impl From<Tensor> for CpuWeight {
         CpuWeight {
             tensor,
             #[cfg(target_arch = "x86_64")]
-            int8: OnceLock::new(),
+            interleaved: OnceLock::new(),
         }
     }
 }
@@ -96,11 +97,11 @@ impl Backend for Cpu {
         t.clone().into()
     }
 
-    /// Makes the int8 layout now, when int8 activations are on (else it waits for the first
-    /// product).
+    /// Makes the interleaved layout now, when quantized activations are on (else it waits
+    /// for the first product).
     fn prepare(&self, w: &CpuWeight) {
         #[cfg(target_arch = "x86_64")]
-        w.int8();
+        w.interleaved();
         #[cfg(not(target_arch = "x86_64"))]
         let _ = w;
     }
@@ -173,7 +174,7 @@ impl Backend for Cpu {
 
     fn matmul(&self, out: &mut AlignedBuf, x: &AlignedBuf, w: &CpuWeight, n: usize) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(il) = w.int8_for(n) {
+        if let Some(il) = w.interleaved_for(n) {
             return vnni::matmul(out, x, il, n);
         }
         match (&w.quant, n) {
@@ -186,7 +187,7 @@ impl Backend for Cpu {
 
     fn matmul3(&self, outs: [&mut AlignedBuf; 3], x: &AlignedBuf, ws: [&CpuWeight; 3], n: usize) {
         #[cfg(target_arch = "x86_64")]
-        if let [Some(a), Some(b), Some(c)] = ws.map(|w| w.int8_for(n)) {
+        if let [Some(a), Some(b), Some(c)] = ws.map(|w| w.interleaved_for(n)) {
             let [q, k, v] = outs;
             return vnni::products(x, n, [(q, a), (k, b), (v, c)], false);
         }
@@ -209,7 +210,7 @@ impl Backend for Cpu {
         width: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if let (Some(g), Some(u)) = (w_gate.int8_for(n), w_up.int8_for(n)) {
+        if let (Some(g), Some(u)) = (w_gate.interleaved_for(n), w_up.interleaved_for(n)) {
             if g.rows() == u.rows() {
                 return vnni::products(x, n, [(gate, g), (up, u)], true);
             }
