@@ -73,6 +73,10 @@ fn quantized_activations_stay_near_the_goldens() {
     concurrent_answers_are_the_answers_alone(&golden, Activations::Int8);
     concurrent_answers_are_the_answers_alone(&golden, Activations::Int16);
     q8act::set_activations(Activations::F32);
+    #[cfg(target_arch = "x86_64")]
+    if !chatstream::backend::cpu::vnni::detected() {
+        println!("no AVX-512 VNNI here: int16 activations ran the f32 path");
+    }
     println!(
         "decode-path top-10 logits, max error against the goldens: f32 {:.5}, int8 {:.5}, int16 {:.5}; greedy tokens identical before the first difference: f32 {}/{total_tokens}, int8 {}/{total_tokens}, int16 {}/{total_tokens}",
         worst[0], worst[1], worst[2], same_tokens[0], same_tokens[1], same_tokens[2]

@@ -65,13 +65,14 @@ fn quantize(x: &[f32], out: &mut QuantX) {
     }
 }
 
+/// 1.5 * 2^23: adding it and taking it away rounds |v| < 2^22 to an integer, ties to even,
+/// without a libm call per value.
+pub(super) const ROUND: f32 = 12_582_912.0;
+
 /// One block of 32 values to int8, `xb[j] ~ d * q[j]` with `d = max |x| / 127`, rounded to
 /// the nearest integer, ties to even (as `vnni.rs`'s AVX-512 version, which the int8 kernel
 /// uses where it runs): returns `d` and the f32 sum of the block.
 pub(super) fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
-    /// 1.5 * 2^23: adding it and taking it away rounds |v| < 2^22 to an integer, ties to
-    /// even, without a libm call per value.
-    const ROUND: f32 = 12_582_912.0;
     let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };

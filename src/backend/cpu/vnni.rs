@@ -531,12 +531,12 @@ mod tests {
                 if !wide {
                     return (d, s, q.map(i32::from));
                 }
-                // as `quantize_block16`: ties to even, through 1.5 * 2^23
+                // as `quantize_block16`, rounded ties to even as `quantize_block` rounds
                 let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 32767.0;
                 let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let q =
-                    std::array::from_fn(|j| ((xb[j] * id + 12_582_912.0) - 12_582_912.0) as i32);
+                let round = super::super::q8act::ROUND;
+                let q = std::array::from_fn(|j| ((xb[j] * id + round) - round) as i32);
                 (d, s, q)
             })
             .collect();
