@@ -32,19 +32,31 @@ for l in sys.stdin:
   ;;
 run)
   export CHATSTREAM_FIXTURES="$PWD/$out/fixtures"
-  export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"
+  # cudarc loads libcuda, libnvrtc and libcublas by name: put every folder that holds one of
+  # them (the toolkit's, or the pip wheels' next to PyTorch) on the loader's path.
+  libdirs=$(find /usr/local/cuda* /usr/local/nvidia /usr/lib/x86_64-linux-gnu /opt /usr/local/lib \
+      \( -name 'libcuda.so*' -o -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null \
+    | grep -v -e /compat/ -e /stubs/ | xargs -r -n1 dirname | sort -u | paste -sd: - || true)
+  export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${libdirs}:${LD_LIBRARY_PATH:-}"
+  echo "library folders: $libdirs"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  log=$(mktemp)
-  status=0
-  "$out/bin/cuda_parity" --test-threads 1 --nocapture 2>&1 | tee "$log" || status=$?
+  log="${OUT:-/tmp}/device-check.log"
+  failed=""
+  # Every step runs even when one before it failed, so one run shows everything.
+  timeout 200 "$out/bin/cuda_parity" --test-threads 1 --nocapture 2>&1 | tee "$log" || failed="$failed tests"
   if grep -q "skipped" "$log"; then
-    echo "device-check: FAILED: a CUDA test skipped on the GPU machine" >&2
+    failed="$failed skipped-tests"
+  fi
+  for shape in smollm2-135m llama-3.2-1b; do
+    timeout 90 "$out/bin/chatstream" bench --synthetic "$shape" --device cuda --prompt-len 512 \
+      --decode-tokens 256 2>&1 | tee -a "$log" || failed="$failed bench-$shape"
+  done
+  timeout 30 "$out/bin/chatstream" generate --model "$out/fixtures/tiny-llama" --device cuda \
+    --prompt Hello --max-new-tokens 8 --ignore-eos 2>&1 | tee -a "$log" || failed="$failed generate"
+  if [ -n "$failed" ]; then
+    echo "device-check: FAILED:$failed" >&2
     exit 1
   fi
-  [ "$status" = 0 ] || { echo "device-check: FAILED: CUDA tests" >&2; exit "$status"; }
-  for shape in smollm2-135m llama-3.2-1b; do
-    "$out/bin/chatstream" bench --synthetic "$shape" --device cuda --prompt-len 512 --decode-tokens 256
-  done
   echo "device-check: passed"
   ;;
 *)
