@@ -22,11 +22,22 @@ extern "C" __global__ void add_bias_f32(float* x, const float* b, int rows, int 
     if (i < rows * m) x[i] += b[i % m];
 }
 
-// out (n, dim) = table[ids[row]]
-extern "C" __global__ void embed_f32(float* out, const float* table, const unsigned int* ids, int n, int dim) {
+// out (n, dim) = table[ids[row]], the table stored as W (common.cuh)
+template <typename W>
+__device__ void embed(float* out, const typename W::T* table, const unsigned int* ids, int n, int dim) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n * dim) {
         int row = i / dim;
-        out[i] = table[(size_t)ids[row] * dim + (i % dim)];
+        out[i] = W::at(table, (size_t)ids[row] * dim + (i % dim));
     }
+}
+
+extern "C" __global__ void embed_f32(float* out, const float* table, const unsigned int* ids, int n, int dim) {
+    embed<WF32>(out, table, ids, n, dim);
+}
+extern "C" __global__ void embed_f16(float* out, const unsigned short* table, const unsigned int* ids, int n, int dim) {
+    embed<WF16>(out, table, ids, n, dim);
+}
+extern "C" __global__ void embed_bf16(float* out, const unsigned short* table, const unsigned int* ids, int n, int dim) {
+    embed<WBF16>(out, table, ids, n, dim);
 }

@@ -47,9 +47,16 @@ run)
   if grep -q "skipped" "$log"; then
     failed="$failed skipped-tests"
   fi
-  for shape in smollm2-135m llama-3.2-1b; do
-    timeout 90 "$out/bin/chatstream" bench --synthetic "$shape" --device cuda --prompt-len 512 \
-      --decode-tokens 256 2>&1 | tee -a "$log" || failed="$failed bench-$shape"
+  # Each shape with its weights as f32 and as 16-bit floats (what a BF16 checkpoint or a
+  # quantized GGUF becomes on the GPU); f32 also with cuBLAS for every product, against the
+  # hand-written decode kernel.
+  for run in "smollm2-135m f32" "smollm2-135m f16" "smollm2-135m f32 cublas" \
+      "llama-3.2-1b f32" "llama-3.2-1b bf16" "llama-3.2-1b f32 cublas"; do
+    set -- $run
+    echo "bench: $run"
+    CHATSTREAM_CUDA_MATMUL="${3:-}" timeout 90 "$out/bin/chatstream" bench --synthetic "$1" \
+      --synthetic-format "$2" --device cuda --prompt-len 512 --decode-tokens 256 2>&1 \
+      | tee -a "$log" || failed="$failed bench-$1-$2${3:+-$3}"
   done
   timeout 30 "$out/bin/chatstream" generate --model "$out/fixtures/tiny-llama" --device cuda \
     --prompt Hello --max-new-tokens 8 --ignore-eos 2>&1 | tee -a "$log" || failed="$failed generate"

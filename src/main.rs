@@ -159,10 +159,12 @@ fn bench_on<B: Backend>(
     prefill_s.sort_by(f64::total_cmp);
     let (decode_tps, batched) = decode_levels(&t, &tokens(decode_after), a);
     let on_gpu = t.backend.memory().is_some();
-    // What one decode step reads: the CPU reads quantized blocks where the file had them.
+    // What one decode step reads: the CPU reads quantized blocks where the file had them,
+    // CUDA keeps such matrices as 16-bit floats.
     let tensor_bytes = |w: &Tensor| match (&w.quant, on_gpu) {
         (Some(q), false) => q.qs.len() + 8 * q.scales.len(),
-        _ => 4 * w.elements(),
+        (Some(_), true) => 2 * w.elements(),
+        (None, _) => 4 * w.elements(),
     };
     let weight_bytes: usize = weights
         .layers

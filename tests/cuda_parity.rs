@@ -8,11 +8,12 @@ mod common;
 use std::sync::OnceLock;
 
 use chatstream::backend::cpu::{AlignedBuf, Cpu};
-use chatstream::backend::cuda::{compile_kernel, nvrtc_available, Cuda};
+use chatstream::backend::cuda::{compile_kernel, defines, nvrtc_available, Cuda, FUNCTIONS};
 use chatstream::backend::kernels::KERNEL_SOURCES;
 use chatstream::backend::{AttnShape, Backend, RopeShape};
 use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::kv_cache::KvCache;
+use chatstream::model::dequant::{quantize, GgmlType, QuantMatrix};
 use chatstream::model::weights::Tensor;
 use chatstream::model::{ModelConfig, Weights};
 use chatstream::Model;
@@ -38,11 +39,50 @@ fn tensor(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn up(g: &Cuda, v: &[f32]) -> <Cuda as Backend>::Buf {
-    let mut b = g.alloc(v.len());
-    let t = Tensor::new(vec![v.len()], v.to_vec());
-    let w = g.upload(&t);
-    g.copy(&mut b, 0, &w.data, 0, v.len());
-    b
+    g.upload_f32(v)
+}
+
+/// A random (rows, cols) matrix stored as `format` (compact as a GGUF file holds it), or as
+/// f32 where rows are not whole 32-value blocks, as the loaders keep such a matrix.
+fn stored(rows: usize, cols: usize, seed: u64, format: GgmlType) -> Tensor {
+    let v = rand_vec(rows * cols, seed);
+    let compact = (format != GgmlType::F32)
+        .then(|| quantize(format, &v))
+        .flatten()
+        .and_then(|bytes| QuantMatrix::from_ggml(format, &bytes, rows, cols));
+    match compact {
+        Some(q) => Tensor::blocks(q),
+        None => Tensor::new(vec![rows, cols], v),
+    }
+}
+
+/// Whether the GPU keeps `format` other than as stored: quantized blocks are widened to f16,
+/// which rounds each weight by up to 2^-11 (f32 and 16-bit floats are used exactly on both
+/// sides, only the order of the sums differs).
+fn rounded_on_gpu(format: GgmlType) -> bool {
+    matches!(format, GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q8_0)
+}
+
+/// How far a whole model's logits on the GPU may be from the CPU's with weights in `format`:
+/// for rounded formats, the golden tolerance of the quantized formats.
+fn tol(format: GgmlType) -> f32 {
+    if rounded_on_gpu(format) {
+        1e-2
+    } else {
+        1e-3
+    }
+}
+
+/// The same for a product whose CPU result is `want`: the rounding's error grows with the
+/// values, so for rounded formats it is taken relative to the largest of them. Measured on an
+/// H200 (random inputs in [-1, 1]): at most 4.6e-4 of the value for gate_up's silu(g) * u
+/// (0.118 at 259), 0.012 for products of width 2048.
+fn product_tol(format: GgmlType, want: &[f32]) -> f32 {
+    if !rounded_on_gpu(format) {
+        return 1e-3;
+    }
+    let largest = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    1.5e-3 * largest
 }
 
 /// `v` in a CPU backend buffer.
@@ -62,11 +102,17 @@ fn kernels_compile_with_nvrtc() {
         println!("skipped: NVRTC not found");
         return;
     }
-    for (stem, src) in KERNEL_SOURCES {
-        for arch in ["compute_80", "compute_90"] {
-            if let Err(e) = compile_kernel(src, arch) {
-                panic!("{stem}.cu does not compile for {arch}:\n{e}");
-            }
+    for arch in ["compute_80", "compute_90"] {
+        let ptx: Vec<String> = KERNEL_SOURCES
+            .iter()
+            .map(|(stem, src)| match compile_kernel(src, arch) {
+                Ok(p) => p.to_src(),
+                Err(e) => panic!("{stem}.cu does not compile for {arch}:\n{e}"),
+            })
+            .collect();
+        for f in FUNCTIONS {
+            let n = ptx.iter().filter(|p| defines(p, f)).count();
+            assert_eq!(n, 1, "kernel {f} is defined in {n} files for {arch}");
         }
     }
 }
@@ -124,6 +170,20 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
     g.embed(&mut out, &g.upload(&table), &ids);
     assert_close("embed", &down(g, &out, 4 * 64), &cpu, 0.0);
 
+    for format in [GgmlType::F16, GgmlType::BF16] {
+        let table = stored(1000, 64, 8, format);
+        let mut cpu = Cpu.alloc(4 * 64);
+        Cpu.embed(&mut cpu, &Cpu.upload(&table), &ids);
+        let mut out = g.alloc(4 * 64);
+        g.embed(&mut out, &g.upload(&table), &ids);
+        assert_close(
+            &format!("embed {format:?}"),
+            &down(g, &out, 4 * 64),
+            &cpu,
+            0.0,
+        );
+    }
+
     let mut logits = rand_vec(49152, 9);
     logits[31337] = 5.0;
     assert_eq!(g.argmax(&up(g, &logits), 0..49152), Some(31337));
@@ -132,6 +192,102 @@ fn matmul_rmsnorm_and_elementwise_match_cpu() {
         g.argmax(&up(g, &logits), 0..49152),
         None,
         "NaN is an error, not a token"
+    );
+}
+
+/// Products in every storage the GPU keeps, at the token counts of decode (the hand-written
+/// kernel, up to 8) and of prefill (cuBLAS, 16-bit matrices widened), with q/k/v in one
+/// launch and the MLP's gate and up fused; the last shape is larger than one widened slice.
+#[test]
+fn products_in_every_storage_match_cpu() {
+    let Some(g) = gpu() else { return };
+    // (k, m); k = 100 is neither whole blocks nor a multiple of 8: f32, through cuBLAS
+    let shapes = [(576, 1536), (1536, 576), (2048, 8192), (200, 64), (100, 64)];
+    for format in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4_1] {
+        for (k, m) in shapes {
+            let w = stored(m, k, 21, format);
+            let (cw, gw) = (Cpu.upload(&w), g.upload(&w));
+            for n in [1, 2, 3, 8, 9, 40] {
+                let x = rand_vec(n * k, 22 + n as u64);
+                let mut cpu = Cpu.alloc(n * m);
+                Cpu.matmul(&mut cpu, &host(&x), &cw, n);
+                let mut out = g.alloc(n * m);
+                g.matmul(&mut out, &up(g, &x), &gw, n);
+                let what = format!("matmul {format:?} n={n} k={k} m={m}");
+                assert_close(
+                    &what,
+                    &down(g, &out, n * m),
+                    &cpu,
+                    product_tol(format, &cpu),
+                );
+            }
+        }
+        let (k, h, kv) = (576, 1536, 192);
+        let ws = [
+            stored(k, k, 31, format),
+            stored(kv, k, 32, format),
+            stored(kv, k, 33, format),
+        ];
+        let (cws, gws) = (
+            ws.each_ref().map(|w| Cpu.upload(w)),
+            ws.each_ref().map(|w| g.upload(w)),
+        );
+        let (wg, wu) = (stored(h, k, 34, format), stored(h, k, 35, format));
+        for n in [1, 4, 8, 12] {
+            let x = rand_vec(n * k, 36);
+            let (hx, gx) = (host(&x), up(g, &x));
+            let widths = [k, kv, kv];
+            let mut cpu = widths.map(|m| Cpu.alloc(n * m));
+            let [c0, c1, c2] = &mut cpu;
+            Cpu.matmul3([c0, c1, c2], &hx, cws.each_ref(), n);
+            let mut gpu_out = widths.map(|m| g.alloc(n * m));
+            let [o0, o1, o2] = &mut gpu_out;
+            g.matmul3([o0, o1, o2], &gx, gws.each_ref(), n);
+            for (i, m) in widths.into_iter().enumerate() {
+                let what = format!("matmul3 {format:?} n={n} output {i}");
+                assert_close(
+                    &what,
+                    &down(g, &gpu_out[i], n * m),
+                    &cpu[i],
+                    product_tol(format, &cpu[i]),
+                );
+            }
+
+            let (mut cg, mut cu) = (Cpu.alloc(n * h), Cpu.alloc(n * h));
+            Cpu.gate_up(
+                &mut cg,
+                &mut cu,
+                &hx,
+                [&Cpu.upload(&wg), &Cpu.upload(&wu)],
+                n,
+                h,
+            );
+            let (mut gg, mut gu) = (g.alloc(n * h), g.alloc(n * h));
+            g.gate_up(
+                &mut gg,
+                &mut gu,
+                &gx,
+                [&g.upload(&wg), &g.upload(&wu)],
+                n,
+                h,
+            );
+            let what = format!("gate_up {format:?} n={n}");
+            assert_close(&what, &down(g, &gg, n * h), &cg, product_tol(format, &cg));
+        }
+    }
+    // A matrix of more values than one widened slice (32M): prefill's product takes it in two.
+    let (k, m, n) = (576, 65536, 9);
+    let w = stored(m, k, 41, GgmlType::BF16);
+    let x = rand_vec(n * k, 42);
+    let mut cpu = Cpu.alloc(n * m);
+    Cpu.matmul(&mut cpu, &host(&x), &Cpu.upload(&w), n);
+    let mut out = g.alloc(n * m);
+    g.matmul(&mut out, &up(g, &x), &g.upload(&w), n);
+    assert_close(
+        "matmul BF16 in two slices",
+        &down(g, &out, n * m),
+        &cpu,
+        1e-3,
     );
 }
 
@@ -190,15 +346,42 @@ fn rope_and_attention_match_cpu() {
 }
 
 fn logits_of<B: Backend>(b: B, cfg: &ModelConfig, w: &Weights, tokens: &[u32]) -> Vec<f32> {
-    let t = Transformer::new(b, cfg, w);
+    all_logits(&Transformer::new(b, cfg, w), tokens)
+}
+
+/// Every position's logits after one pass over `tokens`.
+fn all_logits<B: Backend>(t: &Transformer<B>, tokens: &[u32]) -> Vec<f32> {
     let n = tokens.len();
-    let mut st = RunState::new(&t, n, n);
+    let mut st = RunState::new(t, n, n);
     let mut kv = KvCache::new(&t.backend, &t.cfg, n + 8);
     t.forward(&mut st, &mut kv, tokens, Logits::All, None)
         .unwrap();
     let mut out = Vec::new();
     t.backend
         .read(st.logits(), 0..n * t.cfg.vocab_size, &mut out);
+    out
+}
+
+/// The last position's logits after a pass over the first `prefill` tokens and decode steps
+/// (one token a pass) over the rest.
+fn stepped_logits<B: Backend>(t: &Transformer<B>, tokens: &[u32], prefill: usize) -> Vec<f32> {
+    let n = tokens.len();
+    let mut st = RunState::new(t, n, 1);
+    let mut kv = KvCache::new(&t.backend, &t.cfg, n + 8);
+    t.forward(&mut st, &mut kv, &tokens[..prefill], Logits::Last, None)
+        .unwrap();
+    for tok in &tokens[prefill..] {
+        t.forward(
+            &mut st,
+            &mut kv,
+            std::slice::from_ref(tok),
+            Logits::Last,
+            None,
+        )
+        .unwrap();
+    }
+    let mut out = Vec::new();
+    t.backend.read(st.logits(), 0..t.cfg.vocab_size, &mut out);
     out
 }
 
@@ -293,25 +476,32 @@ fn synthetic_shapes_match_cpu() {
     if gpu().is_none() {
         return;
     }
-    use chatstream::model::dequant::GgmlType;
     use chatstream::model::synthetic::synthetic;
-    // f32, and Q4_1 as the default GGUF holds it (the CPU reads its blocks, CUDA widens them)
+    // f32, 16-bit floats kept as stored, and Q4_1 as the default GGUF holds it (the CPU reads
+    // its blocks, CUDA widens them to f16)
     for (shape, format) in [
         ("smollm2-135m", GgmlType::F32),
         ("smollm2-135m", GgmlType::Q4_1),
+        ("smollm2-135m", GgmlType::F16),
         ("llama-3.2-1b", GgmlType::F32),
+        ("llama-3.2-1b", GgmlType::BF16),
     ] {
         let (cfg, w) = synthetic(shape, 7, format).unwrap();
         let tokens: Vec<u32> = (0..9)
             .map(|i| (i * 7919 + 11) % cfg.vocab_size as u32)
             .collect();
         let cpu = logits_of(Cpu, &cfg, &w, &tokens);
-        let gpu_logits = logits_of(Cuda::new(0).unwrap(), &cfg, &w, &tokens);
+        let gt = Transformer::new(Cuda::new(0).unwrap(), &cfg, &w);
+        let what = format!("{shape} {format:?} synthetic");
         assert_close(
-            &format!("{shape} {format:?} synthetic logits"),
-            &gpu_logits,
+            &format!("{what} logits"),
+            &all_logits(&gt, &tokens),
             &cpu,
-            1e-3,
+            tol(format),
         );
+        // decode steps take the hand-written product kernel, prefill cuBLAS
+        let last = &cpu[(tokens.len() - 1) * cfg.vocab_size..];
+        let stepped = stepped_logits(&gt, &tokens, 4);
+        assert_close(&format!("{what} decode steps"), &stepped, last, tol(format));
     }
 }

@@ -73,6 +73,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         got[at],
         want[at]
     );
+    println!("{what}: max abs error {worst:.3e} (tolerance {tol:.0e})");
 }
 
 pub fn engine(path: PathBuf) -> Arc<Engine<Cpu>> {
