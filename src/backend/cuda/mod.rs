@@ -13,7 +13,7 @@ pub mod probe;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
@@ -101,7 +101,10 @@ pub struct Cuda {
     ordinal: usize,
     name: String,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS's handle must not be used by two threads at once (decode steps run on the
+    /// engine thread while workers prefill): the lock holds it for one call, which only
+    /// queues the work.
+    blas: Mutex<CudaBlas>,
     funcs: HashMap<&'static str, CudaFunction>,
     /// Whether small products take the hand-written kernel (else cuBLAS: set
     /// CHATSTREAM_CUDA_MATMUL=cublas to compare).
@@ -205,7 +208,7 @@ impl Cuda {
             ordinal,
             name: format!("{name} (sm_{major}{minor})"),
             stream,
-            blas,
+            blas: Mutex::new(blas),
             funcs,
             gemv: std::env::var("CHATSTREAM_CUDA_MATMUL").as_deref() != Ok("cublas"),
         })
@@ -284,7 +287,8 @@ impl Cuda {
         let mut c = out.slice_mut(rows.start..);
         // SAFETY: w holds rows.len() x k floats, x n x k, and out (n, m) from column
         // rows.start on holds the (rows.len(), n) column-major block with ldc = m.
-        unsafe { self.blas.gemm(cfg, w, x, &mut c) }.expect("cuBLAS sgemm");
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        unsafe { blas.gemm(cfg, w, x, &mut c) }.expect("cuBLAS sgemm");
     }
 
     /// Waits for all queued work.
