@@ -5,8 +5,8 @@
 //! widened to F16, f32 ones stay f32. Products of up to `GEMV_MAX_TOKENS` tokens (decode)
 //! run in `kernels/matmul.cu`'s kernel, which reads each weight once for all tokens at the
 //! memory's speed; larger ones (prefill) in cuBLAS SGEMM, 16-bit matrices widened a slice
-//! at a time. All kernels are loaded at start-up, so a bad kernel
-//! fails there, not on the first request. A failed launch panics the calling worker, which
+//! at a time. All kernels are loaded at start-up, so a bad kernel fails there, not on the
+//! first request. A failed launch panics the calling worker, which
 //! the pool catches and reports as `unknown_error_occurred`.
 
 pub mod probe;
@@ -56,14 +56,6 @@ impl GpuData {
             GpuData::F32(_) => "f32",
             GpuData::F16(_) => "f16",
             GpuData::Bf16(_) => "bf16",
-        }
-    }
-
-    /// Bytes on the device.
-    pub fn bytes(&self) -> usize {
-        match self {
-            GpuData::F32(d) => 4 * d.len(),
-            GpuData::F16(d) | GpuData::Bf16(d) => 2 * d.len(),
         }
     }
 
@@ -226,7 +218,9 @@ impl Cuda {
 
     /// outs[i] (n, ws[i].rows) = x (n, k) ws[i]^T for up to three matrices of one storage
     /// type and width, in one launch of `kernels/matmul.cu`'s `gemv3`; `ms[i]` = 0 marks a
-    /// slot unused (its pointers are never touched).
+    /// slot unused (its pointers are never touched). The outputs are passed as shared
+    /// references, so that `matmul` can fill the unused slots with its one output; the
+    /// kernel's writes are ordered with every other use by the one stream.
     fn gemv3(
         &self,
         outs: [&CudaSlice<f32>; 3],
@@ -285,9 +279,9 @@ impl Cuda {
             ldc: m as i32,
         };
         let mut c = out.slice_mut(rows.start..);
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: w holds rows.len() x k floats, x n x k, and out (n, m) from column
         // rows.start on holds the (rows.len(), n) column-major block with ldc = m.
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         unsafe { blas.gemm(cfg, w, x, &mut c) }.expect("cuBLAS sgemm");
     }
 
