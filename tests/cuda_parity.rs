@@ -8,7 +8,9 @@ mod common;
 use std::sync::OnceLock;
 
 use chatstream::backend::cpu::{AlignedBuf, Cpu};
-use chatstream::backend::cuda::{compile_kernel, defines, nvrtc_available, Cuda, FUNCTIONS};
+use chatstream::backend::cuda::{
+    compile_kernel, defines, half_bits, nvrtc_available, Cuda, FUNCTIONS,
+};
 use chatstream::backend::kernels::KERNEL_SOURCES;
 use chatstream::backend::{AttnShape, Backend, RopeShape};
 use chatstream::engine::forward::{Logits, RunState, Transformer};
@@ -114,6 +116,21 @@ fn kernels_compile_with_nvrtc() {
             let n = ptx.iter().filter(|p| defines(p, f)).count();
             assert_eq!(n, 1, "kernel {f} is defined in {n} files for {arch}");
         }
+    }
+}
+
+/// The GPU's copy of a quantized matrix (no GPU needed): every value the f32 one rounded to
+/// f16, over several of the conversion's row slices and a short last one.
+#[test]
+fn quantized_matrices_go_to_the_gpu_as_their_values_in_f16() {
+    for format in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let w = stored(300, 576, 51, format);
+        let want: Vec<u16> = w
+            .to_f32()
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        assert_eq!(half_bits(w.quant.as_deref().unwrap()), want, "{format:?}");
     }
 }
 

@@ -24,7 +24,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use super::kernels::{KERNEL_COMMON, KERNEL_PTX, KERNEL_SOURCES};
 use super::{AttnShape, Backend, RopeShape};
-use crate::model::dequant::BlockFormat;
+use crate::model::dequant::{BlockFormat, QuantMatrix};
 use crate::model::weights::Tensor;
 pub use probe::{nvrtc_available, probe, CudaUnavailable};
 
@@ -302,6 +302,20 @@ macro_rules! launch {
     }};
 }
 
+/// A quantized matrix's values as IEEE half floats (their bits), widened a few rows at a time:
+/// no f32 copy of the whole matrix (2 GB for a large model's embedding) is made on the way.
+pub fn half_bits(q: &QuantMatrix) -> Vec<u16> {
+    let chunk_rows = ((1 << 16) / q.cols).clamp(1, q.rows.max(1));
+    let mut out = Vec::with_capacity(q.rows * q.cols);
+    let mut wide = vec![0f32; chunk_rows * q.cols];
+    for r0 in (0..q.rows).step_by(chunk_rows) {
+        let rows = &mut wide[..chunk_rows.min(q.rows - r0) * q.cols];
+        q.dequantize_rows(r0, rows);
+        out.extend(rows.iter().map(|&v| half::f16::from_f32(v).to_bits()));
+    }
+    out
+}
+
 /// One warp per output row.
 fn gemv_grid(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -340,14 +354,7 @@ impl Backend for Cuda {
                 match q.format {
                     BlockFormat::F16 => GpuData::F16(up16(&bits(&q.qs))),
                     BlockFormat::Bf16 => GpuData::Bf16(up16(&bits(&q.qs))),
-                    BlockFormat::Q4 | BlockFormat::Q8 => {
-                        let halves: Vec<u16> = t
-                            .to_f32()
-                            .iter()
-                            .map(|&v| half::f16::from_f32(v).to_bits())
-                            .collect();
-                        GpuData::F16(up16(&halves))
-                    }
+                    BlockFormat::Q4 | BlockFormat::Q8 => GpuData::F16(up16(&half_bits(q))),
                 }
             }
         };
