@@ -15,7 +15,8 @@ use chatstream::backend::kernels::KERNEL_SOURCES;
 use chatstream::backend::{AttnShape, Backend, RopeShape};
 use chatstream::engine::forward::{Logits, RunState, Transformer};
 use chatstream::engine::kv_cache::KvCache;
-use chatstream::model::dequant::{quantize, GgmlType, QuantMatrix};
+use chatstream::model::dequant::GgmlType;
+use chatstream::model::synthetic::matrix_as;
 use chatstream::model::weights::Tensor;
 use chatstream::model::{ModelConfig, Weights};
 use chatstream::Model;
@@ -44,18 +45,9 @@ fn up(g: &Cuda, v: &[f32]) -> <Cuda as Backend>::Buf {
     g.upload_f32(v)
 }
 
-/// A random (rows, cols) matrix stored as `format` (compact as a GGUF file holds it), or as
-/// f32 where rows are not whole 32-value blocks, as the loaders keep such a matrix.
+/// A random (rows, cols) matrix stored as `format` (`synthetic::matrix_as`).
 fn stored(rows: usize, cols: usize, seed: u64, format: GgmlType) -> Tensor {
-    let v = rand_vec(rows * cols, seed);
-    let compact = (format != GgmlType::F32)
-        .then(|| quantize(format, &v))
-        .flatten()
-        .and_then(|bytes| QuantMatrix::from_ggml(format, &bytes, rows, cols));
-    match compact {
-        Some(q) => Tensor::blocks(q),
-        None => Tensor::new(vec![rows, cols], v),
-    }
+    matrix_as(format, rows, cols, rand_vec(rows * cols, seed))
 }
 
 /// Whether the GPU keeps `format` other than as stored: quantized blocks are widened to f16,
@@ -249,7 +241,11 @@ fn products_in_every_storage_match_cpu() {
             ws.each_ref().map(|w| Cpu.upload(w)),
             ws.each_ref().map(|w| g.upload(w)),
         );
-        let (wg, wu) = (stored(h, k, 34, format), stored(h, k, 35, format));
+        let w_gate_up = [stored(h, k, 34, format), stored(h, k, 35, format)];
+        let (cgu, ggu) = (
+            w_gate_up.each_ref().map(|w| Cpu.upload(w)),
+            w_gate_up.each_ref().map(|w| g.upload(w)),
+        );
         for n in [1, 4, 8, 12] {
             let x = rand_vec(n * k, 36);
             let (hx, gx) = (host(&x), up(g, &x));
@@ -271,23 +267,9 @@ fn products_in_every_storage_match_cpu() {
             }
 
             let (mut cg, mut cu) = (Cpu.alloc(n * h), Cpu.alloc(n * h));
-            Cpu.gate_up(
-                &mut cg,
-                &mut cu,
-                &hx,
-                [&Cpu.upload(&wg), &Cpu.upload(&wu)],
-                n,
-                h,
-            );
+            Cpu.gate_up(&mut cg, &mut cu, &hx, cgu.each_ref(), n, h);
             let (mut gg, mut gu) = (g.alloc(n * h), g.alloc(n * h));
-            g.gate_up(
-                &mut gg,
-                &mut gu,
-                &gx,
-                [&g.upload(&wg), &g.upload(&wu)],
-                n,
-                h,
-            );
+            g.gate_up(&mut gg, &mut gu, &gx, ggu.each_ref(), n, h);
             let what = format!("gate_up {format:?} n={n}");
             assert_close(&what, &down(g, &gg, n * h), &cg, product_tol(format, &cg));
         }

@@ -87,6 +87,19 @@ impl Rng {
     }
 }
 
+/// A (rows, cols) matrix of `values` stored as `format`: quantized as a GGUF file would hold
+/// it, or f32 where its rows are not whole blocks (as norms are) or `format` is F32.
+pub fn matrix_as(format: GgmlType, rows: usize, cols: usize, values: Vec<f32>) -> Tensor {
+    let compact = (format != GgmlType::F32)
+        .then(|| quantize(format, &values))
+        .flatten()
+        .and_then(|bytes| QuantMatrix::from_ggml(format, &bytes, rows, cols));
+    match compact {
+        Some(m) => Tensor::blocks(m),
+        None => Tensor::new(vec![rows, cols], values),
+    }
+}
+
 /// A model of `shape` with random weights from `seed`, its matrices stored as `format`
 /// (quantized as a GGUF file would hold them; a matrix whose rows are not whole blocks
 /// stays f32, as norms do).
@@ -100,14 +113,7 @@ pub fn synthetic(
     let (d, h, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
     let mut t = |shape: &[usize]| {
         let values = rng.fill(shape.iter().product(), 0.02);
-        let compact = (format != GgmlType::F32)
-            .then(|| quantize(format, &values))
-            .flatten()
-            .and_then(|bytes| QuantMatrix::from_ggml(format, &bytes, shape[0], shape[1]));
-        match compact {
-            Some(m) => Tensor::blocks(m),
-            None => Tensor::new(shape.to_vec(), values),
-        }
+        matrix_as(format, shape[0], shape[1], values)
     };
     let ones = |n: usize| Tensor::new(vec![n], vec![1.0; n]);
     let layers = (0..c.n_layers)
