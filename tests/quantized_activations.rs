@@ -72,6 +72,7 @@ fn quantized_activations_stay_near_the_goldens() {
     }
     concurrent_answers_are_the_answers_alone(&golden, Activations::Int8);
     concurrent_answers_are_the_answers_alone(&golden, Activations::Int16);
+    interleaved_weights_replace_the_row_major_ones();
     q8act::set_activations(Activations::F32);
     #[cfg(target_arch = "x86_64")]
     if !chatstream::backend::cpu::vnni::detected() {
@@ -151,4 +152,75 @@ fn concurrent_answers_are_the_answers_alone(golden: &serde_json::Value, mode: Ac
             .collect();
         assert_eq!(together, alone, "round {round}");
     }
+}
+
+/// Loaded with quantized activations on (and AVX-512 VNNI), the matrices are kept only in
+/// the interleaved layout: the model's row-major ones are let go (the tied embedding table
+/// included), and what reads rows instead of the quantized kernels (embedding lookups,
+/// prefill's SGEMM, products once the activations are set back to f32) gives what the
+/// row-major matrices give.
+fn interleaved_weights_replace_the_row_major_ones() {
+    #[cfg(target_arch = "x86_64")]
+    let vnni = chatstream::backend::cpu::vnni::detected();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    if !vnni {
+        return;
+    }
+    let load = |mode: Activations| {
+        q8act::set_activations(mode);
+        let model = chatstream::model::Model::load(&default_model()).unwrap();
+        // a second handle on two matrices, to count who else holds them
+        let held = [
+            model.weights.embed.clone(),
+            model.weights.layers[3].w_up.clone(),
+        ];
+        let engine = chatstream::engine::generate::Engine::new(model, Cpu);
+        let holders = held.map(|t| std::sync::Arc::strong_count(t.quant.as_ref().unwrap()));
+        (engine, holders)
+    };
+    let (interleaved, holders) = load(Activations::Int16);
+    assert_eq!(holders, [1, 1], "the row-major matrices are let go");
+    let (row_major, holders) = load(Activations::F32);
+    assert_eq!(
+        holders,
+        [2, 2],
+        "with f32 activations the engine keeps them"
+    );
+    let prompt: Vec<u32> = (0..40).map(|i| 200 + 37 * i).collect();
+    // every product through SGEMM (40 tokens), then a decode step with each activations
+    let logits = |engine: &chatstream::engine::generate::Engine<Cpu>| {
+        let t = &engine.transformer;
+        let mut st = RunState::new(t, 64, 64);
+        let mut kv = KvCache::new(&Cpu, &t.cfg, 128);
+        let read = |st: &RunState<Cpu>, rows: usize| {
+            let mut out = Vec::new();
+            Cpu.read(st.logits(), 0..rows * t.cfg.vocab_size, &mut out);
+            out
+        };
+        q8act::set_activations(Activations::F32);
+        t.forward(&mut st, &mut kv, &prompt, Logits::All, None)
+            .unwrap();
+        let prefill = read(&st, prompt.len());
+        let steps = [Activations::F32, Activations::Int16].map(|mode| {
+            q8act::set_activations(mode);
+            kv.truncate(prompt.len());
+            t.forward(&mut st, &mut kv, &[prompt[0]], Logits::Last, None)
+                .unwrap();
+            read(&st, 1)
+        });
+        (prefill, steps)
+    };
+    let (got, [got_f32, got_int16]) = logits(&interleaved);
+    let (want, [want_f32, want_int16]) = logits(&row_major);
+    assert!(got == want, "prefill logits from the interleaved records");
+    assert!(got_int16 == want_int16, "an int16 decode step");
+    let worst = got_f32
+        .iter()
+        .zip(&want_f32)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 1e-4,
+        "a decode step in f32 from the records: {worst}"
+    );
 }

@@ -71,8 +71,9 @@ pub trait Backend: Send + Sync {
     /// Places a host tensor on the device.
     fn upload(&self, t: &Tensor) -> Self::Weight;
     /// Readies an uploaded matrix that `matmul` will take, at start-up rather than in a
-    /// request (a layout of the backend's own, say); by default nothing.
-    fn prepare(&self, _w: &Self::Weight) {}
+    /// request (a layout of the backend's own, say, which may replace the uploaded one); by
+    /// default nothing.
+    fn prepare(&self, _w: &mut Self::Weight) {}
     /// A zeroed buffer of `len` floats.
     fn alloc(&self, len: usize) -> Self::Buf;
     /// Whether KV caches on this backend can store `dtype` (f32 everywhere).

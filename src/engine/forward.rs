@@ -38,10 +38,10 @@ pub struct Transformer<B: Backend> {
     pub cfg: ModelConfig,
     embed: B::Weight, // (vocab, dim)
     layers: Vec<Layer<B>>,
-    norm: B::Weight,     // (dim)
-    output: B::Weight,   // (vocab, dim)
-    rope_cos: B::Weight, // (max_pos, head_dim / 2)
-    rope_sin: B::Weight, // (max_pos, head_dim / 2)
+    norm: B::Weight,           // (dim)
+    output: Option<B::Weight>, // (vocab, dim); `None` when tied to `embed`
+    rope_cos: B::Weight,       // (max_pos, head_dim / 2)
+    rope_sin: B::Weight,       // (max_pos, head_dim / 2)
     max_pos: usize,
 }
 
@@ -116,8 +116,8 @@ impl<B: Backend> Transformer<B> {
         let up = |t: &Tensor| backend.upload(t);
         // a matrix that `matmul` takes
         let matrix = |t: &Tensor| {
-            let w = backend.upload(t);
-            backend.prepare(&w);
+            let mut w = backend.upload(t);
+            backend.prepare(&mut w);
             w
         };
         let layers = w
@@ -139,16 +139,25 @@ impl<B: Backend> Transformer<B> {
         let max_pos = cfg.max_position_embeddings.min(MAX_ROPE_POSITIONS);
         let (cos, sin) = rope_tables(cfg, max_pos);
         Transformer {
-            embed: up(&w.embed),
+            // a tied table is uploaded once, as the output head (lookups read it too)
+            embed: match w.lm_head {
+                Some(_) => up(&w.embed),
+                None => matrix(&w.embed),
+            },
             layers,
             norm: up(&w.norm),
-            output: matrix(w.output()),
+            output: w.lm_head.as_ref().map(matrix),
             rope_cos: up(&cos),
             rope_sin: up(&sin),
             max_pos,
             cfg: cfg.clone(),
             backend,
         }
+    }
+
+    /// The output head: its own matrix, or the embedding table when tied.
+    fn output(&self) -> &B::Weight {
+        self.output.as_ref().unwrap_or(&self.embed)
     }
 
     /// Longest sequence the model (and its RoPE tables) supports.
@@ -249,7 +258,7 @@ impl<B: Backend> Transformer<B> {
         );
         b.copy(&mut st.last, 0, &st.x, (n - rows) * dim, rows * dim);
         b.rmsnorm(&mut st.xb, &st.last, &self.norm, rows, c.rms_norm_eps);
-        b.matmul(&mut st.logits, &st.xb, &self.output, rows);
+        b.matmul(&mut st.logits, &st.xb, self.output(), rows);
         Ok(())
     }
 
@@ -374,7 +383,7 @@ impl<B: Backend> Transformer<B> {
             kv.advance(1);
         }
         b.rmsnorm(&mut st.xb, &st.x, &self.norm, n, c.rms_norm_eps);
-        b.matmul(&mut st.logits, &st.xb, &self.output, n);
+        b.matmul(&mut st.logits, &st.xb, self.output(), n);
         Ok(())
     }
 

@@ -32,9 +32,12 @@ pub struct Engine<B: Backend> {
 }
 
 impl<B: Backend + 'static> Engine<B> {
-    /// Puts `model` on `backend`.
-    pub fn new(model: Model, backend: B) -> Engine<B> {
-        let transformer = Transformer::new(backend, &model.config, &model.weights);
+    /// Puts `model` on `backend`. The model's own weights are dropped once the backend holds
+    /// them: the CPU backend may have re-laid a matrix, and a GPU's copy needs no host one.
+    pub fn new(mut model: Model, backend: B) -> Engine<B> {
+        let weights = std::mem::take(&mut model.weights);
+        let transformer = Transformer::new(backend, &model.config, &weights);
+        drop(weights);
         Engine {
             model,
             transformer,

@@ -40,7 +40,8 @@ pub struct Model {
     pub name: String,
     /// Hyper-parameters.
     pub config: ModelConfig,
-    /// Weights as f32.
+    /// Weights (f32, or matrices in their compact form); empty once an `Engine` holds the
+    /// model, whose backend has its own.
     pub weights: Weights,
     /// Tokenizer.
     pub tokenizer: Tokenizer,

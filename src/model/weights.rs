@@ -34,6 +34,17 @@ pub struct Tensor {
     pub quant: Option<Arc<QuantMatrix>>,
 }
 
+impl Default for Tensor {
+    /// No values (what a model's weights leave behind once a backend holds them).
+    fn default() -> Tensor {
+        Tensor {
+            shape: Vec::new(),
+            data: HugeBuf::empty(),
+            quant: None,
+        }
+    }
+}
+
 impl Tensor {
     /// A tensor from its shape and values.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
@@ -108,7 +119,7 @@ pub struct LayerWeights {
 }
 
 /// All weights of a model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Weights {
     /// embed_tokens (vocab, dim)
     pub embed: Tensor,

@@ -24,10 +24,13 @@ use crate::model::weights::Tensor;
 pub use buf::AlignedBuf;
 
 /// A weight as the CPU backend holds it: the model's tensor (shared, never copied) and, for
-/// `--int8-activations` or `--int16-activations` on a CPU with AVX-512 VNNI, its rows
-/// interleaved for the `vnni.rs` kernels, made by `prepare` or at the first product (so a
-/// tied embedding table that only serves lookups never gets one).
+/// quantized activations (`--activations int16|int8`) on a CPU with AVX-512 VNNI, its rows
+/// interleaved for the `vnni.rs` kernels. `prepare` makes that layout when the activations
+/// are quantized at load time, and drops the row-major matrix then (the records hold every
+/// value: lookups and prefill widen rows from them); otherwise the layout waits for the
+/// first quantized product and both are kept.
 pub struct CpuWeight {
+    /// `quant` is `None` once `interleaved` alone holds the matrix.
     tensor: Tensor,
     #[cfg(target_arch = "x86_64")]
     interleaved: OnceLock<Option<vnni::Interleaved>>,
@@ -41,14 +44,34 @@ impl CpuWeight {
         if q8act::activations() == q8act::Activations::F32 {
             return None;
         }
-        let q = self.tensor.quant.as_ref()?;
         self.interleaved
             .get_or_init(|| {
+                let q = self.tensor.quant.as_ref()?;
                 vnni::detected()
                     .then(|| vnni::Interleaved::new(q))
                     .flatten()
             })
             .as_ref()
+    }
+
+    /// The interleaved layout, whatever the activations now (None where it was never made).
+    #[cfg(target_arch = "x86_64")]
+    fn interleaved_made(&self) -> Option<&vnni::Interleaved> {
+        self.interleaved.get()?.as_ref()
+    }
+
+    /// Rows r0.. of a matrix as f32 (`out.len() / cols` of them), from whichever layout holds
+    /// it: the same floats either way.
+    fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
+        if let Some(q) = &self.quant {
+            return q.dequantize_rows(r0, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(il) = self.interleaved_made() {
+            return il.dequantize_rows(r0, out);
+        }
+        let at = r0 * self.cols();
+        out.copy_from_slice(&self.data[at..at + out.len()]);
     }
 
     /// The compact matrix, when `quant::products` takes a product of `n` inputs with it.
@@ -97,11 +120,13 @@ impl Backend for Cpu {
         t.clone().into()
     }
 
-    /// Makes the interleaved layout now, when quantized activations are on (else it waits
-    /// for the first product).
-    fn prepare(&self, w: &CpuWeight) {
+    /// Makes the interleaved layout now, when quantized activations are on, and drops the
+    /// row-major matrix it replaces (else the layout waits for the first quantized product).
+    fn prepare(&self, w: &mut CpuWeight) {
         #[cfg(target_arch = "x86_64")]
-        w.interleaved();
+        if w.interleaved().is_some() {
+            w.tensor.quant = None;
+        }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = w;
     }
@@ -160,11 +185,7 @@ impl Backend for Cpu {
     fn embed(&self, out: &mut AlignedBuf, table: &CpuWeight, ids: &[u32]) {
         let dim = table.cols();
         for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
-            let r = id as usize;
-            match &table.quant {
-                Some(q) => q.dequantize_rows(r, o),
-                None => o.copy_from_slice(&table.data[r * dim..(r + 1) * dim]),
-            }
+            table.dequantize_rows(id as usize, o);
         }
     }
 
@@ -176,6 +197,12 @@ impl Backend for Cpu {
         #[cfg(target_arch = "x86_64")]
         if let Some(il) = w.interleaved_for(n) {
             return vnni::matmul(out, x, il, n);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (None, Some(il)) = (&w.quant, w.interleaved_made()) {
+            // many inputs, or the activations set to f32 after loading
+            let widen = |r0: usize, panel: &mut [f32]| il.widen_rows(r0, panel);
+            return quant::gemm_widened(out, x, n, il.rows(), il.cols(), widen);
         }
         match (&w.quant, n) {
             (Some(q), 1) => quant::matvec_q(out, x, q),

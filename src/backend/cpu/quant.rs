@@ -497,6 +497,32 @@ mod avx512 {
         }
     }
 
+    /// `super::widen_blocks_by` for a 4- or 8-bit format.
+    pub(super) fn widen_blocks_by(
+        format: super::BlockFormat,
+        out: &mut [f32],
+        block: impl Fn(usize) -> super::Block,
+    ) {
+        // SAFETY: AVX-512F was detected (the only caller checks); each block's bytes are an
+        // array of 32, as many as an 8-bit block reads.
+        unsafe {
+            match format as u8 {
+                super::Q4 => widen_each::<{ super::Q4 }>(out, block),
+                _ => widen_each::<{ super::Q8 }>(out, block),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen_each<const F: u8>(out: &mut [f32], block: impl Fn(usize) -> super::Block) {
+        for (i, o) in out.chunks_exact_mut(super::QK).enumerate() {
+            let (q, d, m) = block(i);
+            let [lo, hi] = widen::<F>(q.as_ptr(), d, m, 0);
+            _mm512_storeu_ps(o.as_mut_ptr(), lo);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), hi);
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     unsafe fn widen_blocks<const F: u8>(w: &super::QuantMatrix, first: usize, out: &mut [f32]) {
         for (b, o) in out.chunks_exact_mut(super::QK).enumerate() {
@@ -878,7 +904,22 @@ thread_local! {
 /// exists whole. The widening is one pass over the weights per call, against n multiply-adds
 /// per weight in the SGEMM, and gives the very floats of dequantizing the file.
 pub fn matmul_q_gemm(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
-    let (k, m) = (w.cols, w.rows);
+    gemm_widened(out, x, n, w.rows, w.cols, |r0, panel| {
+        widen_rows(w, r0, panel)
+    });
+}
+
+/// `matmul_q_gemm` for a `rows x cols` matrix of any layout: `widen(r0, panel)` writes rows
+/// r0.. as f32 (`panel.len() / cols` of them).
+pub fn gemm_widened(
+    out: &mut [f32],
+    x: &[f32],
+    n: usize,
+    rows: usize,
+    cols: usize,
+    widen: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let (k, m) = (cols, rows);
     assert!(
         x.len() >= n * k && out.len() >= n * m,
         "matmul_q_gemm: shape"
@@ -894,7 +935,7 @@ pub fn matmul_q_gemm(out: &mut [f32], x: &[f32], w: &QuantMatrix, n: usize) {
             for j0 in (b * per..end).step_by(panel_rows) {
                 let mb = panel_rows.min(end - j0);
                 let panel = &mut buf[..mb * k];
-                widen_rows(w, j0, panel);
+                widen(j0, panel);
                 // SAFETY: out holds n rows of m floats (checked above); this task writes
                 // only columns j0..j0 + mb of its own share.
                 unsafe { super::ops::sgemm_rows(n, k, mb, x, panel, c.0.add(j0), m) };
@@ -912,6 +953,31 @@ fn widen_rows(w: &QuantMatrix, r0: usize, out: &mut [f32]) {
         }
     }
     w.dequantize_rows(r0, out)
+}
+
+/// The packed values of a 4- or 8-bit block (the first `format.bytes()`), its scale and its
+/// minimum.
+pub type Block = ([u8; QK], f32, f32);
+
+/// `widen_rows` for a matrix laid out otherwise: block i of `out` (32 floats each) from
+/// `block(i)`, with AVX-512 where the CPU has it (the same floats as `widen_rows` gives for
+/// the same blocks).
+pub(super) fn widen_blocks_by(
+    format: BlockFormat,
+    out: &mut [f32],
+    block: impl Fn(usize) -> Block,
+) {
+    assert!(format.scaled(), "widen_blocks_by: a 4- or 8-bit format");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512::detected() {
+            return avx512::widen_blocks_by(format, out, block);
+        }
+    }
+    for (i, o) in out.chunks_exact_mut(QK).enumerate() {
+        let (q, d, m) = block(i);
+        format.widen(&q[..format.bytes()], d, m, o);
+    }
 }
 
 /// Rows against n inputs (see `RowsFn`): each block is widened to f32 once, then dotted

@@ -105,6 +105,54 @@ impl Interleaved {
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// Columns of the matrix.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows r0.. as f32 (`out.len() / cols` of them): the floats
+    /// `QuantMatrix::dequantize_rows` gives for the matrix this was made from.
+    pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
+        let block = self.blocks_from(r0, out.len());
+        for (i, o) in out.chunks_exact_mut(QK).enumerate() {
+            let (q, d, m) = block(i);
+            self.format.widen(&q[..self.format.bytes()], d, m, o);
+        }
+    }
+
+    /// `dequantize_rows` with AVX-512 (the floats of the row-major matrix's SGEMM panels).
+    pub fn widen_rows(&self, r0: usize, out: &mut [f32]) {
+        super::quant::widen_blocks_by(self.format, out, self.blocks_from(r0, out.len()));
+    }
+
+    /// Block i of the rows from r0 on (row after row), gathered from the records, for `len`
+    /// floats' worth of blocks.
+    fn blocks_from(&self, r0: usize, len: usize) -> impl Fn(usize) -> super::quant::Block + '_ {
+        let (nb, bb) = (self.cols / QK, self.format.bytes());
+        let record = record_bytes(self.format);
+        assert!(
+            len.is_multiple_of(self.cols) && r0 + len / self.cols <= self.rows,
+            "Interleaved: rows out of range"
+        );
+        move |i| {
+            let (r, b) = (r0 + i / nb, i % nb);
+            let at = ((r / LANES) * nb + b) * record;
+            let rec = &self.records[at..at + record];
+            let lane = r % LANES;
+            let mut q = [0u8; QK];
+            for (t, dword) in q[..bb].chunks_exact_mut(4).enumerate() {
+                dword.copy_from_slice(&rec[t * 64 + 4 * lane..t * 64 + 4 * lane + 4]);
+            }
+            let params = &rec[bb * LANES..];
+            let half = |at: usize| f16::from_le_bytes([params[at], params[at + 1]]).to_f32();
+            let m = match self.format {
+                BlockFormat::Q8 => 0.0,
+                _ => half(2 * LANES + 2 * lane),
+            };
+            (q, half(2 * lane), m)
+        }
+    }
 }
 
 /// Bytes of one (group, block) record: the values' lines, then scales and minimums or sums.
@@ -644,6 +692,37 @@ mod tests {
             let mut want = alone(&gate);
             crate::backend::cpu::ops::silu_mul(&mut want, &alone(&up));
             assert_eq!(g, want, "n={n} int16 {wide}: silu(gate) * up");
+        }
+    }
+
+    #[test]
+    fn interleaved_rows_widen_to_the_row_major_floats() {
+        // runs without VNNI too: the layout and its widening need only AVX-512 (or none)
+        for format in [BlockFormat::Q4, BlockFormat::Q8] {
+            let (rows, cols) = (48, 96);
+            let w = matrix(format, rows, cols, 11);
+            let il = Interleaved::new(&w).expect("a multiple of 16 rows");
+            for (r0, count) in [(0, 48), (5, 1), (15, 2), (16, 16), (31, 17), (47, 1)] {
+                let (mut got, mut want) = (vec![f32::NAN; count * cols], vec![0f32; count * cols]);
+                il.dequantize_rows(r0, &mut got);
+                w.dequantize_rows(r0, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{format:?} rows {r0}+{count}");
+            }
+            // the SGEMM panels (AVX-512 widening where the CPU has it) through prefill's
+            // product: the same outputs as from the row-major matrix
+            let n = 19;
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 13 % 71) as f32 - 35.0) / 9.0)
+                .collect();
+            let (mut got, mut want) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+            let widen = |r0: usize, panel: &mut [f32]| il.widen_rows(r0, panel);
+            super::super::quant::gemm_widened(&mut got, &x, n, rows, cols, widen);
+            super::super::quant::matmul_q_gemm(&mut want, &x, &w, n);
+            assert_eq!(
+                got, want,
+                "{format:?}: prefill from the interleaved records"
+            );
         }
     }
 
