@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use chatstream::backend::cpu::q8act::{self, Activations};
 use chatstream::backend::cpu::Cpu;
 use chatstream::backend::cuda::Cuda;
 use chatstream::backend::{Backend, KvDtype};
@@ -112,12 +113,48 @@ struct BenchArgs {
     /// Memory bandwidth in GB/s to report decode's share of (default 4800, an H200, on CUDA).
     #[arg(long)]
     bandwidth_gbs: Option<f64>,
-    /// CPU decode with int8 activations (not exact; see --int8-activations of serve).
-    #[arg(long, conflicts_with = "int16_activations")]
+    #[command(flatten)]
+    activations: ActivationArgs,
+}
+
+/// How CPU products with 4- and 8-bit weights take their inputs.
+#[derive(Args)]
+struct ActivationArgs {
+    /// How CPU products of up to 16 tokens (decode steps, short prompts) with Q4_0/Q4_1/Q8_0
+    /// weights take their inputs. int16: quantized per 32-value block to int16 on CPUs with
+    /// AVX-512 VNNI, 1.3-1.5x as fast as f32 there, the logits within 0.0015 of the goldens
+    /// (their tolerance is 0.01) and greedy answers unchanged; the f32 path elsewhere. f32:
+    /// exact. int8: as llama.cpp does, about twice as fast as f32 with AVX-512 VNNI (and
+    /// faster with AVX2 alone), the logits move by up to about 1. All measured in
+    /// tests/quantized_activations.rs.
+    #[arg(
+        long,
+        env = "CHATSTREAM_ACTIVATIONS",
+        value_enum,
+        default_value_t = Activations::Int16
+    )]
+    activations: Activations,
+    /// The same as --activations int8.
+    #[arg(long, env = "CHATSTREAM_INT8_ACTIVATIONS", conflicts_with_all = ["activations", "int16_activations"])]
     int8_activations: bool,
-    /// CPU decode with int16 activations (see --int16-activations of serve).
-    #[arg(long)]
+    /// The same as --activations int16.
+    #[arg(
+        long,
+        env = "CHATSTREAM_INT16_ACTIVATIONS",
+        conflicts_with = "activations"
+    )]
     int16_activations: bool,
+}
+
+impl ActivationArgs {
+    /// Sets the CPU products' activations for this process.
+    fn apply(&self) {
+        q8act::set_activations(match (self.int8_activations, self.int16_activations) {
+            (true, _) => Activations::Int8,
+            (_, true) => Activations::Int16,
+            _ => self.activations,
+        });
+    }
 }
 
 /// Prefill and decode timings of one backend, as a JSON object.
@@ -299,7 +336,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             .build_global()
             .context("setting up threads")?;
     }
-    set_activations(a.int8_activations, a.int16_activations);
+    a.activations.apply();
     let (cfg, weights, name) = match &a.synthetic {
         Some(shape) => {
             let (c, w) = synthetic(shape, 1, a.synthetic_format).map_err(anyhow::Error::msg)?;
@@ -634,21 +671,8 @@ struct ModelArgs {
     /// Tokens of context (prompt plus answer) to allocate the KV cache for.
     #[arg(long, env = "CHATSTREAM_CONTEXT_LEN", default_value_t = 4096)]
     context_len: usize,
-    /// CPU products of up to 16 tokens (decode steps, short prompts) with Q4_1/Q8_0 weights
-    /// in int8 activations, as llama.cpp does: about twice as fast with AVX-512 VNNI (and
-    /// faster with AVX2 alone), and the logits move a little (measured in
-    /// tests/quantized_activations.rs); off by default.
-    #[arg(
-        long,
-        env = "CHATSTREAM_INT8_ACTIVATIONS",
-        conflicts_with = "int16_activations"
-    )]
-    int8_activations: bool,
-    /// CPU products of up to 16 tokens with Q4_1/Q8_0 weights in int16 activations, on CPUs
-    /// with AVX-512 VNNI (elsewhere the exact f32 path): 1.3-1.5x as fast, and the logits
-    /// move by a few thousandths (measured in tests/quantized_activations.rs); off by default.
-    #[arg(long, env = "CHATSTREAM_INT16_ACTIVATIONS")]
-    int16_activations: bool,
+    #[command(flatten)]
+    activations: ActivationArgs,
     /// How KV caches store keys and values: f32 (exact) or f16 (CPU only: half the memory,
     /// so twice the sessions in the budget, and attention reads half as much; the logits
     /// move a little, measured in tests/golden_smollm2.rs).
@@ -748,16 +772,6 @@ enum Loaded {
     Cuda(Generator<Cuda>),
 }
 
-/// The CPU products' activations, from the two options (clap keeps them apart).
-fn set_activations(int8: bool, int16: bool) {
-    use chatstream::backend::cpu::q8act::{self, Activations};
-    q8act::set_activations(match (int8, int16) {
-        (true, _) => Activations::Int8,
-        (_, true) => Activations::Int16,
-        _ => Activations::F32,
-    });
-}
-
 /// Parses `cuda` / `cuda:N` into a device ordinal.
 fn cuda_ordinal(device: &str) -> Option<usize> {
     match device.strip_prefix("cuda") {
@@ -774,7 +788,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             .build_global()
             .context("setting up threads")?;
     }
-    set_activations(args.int8_activations, args.int16_activations);
+    args.activations.apply();
     // An explicit CUDA device is opened first (fail fast); `auto` looks for one after the
     // model loaded, so a bad model path is the one error reported.
     let mut gpu = match args.device.as_str() {

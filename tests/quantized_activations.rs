@@ -1,5 +1,5 @@
-//! The opt-in quantized activations (`--int8-activations`, `--int16-activations`) on the real
-//! model, measured against the golden file and the exact f32 path: the decode-path logits of each golden conversation's
+//! The quantized activations (`--activations int16`, the server's default, and the opt-in
+//! `--activations int8`) on the real model, measured against the golden file and the exact f32 path: the decode-path logits of each golden conversation's
 //! last prompt token (top-10 ids) and the greedy answers. It is its own test binary because
 //! the setting is process-wide. The measured error is printed; the bounds below are what the
 //! option promises (the f32 path is the one held to the golden tolerance of 1e-2).

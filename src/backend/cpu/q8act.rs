@@ -1,4 +1,4 @@
-//! Opt-in int8 activations (`--int8-activations`), as llama.cpp does: the input vector is
+//! Int8 activations (`--activations int8`, opt-in), as llama.cpp does: the input vector is
 //! quantized per 32-value block to int8 with one f32 scale, and each weight block is dotted
 //! with it in integers. With AVX-512 VNNI every product of up to 16 inputs goes through
 //! `vnni.rs` (rows interleaved by 16); elsewhere the one-input decode matvec is here (AVX2
@@ -14,13 +14,15 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::model::dequant::{BlockFormat, QuantMatrix, QK};
 
-/// How the CPU's products of up to 16 inputs with Q4_1/Q8_0 weights take their inputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How the CPU's products of up to 16 inputs with Q4_1/Q8_0 weights take their inputs. The
+/// library starts with `F32`; the server and `bench` default to `Int16` (`--activations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activations {
     /// As they are, in f32 (the exact path the golden tests hold to their tolerances).
     F32,
     /// Quantized per 32-value block to int16, on CPUs with AVX-512 VNNI (`vnni.rs`; f32
-    /// elsewhere): about 1.3-1.5x as fast there, the logits move by a few thousandths.
+    /// elsewhere): about 1.3-1.5x as fast there, the logits move by a few thousandths
+    /// (within the goldens' tolerance).
     Int16,
     /// Quantized per 32-value block to int8: about twice as fast, the logits move by up to
     /// about 1.

@@ -1,5 +1,5 @@
-//! Quantized activations on CPUs with AVX-512 VNNI (`--int8-activations`,
-//! `--int16-activations`): the 4- and 8-bit matrices re-laid with their rows interleaved by
+//! Quantized activations on CPUs with AVX-512 VNNI (`--activations int16`, the server's
+//! default, and `--activations int8`): the 4- and 8-bit matrices re-laid with their rows interleaved by
 //! 16, so that one `vpdpbusd` takes 4 values of one block from each of 16 rows against 4
 //! int8 inputs (64 multiply-adds), and each block's scaling is one vector operation for all
 //! 16 rows. The f32 kernels must scale every row's block on its own; here a block of 16 rows
