@@ -501,25 +501,32 @@ mod avx512 {
     pub(super) fn widen_blocks_by(
         format: super::BlockFormat,
         out: &mut [f32],
-        block: impl Fn(usize) -> super::Block,
+        nb: usize,
+        block: impl Fn(usize, usize) -> super::Block,
     ) {
         // SAFETY: AVX-512F was detected (the only caller checks); each block's bytes are an
         // array of 32, as many as an 8-bit block reads.
         unsafe {
             match format as u8 {
-                super::Q4 => widen_each::<{ super::Q4 }>(out, block),
-                _ => widen_each::<{ super::Q8 }>(out, block),
+                super::Q4 => widen_each::<{ super::Q4 }>(out, nb, block),
+                _ => widen_each::<{ super::Q8 }>(out, nb, block),
             }
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn widen_each<const F: u8>(out: &mut [f32], block: impl Fn(usize) -> super::Block) {
-        for (i, o) in out.chunks_exact_mut(super::QK).enumerate() {
-            let (q, d, m) = block(i);
-            let [lo, hi] = widen::<F>(q.as_ptr(), d, m, 0);
-            _mm512_storeu_ps(o.as_mut_ptr(), lo);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16), hi);
+    unsafe fn widen_each<const F: u8>(
+        out: &mut [f32],
+        nb: usize,
+        block: impl Fn(usize, usize) -> super::Block,
+    ) {
+        for (r, row) in out.chunks_exact_mut(nb * super::QK).enumerate() {
+            for (b, o) in row.chunks_exact_mut(super::QK).enumerate() {
+                let (q, d, m) = block(r, b);
+                let [lo, hi] = widen::<F>(q.as_ptr(), d, m, 0);
+                _mm512_storeu_ps(o.as_mut_ptr(), lo);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), hi);
+            }
         }
     }
 
@@ -959,24 +966,27 @@ fn widen_rows(w: &QuantMatrix, r0: usize, out: &mut [f32]) {
 /// minimum.
 pub type Block = ([u8; QK], f32, f32);
 
-/// `widen_rows` for a matrix laid out otherwise: block i of `out` (32 floats each) from
-/// `block(i)`, with AVX-512 where the CPU has it (the same floats as `widen_rows` gives for
-/// the same blocks).
+/// `widen_rows` for a matrix laid out otherwise: rows of `nb` blocks, block b of row r (32
+/// floats at `out[(r * nb + b) * 32..]`) from `block(r, b)`, with AVX-512 where the CPU has
+/// it (the same floats as `widen_rows` gives for the same blocks).
 pub(super) fn widen_blocks_by(
     format: BlockFormat,
     out: &mut [f32],
-    block: impl Fn(usize) -> Block,
+    nb: usize,
+    block: impl Fn(usize, usize) -> Block,
 ) {
     assert!(format.scaled(), "widen_blocks_by: a 4- or 8-bit format");
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::detected() {
-            return avx512::widen_blocks_by(format, out, block);
+            return avx512::widen_blocks_by(format, out, nb, block);
         }
     }
-    for (i, o) in out.chunks_exact_mut(QK).enumerate() {
-        let (q, d, m) = block(i);
-        format.widen(&q[..format.bytes()], d, m, o);
+    for (r, row) in out.chunks_exact_mut(nb * QK).enumerate() {
+        for (b, o) in row.chunks_exact_mut(QK).enumerate() {
+            let (q, d, m) = block(r, b);
+            format.widen(&q[..format.bytes()], d, m, o);
+        }
     }
 }
 

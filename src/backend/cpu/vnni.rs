@@ -1,8 +1,8 @@
 //! Quantized activations on CPUs with AVX-512 VNNI (`--activations int16`, the server's
-//! default, and `--activations int8`): the 4- and 8-bit matrices re-laid with their rows interleaved by
-//! 16, so that one `vpdpbusd` takes 4 values of one block from each of 16 rows against 4
-//! int8 inputs (64 multiply-adds), and each block's scaling is one vector operation for all
-//! 16 rows. The f32 kernels must scale every row's block on its own; here a block of 16 rows
+//! default, and `--activations int8`): the 4- and 8-bit matrices re-laid with their rows
+//! interleaved by 16, so that one `vpdpbusd` takes 4 values of one block from each of 16
+//! rows against 4 int8 inputs (64 multiply-adds), and each block's scaling is one vector
+//! operation for all 16 rows. The f32 kernels must scale every row's block on its own; here a block of 16 rows
 //! costs each input 8 integer dot products, 3 integer adds and 4 float operations, against
 //! 32 FMAs. The inputs are quantized per block exactly as `q8act` does (the same rounding,
 //! whose accuracy `tests/quantized_activations.rs` measures); only the order of the float
@@ -114,44 +114,49 @@ impl Interleaved {
     /// Rows r0.. as f32 (`out.len() / cols` of them): the floats
     /// `QuantMatrix::dequantize_rows` gives for the matrix this was made from.
     pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
-        let block = self.blocks_from(r0, out.len());
+        let (nb, block) = self.blocks_from(r0, out.len());
         for (i, o) in out.chunks_exact_mut(QK).enumerate() {
-            let (q, d, m) = block(i);
+            let (q, d, m) = block(i / nb, i % nb);
             self.format.widen(&q[..self.format.bytes()], d, m, o);
         }
     }
 
     /// `dequantize_rows` with AVX-512 (the floats of the row-major matrix's SGEMM panels).
     pub fn widen_rows(&self, r0: usize, out: &mut [f32]) {
-        super::quant::widen_blocks_by(self.format, out, self.blocks_from(r0, out.len()));
+        let (nb, block) = self.blocks_from(r0, out.len());
+        super::quant::widen_blocks_by(self.format, out, nb, block);
     }
 
-    /// Block i of the rows from r0 on (row after row), gathered from the records, for `len`
-    /// floats' worth of blocks.
-    fn blocks_from(&self, r0: usize, len: usize) -> impl Fn(usize) -> super::quant::Block + '_ {
+    /// Blocks a row, and block b of row r0 + r (for rows r0.. as `len` floats hold), gathered
+    /// from the records.
+    fn blocks_from(
+        &self,
+        r0: usize,
+        len: usize,
+    ) -> (usize, impl Fn(usize, usize) -> super::quant::Block + '_) {
         let (nb, bb) = (self.cols / QK, self.format.bytes());
         let record = record_bytes(self.format);
         assert!(
             len.is_multiple_of(self.cols) && r0 + len / self.cols <= self.rows,
             "Interleaved: rows out of range"
         );
-        move |i| {
-            let (r, b) = (r0 + i / nb, i % nb);
+        let block = move |r: usize, b: usize| {
+            let (r, mut q) = (r0 + r, [0u8; QK]);
             let at = ((r / LANES) * nb + b) * record;
-            let rec = &self.records[at..at + record];
-            let lane = r % LANES;
-            let mut q = [0u8; QK];
-            for (t, dword) in q[..bb].chunks_exact_mut(4).enumerate() {
-                dword.copy_from_slice(&rec[t * 64 + 4 * lane..t * 64 + 4 * lane + 4]);
+            let (rec, lane) = (&self.records[at..at + record], r % LANES);
+            for (dword, line) in q[..bb].chunks_exact_mut(4).zip(rec.chunks_exact(64)) {
+                dword.copy_from_slice(&line[4 * lane..4 * lane + 4]);
             }
             let params = &rec[bb * LANES..];
-            let half = |at: usize| f16::from_le_bytes([params[at], params[at + 1]]).to_f32();
+            // (the const conversion inlines; the other checks the CPU on every call)
+            let half = |at: usize| f16::from_le_bytes([params[at], params[at + 1]]).to_f32_const();
             let m = match self.format {
                 BlockFormat::Q8 => 0.0,
                 _ => half(2 * LANES + 2 * lane),
             };
             (q, half(2 * lane), m)
-        }
+        };
+        (nb, block)
     }
 }
 
