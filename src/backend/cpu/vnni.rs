@@ -429,7 +429,7 @@ mod x86 {
                         _mm512_dpbusd_epi32(*d, wt, xt)
                     };
                 }
-                add_block::<Q8>(a, dots, sums, scale, mins, xq, xb);
+                add_block::<Q8>(a, sum_chains::<1>(dots), sums, scale, mins, xq, xb);
             }
         }
         for (i, &a) in acc.iter().enumerate() {
@@ -456,24 +456,40 @@ mod x86 {
         (p, scale, _mm256_loadu_si256(params.add(1)))
     }
 
-    /// Adds input block `xb` to `a`: its four chains of integer dot products summed (less
-    /// `sums`, the 8-bit inputs' +128, with int8), times the rows' scales and the input's;
-    /// for 4-bit blocks, plus the rows' minimums times the input's block sum.
+    /// Chains of integer dot products each of N inputs takes in `group16`: four in all.
+    const fn chains<const N: usize>() -> usize {
+        if N >= 4 {
+            1
+        } else {
+            4 / N
+        }
+    }
+
+    /// The sum of an input's chains (those past `chains::<N>()` are zeros).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum_chains<const N: usize>(d: [__m512i; 4]) -> __m512i {
+        match chains::<N>() {
+            1 => d[0],
+            2 => _mm512_add_epi32(d[0], d[1]),
+            _ => _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3])),
+        }
+    }
+
+    /// Adds input block `xb` to `a`: its integer dot products `dot` (less `sums`, the 8-bit
+    /// inputs' +128, with int8), times the rows' scales and the input's; for 4-bit blocks,
+    /// plus the rows' minimums times the input's block sum.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn add_block<const Q8: bool>(
         a: &mut __m512,
-        dots: [__m512i; 4],
+        dot: __m512i,
         sums: __m512i,
         scale: __m512,
         mins: __m512,
         xq: &QuantInputs,
         xb: usize,
     ) {
-        let dot = _mm512_add_epi32(
-            _mm512_add_epi32(dots[0], dots[1]),
-            _mm512_add_epi32(dots[2], dots[3]),
-        );
         let dot = if Q8 { _mm512_sub_epi32(dot, sums) } else { dot };
         let s = _mm512_mul_ps(scale, _mm512_set1_ps(*xq.d.get_unchecked(xb)));
         *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
@@ -546,16 +562,25 @@ mod x86 {
             } else {
                 _mm512_cvtph_ps(extra)
             };
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xb = (i0 + i) * nb + b;
-                let xp = xq.wide.as_ptr().add((i0 + i) * cols + b * QK) as *const i32;
-                let mut dots = [_mm512_setzero_si512(); 4];
-                for (k, &wk) in wv.iter().enumerate() {
+            // Four independent chains of dot products in all (one a chain would wait on the
+            // instruction's latency): one input's split four ways, four inputs' one each,
+            // which spares the three adds that sum an input's chains (the integer sums are
+            // exact in any order).
+            let xp: [*const i32; N] = std::array::from_fn(|i| {
+                xq.wide.as_ptr().add((i0 + i) * cols + b * QK) as *const i32
+            });
+            let mut dots = [[_mm512_setzero_si512(); 4]; N];
+            for (k, &wk) in wv.iter().enumerate() {
+                for (d, &xp) in dots.iter_mut().zip(&xp) {
                     let xk = _mm512_set1_epi32(xp.add(k).read_unaligned());
-                    dots[k % 4] = _mm512_dpwssd_epi32(dots[k % 4], wk, xk);
+                    let c = k % chains::<N>();
+                    d[c] = _mm512_dpwssd_epi32(d[c], wk, xk);
                 }
-                let none = _mm512_setzero_si512();
-                add_block::<Q8>(a, dots, none, scale, mins, xq, xb);
+            }
+            let none = _mm512_setzero_si512();
+            for (i, (a, d)) in acc.iter_mut().zip(dots).enumerate() {
+                let xb = (i0 + i) * nb + b;
+                add_block::<Q8>(a, sum_chains::<N>(d), none, scale, mins, xq, xb);
             }
         }
         for (i, &a) in acc.iter().enumerate() {
