@@ -523,7 +523,8 @@ mod x86 {
 
     /// `group` with int16 inputs: each block's values widen to 16 vectors of word pairs,
     /// vector k holding, in each row's lane, the values that the input's dword k (see
-    /// `quantize_block16`) pairs with, and one `vpdpwssd` takes each (32 multiply-adds).
+    /// `quantize_block16`) pairs with, and one `vpdpwssd` takes each (32 multiply-adds). A
+    /// line at a time: its vectors, then every input.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn group16<const N: usize, const Q8: bool>(
@@ -538,23 +539,46 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..nb {
             let (p, scale, extra) = record::<Q8>(w, g, b);
-            let mut wv = [_mm512_setzero_si512(); 16];
+            let xp: [*const i32; N] = std::array::from_fn(|i| {
+                xq.wide.as_ptr().add((i0 + i) * cols + b * QK) as *const i32
+            });
+            // Four independent chains of dot products in all (one a chain would wait on the
+            // instruction's latency): one input's split four ways, four inputs' one each,
+            // which spares the adds that sum an input's chains (the integer sums are exact
+            // in any order).
+            let mut dots = [[_mm512_setzero_si512(); 4]; N];
+            let mut dot = |k: usize, wk: __m512i| {
+                for (d, &xp) in dots.iter_mut().zip(&xp) {
+                    let xk = _mm512_set1_epi32(xp.add(k).read_unaligned());
+                    let c = k % chains::<N>();
+                    d[c] = _mm512_dpwssd_epi32(d[c], wk, xk);
+                }
+            };
             if Q8 {
                 // line t: bytes 0 and 2, then 1 and 3, sign-extended to words
                 for t in 0..8 {
                     let v = _mm512_loadu_si512(p.add(t));
-                    wv[2 * t] = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
-                    wv[2 * t + 1] = _mm512_srai_epi16::<8>(v);
+                    dot(2 * t, _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v)));
+                    dot(2 * t + 1, _mm512_srai_epi16::<8>(v));
                 }
             } else {
                 // line t: the low nibbles of bytes 0 and 2 (values 4t, 4t + 2), of bytes 1
                 // and 3, then the high nibbles (values 4t + 16...)
                 for t in 0..4 {
                     let v = _mm512_loadu_si512(p.add(t));
-                    wv[2 * t] = _mm512_and_si512(v, nibble);
-                    wv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi32::<8>(v), nibble);
-                    wv[2 * t + 8] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nibble);
-                    wv[2 * t + 9] = _mm512_and_si512(_mm512_srli_epi32::<12>(v), nibble);
+                    dot(2 * t, _mm512_and_si512(v, nibble));
+                    dot(
+                        2 * t + 1,
+                        _mm512_and_si512(_mm512_srli_epi32::<8>(v), nibble),
+                    );
+                    dot(
+                        2 * t + 8,
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(v), nibble),
+                    );
+                    dot(
+                        2 * t + 9,
+                        _mm512_and_si512(_mm512_srli_epi32::<12>(v), nibble),
+                    );
                 }
             }
             let mins = if Q8 {
@@ -562,21 +586,6 @@ mod x86 {
             } else {
                 _mm512_cvtph_ps(extra)
             };
-            // Four independent chains of dot products in all (one a chain would wait on the
-            // instruction's latency): one input's split four ways, four inputs' one each,
-            // which spares the three adds that sum an input's chains (the integer sums are
-            // exact in any order).
-            let xp: [*const i32; N] = std::array::from_fn(|i| {
-                xq.wide.as_ptr().add((i0 + i) * cols + b * QK) as *const i32
-            });
-            let mut dots = [[_mm512_setzero_si512(); 4]; N];
-            for (k, &wk) in wv.iter().enumerate() {
-                for (d, &xp) in dots.iter_mut().zip(&xp) {
-                    let xk = _mm512_set1_epi32(xp.add(k).read_unaligned());
-                    let c = k % chains::<N>();
-                    d[c] = _mm512_dpwssd_epi32(d[c], wk, xk);
-                }
-            }
             let none = _mm512_setzero_si512();
             for (i, (a, d)) in acc.iter_mut().zip(dots).enumerate() {
                 let xb = (i0 + i) * nb + b;
