@@ -2,14 +2,15 @@
 //! default, and `--activations int8`): the 4- and 8-bit matrices re-laid with their rows
 //! interleaved by 16, so that one `vpdpbusd` takes 4 values of one block from each of 16
 //! rows against 4 int8 inputs (64 multiply-adds), and each block's scaling is one vector
-//! operation for all 16 rows. The f32 kernels must scale every row's block on its own; here a block of 16 rows
-//! costs each input 8 integer dot products, 3 integer adds and 4 float operations, against
-//! 32 FMAs. The inputs are quantized per block exactly as `q8act` does (the same rounding,
-//! whose accuracy `tests/quantized_activations.rs` measures); only the order of the float
-//! sums differs. With int16 inputs (15 bits a value against int8's 7: the logits stay
-//! within the goldens' tolerance), one `vpdpwssd` takes 2 values from each of 16 rows (32
-//! multiply-adds): 16 integer dot products a block and input. x86-64 only (the module is
-//! compiled there alone).
+//! operation for all 16 rows. The f32 kernels must scale every row's block on its own; here
+//! a block of 16 rows costs each input 8 integer dot products, 3 integer adds and 4 float
+//! operations, against 32 FMAs. The inputs are quantized per block exactly as `q8act` does
+//! (the same rounding, whose accuracy `tests/quantized_activations.rs` measures); only the
+//! order of the float sums differs. With int16 inputs (15 bits a value against int8's 7:
+//! the logits stay within the goldens' tolerance), one `vpdpwssd` takes 2 values from each
+//! of 16 rows (32 multiply-adds): 16 integer dot products a block and input. When the CPU
+//! backend holds a matrix in this layout alone, its rows are widened back from the records
+//! (embedding lookups, prefill). x86-64 only (the module is compiled there alone).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -429,6 +430,7 @@ mod x86 {
                         _mm512_dpbusd_epi32(*d, wt, xt)
                     };
                 }
+                // its four chains, as one input's in `group16`
                 add_block::<Q8>(a, sum_chains::<1>(dots), sums, scale, mins, xq, xb);
             }
         }
@@ -542,10 +544,10 @@ mod x86 {
             let xp: [*const i32; N] = std::array::from_fn(|i| {
                 xq.wide.as_ptr().add((i0 + i) * cols + b * QK) as *const i32
             });
-            // Four independent chains of dot products in all (one a chain would wait on the
-            // instruction's latency): one input's split four ways, four inputs' one each,
-            // which spares the adds that sum an input's chains (the integer sums are exact
-            // in any order).
+            // Four independent chains of dot products in all (a single chain would wait on
+            // the instruction's latency): one input's split four ways, four inputs' one
+            // each, which spares the adds that sum an input's chains (the integer sums are
+            // exact in any order).
             let mut dots = [[_mm512_setzero_si512(); 4]; N];
             let mut dot = |k: usize, wk: __m512i| {
                 for (d, &xp) in dots.iter_mut().zip(&xp) {
