@@ -964,11 +964,14 @@ fn widen_rows(w: &QuantMatrix, r0: usize, out: &mut [f32]) {
 
 /// The packed values of a 4- or 8-bit block (the first `format.bytes()`), its scale and its
 /// minimum.
+#[cfg(target_arch = "x86_64")]
 pub type Block = ([u8; QK], f32, f32);
 
-/// `widen_rows` for a matrix laid out otherwise: rows of `nb` blocks, block b of row r (32
-/// floats at `out[(r * nb + b) * 32..]`) from `block(r, b)`, with AVX-512 where the CPU has
-/// it (the same floats as `widen_rows` gives for the same blocks).
+/// `widen_rows` for a matrix laid out otherwise (`vnni::Interleaved`, x86-64 only): rows of
+/// `nb` blocks, block b of row r (32 floats at `out[(r * nb + b) * 32..]`) from
+/// `block(r, b)`, with AVX-512 where the CPU has it (the same floats as `widen_rows` gives
+/// for the same blocks).
+#[cfg(target_arch = "x86_64")]
 pub(super) fn widen_blocks_by(
     format: BlockFormat,
     out: &mut [f32],
@@ -976,11 +979,8 @@ pub(super) fn widen_blocks_by(
     block: impl Fn(usize, usize) -> Block,
 ) {
     assert!(format.scaled(), "widen_blocks_by: a 4- or 8-bit format");
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx512::detected() {
-            return avx512::widen_blocks_by(format, out, nb, block);
-        }
+    if avx512::detected() {
+        return avx512::widen_blocks_by(format, out, nb, block);
     }
     for (r, row) in out.chunks_exact_mut(nb * QK).enumerate() {
         for (b, o) in row.chunks_exact_mut(QK).enumerate() {
