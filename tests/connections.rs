@@ -4,7 +4,8 @@
 //! and, when none is idle, the newcomer gets a fast 503; with 1,000 idle connections open a
 //! new request is served within 1 s and the thread count stays bounded; ambiguous framing
 //! (conflicting Content-Length, Transfer-Encoding, huge heads) is refused before the server;
-//! keep-alive and pipelined requests pass through; a client leaving mid-stream is detected.
+//! keep-alive and pipelined requests pass through; a client leaving mid-stream is detected;
+//! a client that sends a too-large body whole before reading still gets its 413.
 
 mod common;
 
@@ -236,6 +237,27 @@ fn ambiguous_or_oversized_framing_is_refused_before_the_server() {
     let r = send(b"\x00\x01garbage\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     // And the server still serves.
+    assert_eq!(request(h.addr, "GET", "/health", &[], b"").status, 200);
+}
+
+#[test]
+fn a_body_too_large_gets_its_413_though_the_client_sends_it_all() {
+    // The server answers from the Content-Length, before the body; the client, as curl
+    // does, sends the whole body before it reads. Its writes must not fail on a reset, and
+    // the answer must still be there to read (the body is read and dropped).
+    let (cs, h) = start(limits(), MockMode::Echo, 1);
+    let len = cs.cfg.max_body_bytes + (8 << 20);
+    let mut s = connect(h.addr);
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the answer has come and gone
+    let body = vec![b'x'; len];
+    for chunk in body.chunks(64 << 10) {
+        s.write_all(chunk)
+            .expect("the body's bytes are taken, not reset");
+    }
+    let r = read_all(s);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
     assert_eq!(request(h.addr, "GET", "/health", &[], b"").status, 200);
 }
 
