@@ -982,6 +982,18 @@ pub(super) fn widen_blocks_by(
     if avx512::detected() {
         return avx512::widen_blocks_by(format, out, nb, block);
     }
+    dequantize_blocks_by(format, out, nb, block)
+}
+
+/// `widen_blocks_by` in plain loops: the floats of `QuantMatrix::dequantize_rows` for the
+/// same blocks.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn dequantize_blocks_by(
+    format: BlockFormat,
+    out: &mut [f32],
+    nb: usize,
+    block: impl Fn(usize, usize) -> Block,
+) {
     for (r, row) in out.chunks_exact_mut(nb * QK).enumerate() {
         for (b, o) in row.chunks_exact_mut(QK).enumerate() {
             let (q, d, m) = block(r, b);

@@ -116,10 +116,7 @@ impl Interleaved {
     /// `QuantMatrix::dequantize_rows` gives for the matrix this was made from.
     pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
         let (nb, block) = self.blocks_from(r0, out.len());
-        for (i, o) in out.chunks_exact_mut(QK).enumerate() {
-            let (q, d, m) = block(i / nb, i % nb);
-            self.format.widen(&q[..self.format.bytes()], d, m, o);
-        }
+        super::quant::dequantize_blocks_by(self.format, out, nb, block);
     }
 
     /// `dequantize_rows` with AVX-512 (the floats of the row-major matrix's SGEMM panels).
