@@ -1,8 +1,10 @@
 //! The quantized activations (`--activations int16`, the server's default, and the opt-in
-//! `--activations int8`) on the real model, measured against the golden file and the exact f32 path: the decode-path logits of each golden conversation's
-//! last prompt token (top-10 ids) and the greedy answers. It is its own test binary because
-//! the setting is process-wide. The measured error is printed; the bounds below are what the
-//! option promises (the f32 path is the one held to the golden tolerance of 1e-2).
+//! `--activations int8`) on the real model, measured against the golden file and the exact
+//! f32 path: the decode-path logits of each golden conversation's last prompt token (top-10
+//! ids; the prompt before it prefilled with the same activations, which for int16 go
+//! through the quantized kernels too) and the greedy answers. It is its own test binary
+//! because the setting is process-wide. The measured error is printed; the bounds below are
+//! what the option promises (the f32 path is the one held to the golden tolerance of 1e-2).
 
 mod common;
 
@@ -158,7 +160,7 @@ fn concurrent_answers_are_the_answers_alone(golden: &serde_json::Value, mode: Ac
 /// the interleaved layout: the model's row-major ones are let go (the tied embedding table
 /// included), and what reads rows instead of the quantized kernels (embedding lookups,
 /// prefill's SGEMM, products once the activations are set back to f32) gives what the
-/// row-major matrices give.
+/// row-major matrices give; an int16 prompt goes through the int16 kernels.
 fn interleaved_weights_replace_the_row_major_ones() {
     #[cfg(target_arch = "x86_64")]
     let vnni = chatstream::backend::cpu::vnni::detected();
@@ -188,7 +190,8 @@ fn interleaved_weights_replace_the_row_major_ones() {
         "with f32 activations the engine keeps them"
     );
     let prompt: Vec<u32> = (0..40).map(|i| 200 + 37 * i).collect();
-    // every product through SGEMM (40 tokens), then a decode step with each activations
+    // the prompt with f32 activations (every product through SGEMM: 40 tokens) and with
+    // int16 ones (through the int16 kernels), then a decode step with each activations
     let logits = |engine: &chatstream::engine::generate::Engine<Cpu>| {
         let t = &engine.transformer;
         let mut st = RunState::new(t, 64, 64);
@@ -202,6 +205,11 @@ fn interleaved_weights_replace_the_row_major_ones() {
         t.forward(&mut st, &mut kv, &prompt, Logits::All, None)
             .unwrap();
         let prefill = read(&st, prompt.len());
+        q8act::set_activations(Activations::Int16);
+        kv.truncate(0);
+        t.forward(&mut st, &mut kv, &prompt, Logits::All, None)
+            .unwrap();
+        let prefill16 = read(&st, prompt.len());
         let steps = [Activations::F32, Activations::Int16].map(|mode| {
             q8act::set_activations(mode);
             kv.truncate(prompt.len());
@@ -209,11 +217,22 @@ fn interleaved_weights_replace_the_row_major_ones() {
                 .unwrap();
             read(&st, 1)
         });
-        (prefill, steps)
+        (prefill, prefill16, steps)
     };
-    let (got, [got_f32, got_int16]) = logits(&interleaved);
-    let (want, [want_f32, want_int16]) = logits(&row_major);
+    let (got, got16, [got_f32, got_int16]) = logits(&interleaved);
+    let (want, want16, [want_f32, want_int16]) = logits(&row_major);
     assert!(got == want, "prefill logits from the interleaved records");
+    assert!(got16 == want16, "an int16 prefill");
+    // the int16 prompt went through the quantized kernels: near the f32 one, not its bits
+    let moved = got16
+        .iter()
+        .zip(&got)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("a 40-token prompt's logits, int16 against f32: within {moved:.5}");
+    assert!(
+        moved > 0.0 && moved <= 0.05,
+        "int16 prefill moved the logits by {moved}"
+    );
     assert!(got_int16 == want_int16, "an int16 decode step");
     let worst = got_f32
         .iter()

@@ -79,10 +79,16 @@ impl CpuWeight {
         self.quant.as_deref().filter(|q| quant::takes(q, n))
     }
 
-    /// The interleaved layout, when a product of `n` inputs can use it.
+    /// The interleaved layout, when a product of `n` inputs can use it: any n with int16
+    /// inputs (prompts too: within the goldens' tolerance, `tests/quantized_activations.rs`),
+    /// up to `quant::MAX_ROWS` with int8 ones (over a whole prompt their rounding moved the
+    /// logits past that test's bound of 1).
     #[cfg(target_arch = "x86_64")]
     fn interleaved_for(&self, n: usize) -> Option<&vnni::Interleaved> {
-        (n <= quant::MAX_ROWS).then(|| self.interleaved()).flatten()
+        let int16 = q8act::activations() == q8act::Activations::Int16;
+        (int16 || n <= quant::MAX_ROWS)
+            .then(|| self.interleaved())
+            .flatten()
     }
 }
 

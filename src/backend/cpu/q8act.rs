@@ -14,18 +14,19 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::model::dequant::{BlockFormat, QuantMatrix, QK};
 
-/// How the CPU's products of up to 16 inputs with Q4_1/Q8_0 weights take their inputs. The
-/// library starts with `F32`; the server and `bench` default to `Int16` (`--activations`).
+/// How the CPU's products with Q4_0/Q4_1/Q8_0 weights take their inputs: decode steps
+/// (up to 16 inputs) and, with `Int16`, prompts too. The library starts with `F32`; the
+/// server and `bench` default to `Int16` (`--activations`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activations {
     /// As they are, in f32 (the exact path the golden tests hold to their tolerances).
     F32,
     /// Quantized per 32-value block to int16, on CPUs with AVX-512 VNNI (`vnni.rs`; f32
-    /// elsewhere): about 1.3-1.5x as fast there, the logits move by a few thousandths
-    /// (within the goldens' tolerance).
+    /// elsewhere), prompts too: decode about 1.5x as fast there and prefill about 1.9x, the
+    /// logits move by a few thousandths (within the goldens' tolerance).
     Int16,
-    /// Quantized per 32-value block to int8: about twice as fast, the logits move by up to
-    /// about 1.
+    /// Quantized per 32-value block to int8, decode steps only: about twice as fast, the
+    /// logits move by up to about 1.
     Int8,
 }
 

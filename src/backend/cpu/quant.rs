@@ -788,6 +788,7 @@ pub fn products<const K: usize>(
     products: [(&mut [f32], &QuantMatrix); K],
     glu: bool,
 ) {
+    assert!(n <= MAX_ROWS, "products: {n} inputs");
     let ws = products.each_ref().map(|&(_, w)| w);
     let outs = products.map(|(out, w)| (out, w.rows, w.cols));
     par_products(outs, x.len(), n, glu, |m, rows, o| {
@@ -825,8 +826,7 @@ pub(super) fn par_products<const K: usize>(
 ) {
     let cols = outs[0].2;
     assert!(
-        n <= MAX_ROWS
-            && x_len >= n * cols
+        x_len >= n * cols
             && outs
                 .iter()
                 .all(|(out, rows, c)| *c == cols && out.len() >= n * rows)

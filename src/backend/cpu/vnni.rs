@@ -8,9 +8,13 @@
 //! (the same rounding, whose accuracy `tests/quantized_activations.rs` measures); only the
 //! order of the float sums differs. With int16 inputs (15 bits a value against int8's 7:
 //! the logits stay within the goldens' tolerance), one `vpdpwssd` takes 2 values from each
-//! of 16 rows (32 multiply-adds): 16 integer dot products a block and input. When the CPU
-//! backend holds a matrix in this layout alone, its rows are widened back from the records
-//! (embedding lookups, prefill). x86-64 only (the module is compiled there alone).
+//! of 16 rows (32 multiply-adds): 16 integer dot products a block and input. With int16,
+//! prompts go through these kernels too (any number of inputs, 4 at a time: twice as fast
+//! as prefill's f32 SGEMM); int8 takes products of up to 16 inputs, since its rounding
+//! moves the logits too far over a whole prompt. When the CPU backend holds a matrix in
+//! this layout alone, its rows are widened back from the records (embedding lookups, and
+//! prefill once the activations are set back to f32 or to int8 for more than 16 inputs).
+//! x86-64 only (the module is compiled there alone).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -208,8 +212,8 @@ const GROUP: usize = 8;
 /// The same with int16 inputs, whose blocks widen to 16 registers.
 const GROUP16: usize = 4;
 
-/// out (n, rows) = x (n, cols) @ W^T with int8 inputs (int16 when `q8act` says so), n at
-/// most 16 (as `matmul_q`).
+/// out (n, rows) = x (n, cols) @ W^T with int8 inputs (int16 when `q8act` says so), for
+/// any n (the CPU backend gives it at most 16 int8 inputs).
 pub fn matmul(out: &mut [f32], x: &[f32], w: &Interleaved, n: usize) {
     products(x, n, [(out, w)], false);
 }
@@ -689,7 +693,7 @@ mod tests {
                 for (rows, cols) in [(16, 32), (48, 96), (64, 576)] {
                     let w = matrix(format, rows, cols, rows as u32 + 3);
                     let il = Interleaved::new(&w).expect("a multiple of 16 rows");
-                    for n in [1, 2, 3, 5, 8, 9, 16] {
+                    for n in [1, 2, 3, 5, 8, 9, 16, 37] {
                         let x: Vec<f32> = (0..n * cols)
                             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
                             .collect();
@@ -728,7 +732,7 @@ mod tests {
         .map(|(f, rows)| Interleaved::new(&matrix(f, rows, cols, rows as u32)).unwrap());
         let [gate, up] = [BlockFormat::Q8, BlockFormat::Q4]
             .map(|f| Interleaved::new(&matrix(f, 64, cols, 7)).unwrap());
-        for (n, wide) in [1, 3, 9, 16]
+        for (n, wide) in [1, 3, 9, 16, 37]
             .into_iter()
             .flat_map(|n| [(n, false), (n, true)])
         {
