@@ -844,14 +844,18 @@ fn prefetch_values<E>(p: *const E, len: usize) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn prefetch(p: *const u8, bytes: usize) {
+    prefetch_to::<{ std::arch::x86_64::_MM_HINT_T0 }>(p, bytes)
+}
+
+/// One prefetch with hint `HINT` (`_MM_HINT_T0`: into L1, `_MM_HINT_T1`: into L2) for
+/// every 64 bytes of `bytes` from `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch_to<const HINT: i32>(p: *const u8, bytes: usize) {
     for off in (0..bytes).step_by(64) {
         // SAFETY: a prefetch only hints the cache and never faults; `wrapping_add` keeps
         // the address arithmetic defined past the end of the buffer.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_add(off) as *const i8,
-            )
-        }
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(off) as *const i8) }
     }
 }
 
