@@ -235,7 +235,7 @@ macro_rules! rows_loop {
             };
             if N <= $pair {
                 while r + 2 <= rows {
-                    super::prefetch_rows_ahead::<F>(qs, r * rb, (r + 2) * rb);
+                    super::prefetch_ahead(qs, r * rb, (r + 2) * rb);
                     let (sc, mn) = super::params_from::<F>(scales, mins, r * nb);
                     let sums = row::<2, N, F>(
                         qs.get_unchecked(r * rb..),
@@ -251,7 +251,7 @@ macro_rules! rows_loop {
                 }
             }
             for r in r..rows {
-                super::prefetch_rows_ahead::<F>(qs, r * rb, (r + 1) * rb);
+                super::prefetch_ahead(qs, r * rb, (r + 1) * rb);
                 let (sc, mn) = super::params_from::<F>(scales, mins, r * nb);
                 let [sums] = row::<1, N, F>(
                     qs.get_unchecked(r * rb..),
@@ -717,21 +717,15 @@ pub(super) mod neon {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 
-/// Asks the cache for the weight bytes `PREFETCH_AHEAD` past `qs[from..to]`, one request a
-/// cache line (x86; elsewhere the hardware prefetcher alone).
+/// Asks for the weight bytes `PREFETCH_AHEAD` past `qs[from..to]` into L2, one request a
+/// cache line (x86; elsewhere the hardware prefetcher alone). Into L2 rather than L1, the
+/// weights streamed faster from memory (2 cores of a Zen 4, a 1536x576 matrix x 100 or
+/// 150, alternating builds): F16/BF16 rows 25-30 GB/s against 15-16, Q8_0 rows 1.05-1.08
+/// against 1.17-2.0 ns a block, Q4_1 rows 0.94-1.02 against 0.99-1.09, the interleaved
+/// records 0.55-0.64 against 0.76-0.81 (one input). F16/BF16 SmolLM2 decode ran 1.6-1.8x as
+/// fast, the default path's 1.07x. The AVX2-only kernels take the same hint, unmeasured.
 #[inline(always)]
 pub(super) fn prefetch_ahead(qs: &[u8], from: usize, to: usize) {
-    #[cfg(target_arch = "x86_64")]
-    super::ops::prefetch(qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD), to - from);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (qs, from, to);
-}
-
-/// `prefetch_ahead` into L2 only. Weights that stream fast came faster so: 16-bit floats
-/// at 25-30 GB/s on 2 cores against 15-16 into L1 (a 1536x576 matrix, 100 copies; Zen 4),
-/// and the interleaved records 1.3x as fast with one input (`vnni.rs`).
-#[inline(always)]
-pub(super) fn prefetch_ahead_l2(qs: &[u8], from: usize, to: usize) {
     #[cfg(target_arch = "x86_64")]
     super::ops::prefetch_to::<{ std::arch::x86_64::_MM_HINT_T1 }>(
         qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD),
@@ -739,17 +733,6 @@ pub(super) fn prefetch_ahead_l2(qs: &[u8], from: usize, to: usize) {
     );
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (qs, from, to);
-}
-
-/// The prefetch for the rows of format `F`: into L2 for 16-bit floats (decode of an F16 or
-/// BF16 SmolLM2 1.6-1.8x as fast), into L1 for 4- and 8-bit blocks (slower into L2).
-#[inline(always)]
-fn prefetch_rows_ahead<const F: u8>(qs: &[u8], from: usize, to: usize) {
-    if F == F16 || F == BF16 {
-        prefetch_ahead_l2(qs, from, to)
-    } else {
-        prefetch_ahead(qs, from, to)
-    }
 }
 
 /// One SIMD kernel for a number of inputs and a block format, called on inputs g.. of n:
