@@ -727,10 +727,7 @@ const PREFETCH_AHEAD: usize = 4096;
 #[inline(always)]
 pub(super) fn prefetch_ahead(qs: &[u8], from: usize, to: usize) {
     #[cfg(target_arch = "x86_64")]
-    super::ops::prefetch_to::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-        qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD),
-        to - from,
-    );
+    super::ops::prefetch(qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD), to - from);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (qs, from, to);
 }
