@@ -835,25 +835,29 @@ const PREFETCH_KEYS: usize = 8;
 #[inline(always)]
 fn prefetch_values<E>(p: *const E, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    prefetch(p as *const u8, std::mem::size_of::<E>() * len);
+    prefetch(p as *const u8, std::mem::size_of::<E>() * len, false);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, len);
 }
 
-/// One prefetch into L2 (`prefetcht1`) for every 64 bytes of `bytes` from `p`. Into L2
-/// rather than L1, streams came faster from memory: the weights (see
-/// `quant::prefetch_ahead`) and the KV cache (four sequences decoding at 64 to 576
-/// positions: 1-18% more tokens a second in 7 of 7 alternations, 2 cores).
+/// One prefetch for every 64 bytes of `bytes` from `p`: into L1 (`prefetcht0`) with `l1`,
+/// else into L2 (`prefetcht1`). Which is faster depends on the kernel: see
+/// `quant::prefetch_ahead`. Attention's keys and values go into L2: four sequences decoding
+/// at 64 to 576 positions gave 1-18% more tokens a second in 7 of 7 alternations (2 cores).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) fn prefetch(p: *const u8, bytes: usize) {
+pub(super) fn prefetch(p: *const u8, bytes: usize, l1: bool) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     for off in (0..bytes).step_by(64) {
+        let at = p.wrapping_add(off) as *const i8;
         // SAFETY: a prefetch only hints the cache and never faults; `wrapping_add` keeps
         // the address arithmetic defined past the end of the buffer.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                p.wrapping_add(off) as *const i8,
-            )
+            if l1 {
+                _mm_prefetch::<_MM_HINT_T0>(at)
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(at)
+            }
         }
     }
 }

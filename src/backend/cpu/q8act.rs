@@ -132,7 +132,7 @@ pub fn matvec(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     let dot = dot_fn(w.format == BlockFormat::Q8);
     let rb = w.row_bytes();
     super::quant::par_rows(&mut out[..w.rows], |r| {
-        super::quant::prefetch_ahead(&w.qs, r * rb, (r + 1) * rb);
+        super::quant::prefetch_ahead(&w.qs, r * rb, (r + 1) * rb, true);
         let qs = &w.qs[r * rb..(r + 1) * rb];
         let sc = &w.scales[r * nb..(r + 1) * nb];
         dot(qs, sc, &w.mins[r * nb..(r + 1) * nb], xq, nb)

@@ -179,10 +179,11 @@ pub fn dot_q8_portable(qs: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 /// `$group` at a time (two accumulators each, in registers); `$n` lists 1..=$group. Up to
 /// `$pair` inputs, rows go two at a time: each input's values are loaded once for both, and
 /// one input gets four independent FMA chains instead of two. Each row's sums are the same
-/// either way (same operations in the same order).
+/// either way (same operations in the same order). `$l1`: the weights are prefetched into
+/// L1, else into L2 (`prefetch_ahead`).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! rows_loop {
-    ($features:literal, $group:literal, $pair:literal, $($n:literal),+) => {
+    ($features:literal, $l1:literal, $group:literal, $pair:literal, $($n:literal),+) => {
         #[allow(clippy::too_many_arguments)]
         pub fn rows_entry(
             format: crate::model::dequant::BlockFormat,
@@ -235,7 +236,7 @@ macro_rules! rows_loop {
             };
             if N <= $pair {
                 while r + 2 <= rows {
-                    super::prefetch_ahead(qs, r * rb, (r + 2) * rb);
+                    super::prefetch_ahead(qs, r * rb, (r + 2) * rb, $l1);
                     let (sc, mn) = super::params_from::<F>(scales, mins, r * nb);
                     let sums = row::<2, N, F>(
                         qs.get_unchecked(r * rb..),
@@ -251,7 +252,7 @@ macro_rules! rows_loop {
                 }
             }
             for r in r..rows {
-                super::prefetch_ahead(qs, r * rb, (r + 1) * rb);
+                super::prefetch_ahead(qs, r * rb, (r + 1) * rb, $l1);
                 let (sc, mn) = super::params_from::<F>(scales, mins, r * nb);
                 let [sums] = row::<1, N, F>(
                     qs.get_unchecked(r * rb..),
@@ -318,7 +319,7 @@ pub(super) mod avx2 {
 
     // Never two rows at a time: the 16 registers cannot hold two rows' widened blocks (8
     // vectors) beside the accumulators.
-    rows_loop!("avx2,fma,f16c", 4, 0, 1, 2, 3, 4);
+    rows_loop!("avx2,fma,f16c", true, 4, 0, 1, 2, 3, 4);
 
     /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
     /// widened to f32 once, then dotted with every input.
@@ -432,7 +433,7 @@ mod avx512 {
     // Inputs 4 at a time, as with AVX2 and NEON: 8 at once (one row at a time) read each
     // row's 8 inputs again from L2 once they outgrow L1 (8 x 8192 f32 in a 1B model's down
     // projection); 4 at a time read a tile's weights again instead, a tenth of the bytes.
-    rows_loop!("avx512f", 4, 4, 1, 2, 3, 4);
+    rows_loop!("avx512f", false, 4, 4, 1, 2, 3, 4);
 
     /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
     /// widened to two 16-lane f32 vectors once, then dotted with every input.
@@ -588,7 +589,7 @@ pub(super) mod neon {
         std::arch::is_aarch64_feature_detected!("neon")
     }
 
-    rows_loop!("neon", 4, 2, 1, 2, 3, 4);
+    rows_loop!("neon", false, 4, 2, 1, 2, 3, 4);
 
     /// R rows (`nb` blocks each, one after the other) against N inputs: each block is
     /// widened to eight 4-lane f32 vectors once, then dotted with every input.
@@ -717,19 +718,25 @@ pub(super) mod neon {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 
-/// Asks for the weight bytes `PREFETCH_AHEAD` past `qs[from..to]` into L2, one request a
-/// cache line (x86; elsewhere the hardware prefetcher alone). Into L2 rather than L1, the
-/// weights streamed faster from memory (2 cores of a Zen 4, a 1536x576 matrix x 100 or
-/// 150, alternating builds): F16/BF16 rows 25-30 GB/s against 15-16, Q8_0 rows 1.05-1.08
-/// against 1.17-2.0 ns a block, Q4_1 rows 0.94-1.02 against 0.99-1.09, the interleaved
-/// records 0.55-0.64 against 0.76-0.81 (one input). F16/BF16 SmolLM2 decode ran 1.6-1.8x as
-/// fast, the default path's 1.07x. The AVX2-only kernels take the same hint, unmeasured.
+/// Asks for the weight bytes `PREFETCH_AHEAD` past `qs[from..to]`, one request a cache
+/// line, into L1 with `l1`, else into L2 (x86; elsewhere the hardware prefetcher alone).
+/// The AVX-512 and VNNI kernels take L2, the AVX2 ones L1. Measured from memory on a Zen 4
+/// (a 1536x576 matrix x 100 or 150, alternating builds): with 2 threads, into L2, the
+/// AVX-512 kernels' F16/BF16 rows streamed at 25-30 GB/s against 15-16, Q8_0 rows took
+/// 1.05-1.08 against 1.17-2.0 ns a block, and the interleaved records 0.55-0.64 against
+/// 0.76-0.81 with one input (F16/BF16 SmolLM2 decode 1.6-1.8x as fast, the default path's
+/// 1.07x); on one thread, AVX-512 F16 rows 3.3-3.5 against 7.1-7.4 ns a block, but the
+/// AVX2 kernel's 3.0-3.4 against 2.5-2.7 (4- and 8-bit rows about even either way).
 #[inline(always)]
-pub(super) fn prefetch_ahead(qs: &[u8], from: usize, to: usize) {
+pub(super) fn prefetch_ahead(qs: &[u8], from: usize, to: usize, l1: bool) {
     #[cfg(target_arch = "x86_64")]
-    super::ops::prefetch(qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD), to - from);
+    super::ops::prefetch(
+        qs.as_ptr().wrapping_add(from + PREFETCH_AHEAD),
+        to - from,
+        l1,
+    );
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (qs, from, to);
+    let _ = (qs, from, to, l1);
 }
 
 /// One SIMD kernel for a number of inputs and a block format, called on inputs g.. of n:
@@ -1068,7 +1075,7 @@ pub fn matvec_q(out: &mut [f32], x: &[f32], w: &QuantMatrix) {
     let xsum = &xsum[..nb];
     let rb = w.row_bytes();
     par_rows(&mut out[..w.rows], |r| {
-        prefetch_ahead(&w.qs, r * rb, (r + 1) * rb);
+        prefetch_ahead(&w.qs, r * rb, (r + 1) * rb, true);
         let (qs, sc) = (&w.qs[r * rb..(r + 1) * rb], &w.scales[r * nb..(r + 1) * nb]);
         if w.format == BlockFormat::Q8 {
             (k.q8)(qs, sc, x)

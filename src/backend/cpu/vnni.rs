@@ -452,7 +452,7 @@ mod x86 {
         let format = if Q8 { BlockFormat::Q8 } else { BlockFormat::Q4 };
         let (lines, bytes) = (format.bytes() / 4, super::record_bytes(format));
         let at = (g * (w.cols / QK) + b) * bytes;
-        crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes);
+        crate::backend::cpu::quant::prefetch_ahead(&w.records, at, at + bytes, false);
         let p = w.records.as_ptr().add(at) as *const __m512i;
         let params = p.add(lines) as *const __m256i;
         let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params));
